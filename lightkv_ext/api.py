@@ -1,0 +1,138 @@
+"""Public API: validation, window layout, and dispatch to the native ops (CPU or CUDA)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import ops
+from ._validate import compress_args, same_kept_per_row, score_args, varlen_args
+from .types import Compressed, CompressedVarlen
+from .windows import full_grid_layout, positions_layout
+
+
+def _interop(fn):
+    """Accept any DLPack array (e.g. CuPy) in place of a tensor, zero-copy; when k is a CuPy
+    array, the tensors of the result come back as CuPy arrays."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        def to_torch(x):
+            is_foreign = not isinstance(x, torch.Tensor) and hasattr(x, "__dlpack__")
+            return torch.from_dlpack(x) if is_foreign else x
+
+        cupy_in = type(args[0]).__module__.split(".")[0] == "cupy" if args else False
+        out = fn(*map(to_torch, args), **{name: to_torch(x) for name, x in kwargs.items()})
+        if not cupy_in:
+            return out
+        import cupy
+
+        if isinstance(out, torch.Tensor):
+            return cupy.from_dlpack(out)
+        return type(out)(*(cupy.from_dlpack(x) for x in out))
+
+    return wrapper
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_images(batch: int, n_tokens: int, n_text: int, device: torch.device) -> torch.Tensor:
+    """Image table of ``lightkv::score`` for the dense layout: one image per row."""
+    rows = torch.arange(batch, dtype=torch.int64)[:, None]
+    table = torch.tensor([[0, 0, n_tokens, 0, n_text]], dtype=torch.int64).repeat(batch, 1)
+    table[:, :1] = rows
+    return table.to(device)
+
+
+@_interop
+def score(k, text_emb, *, text_mask=None, scale=None, sizes=None) -> torch.Tensor:
+    """Prompt attention mass per vision token, ``(B, N)`` float32, each row summing to 1.
+
+    ``k``: (B, H_kv, N, D) vision keys; ``text_emb``: (B, H_q, T, D) text queries of the same
+    layer; ``text_mask``: (B, T) bool, True for real text tokens; ``sizes``: (B, N) token counts
+    (adds log(sizes) to the logits, proportional attention).
+    """
+    args = score_args(k, text_emb, text_mask=text_mask, scale=scale, sizes=sizes)
+    images = _dense_images(k.shape[0], k.shape[2], text_emb.shape[2], k.device)
+    return ops.score(k, text_emb, images, text_mask, args.sizes, args.scale)
+
+
+@_interop
+def compress(k, v, text_emb, *, ratio=0.5, windows=1, grid=None, text_mask=None, scale=None,
+             importance=None, metric=None, sizes=None, positions=None) -> Compressed:
+    """Merge redundant vision tokens of one layer's KV cache, guided by the text prompt.
+
+    See the README and SPEC for the arguments. Returns :class:`Compressed` with ``M`` kept tokens
+    per row, in the order of the input (the 2-D layout survives).
+    """
+    args = compress_args(k, v, text_emb, ratio=ratio, windows=windows, grid=grid, text_mask=text_mask,
+                         scale=scale, importance=importance, metric=metric, sizes=sizes,
+                         positions=positions)
+    B, H, N, D = k.shape
+    if positions is None:
+        layout = full_grid_layout((args.grid,) * B, (args.windows,) * B, args.ratio, k.device)
+    else:
+        layout = positions_layout(args.positions.reshape(-1), [args.grid] * B, [args.windows] * B,
+                                  range(0, B * N + 1, N), args.ratio)
+    kept = same_kept_per_row(layout.kept)
+    importance = args.importance
+    if importance is None:
+        images = _dense_images(B, N, text_emb.shape[2], k.device)
+        importance = ops.score(k, text_emb, images, text_mask, args.sizes, args.scale)
+    metric = k.permute(0, 2, 1, 3) if metric is None else metric.unsqueeze(2)
+    token_sizes = args.sizes if args.sizes is not None else torch.ones(B, N, dtype=torch.int32, device=k.device)
+    k_out, v_out, sizes_out, index, assignment = ops.merge(
+        k, v, metric, importance, token_sizes, layout.tokens, layout.offsets, args.ratio, kept, False)
+    return Compressed(k_out, v_out, sizes_out, index, assignment, importance)
+
+
+@_interop
+def compress_varlen(k, v, text_emb, cu_seqlens, grids, *, cu_seqlens_text=None, text_ranges=None,
+                    ratio=0.5, windows=1, scale=None, importance=None, metric=None, sizes=None,
+                    positions=None) -> CompressedVarlen:
+    """:func:`compress` over a pack of images with different grids (flash-attn varlen layout).
+
+    ``k, v``: (total_N, H_kv, D), image ``i`` at rows ``cu_seqlens[i]:cu_seqlens[i + 1]`` with grid
+    ``grids[i] = (h, w)``; ``text_emb``: (total_T, H_q, D); image ``i`` is scored against the text
+    rows ``cu_seqlens_text[i]:cu_seqlens_text[i + 1]`` or ``text_ranges[i] = (start, end)``
+    (default: all text rows). ``importance``, ``sizes``, ``positions``: (total_N,), positions
+    local to each image's grid; ``metric``: (total_N, C). Same ``ratio`` and ``windows`` for all
+    images. Equal to calling :func:`compress` on each image alone.
+    """
+    args = varlen_args(k, v, text_emb, cu_seqlens, grids, cu_seqlens_text=cu_seqlens_text,
+                       text_ranges=text_ranges, ratio=ratio, windows=windows, scale=scale,
+                       importance=importance, metric=metric, sizes=sizes, positions=positions)
+    device = k.device
+    keys, values = k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None]
+    importance = args.importance
+    if importance is None:
+        images = torch.tensor([[0, start, n, t0, t1 - t0] for start, n, (t0, t1)
+                               in zip(args.starts, args.counts, args.text_ranges)], dtype=torch.int64)
+        token_sizes = None if args.sizes is None else args.sizes[None]
+        importance = ops.score(keys, text_emb.permute(1, 0, 2)[None], images.to(device), None,
+                               token_sizes, args.scale)[0]
+    if positions is None:
+        layout = full_grid_layout(tuple(args.grids), tuple(args.windows), args.ratio, device)
+    else:
+        layout = positions_layout(args.positions, args.grids, args.windows, args.starts, args.ratio)
+    metric = k[None] if metric is None else metric[None, :, None, :]
+    token_sizes = args.sizes if args.sizes is not None else torch.ones(k.shape[0], dtype=torch.int32, device=device)
+    k_out, v_out, sizes_out, index, assignment = ops.merge(
+        keys, values, metric, importance[None], token_sizes[None], layout.tokens, layout.offsets,
+        args.ratio, sum(layout.kept), True)
+
+    kept = torch.tensor(layout.kept, device=device)
+    cu_out = torch.zeros(len(kept) + 1, dtype=torch.int32, device=device)
+    torch.cumsum(kept, 0, out=cu_out[1:])
+    image_ids = torch.arange(len(kept), device=device)
+    image_of_slot = image_ids.repeat_interleave(kept)
+    image_of_token = image_ids.repeat_interleave(torch.tensor(args.counts, device=device))
+    starts = torch.tensor(args.starts, device=device)
+    return CompressedVarlen(
+        k=k_out[0].transpose(0, 1),
+        v=v_out[0].transpose(0, 1),
+        cu_seqlens=cu_out,
+        sizes=sizes_out[0],
+        index=index[0] - starts[image_of_slot],
+        assignment=assignment[0] - cu_out[image_of_token].long(),
+        importance=importance,
+    )
