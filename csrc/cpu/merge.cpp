@@ -2,7 +2,8 @@
 //
 // Three passes, each parallel and free of cross-thread reductions, so the outputs are bitwise
 // identical whatever the number of threads:
-//   1. per window: bipartite matching in float64, records for every merged src its dst token;
+//   1. per window (tiles of srcs): bipartite matching, decided in float64 (see match_windows),
+//      records for every merged src its dst token;
 //   2. per batch row: output slots of kept tokens (prefix count), assignment, group member lists,
 //      sizes_out;
 //   3. per output token: weighted average of its group (float32), or a bitwise copy.
@@ -108,92 +109,199 @@ void check_windows(const int64_t* window_tokens, const int64_t* window_offsets, 
   }
 }
 
+// Srcs of one window compared against all its dsts in one work item: bounds the float32
+// similarity tile (kSrcTile x dsts) whatever the window size.
+constexpr int64_t kSrcTile = 256;
+// Windows with fewer dsts are matched with exact float64 dot products only.
+constexpr int64_t kMinScreenedDsts = 8;
+
+// Relative error bound of a float32 dot product of n terms, however it is summed:
+// |fl(<a, b>) - <a, b>| <= gamma_n * sum |a_i b_i| <= gamma_n * |a| |b|.
+double float_dot_error_bound(int64_t n) {
+  const double unit_roundoff = std::ldexp(1.0, -24);
+  const double n_u = static_cast<double>(n) * unit_roundoff;
+  return n_u < 0.5 ? n_u / (1.0 - n_u) : std::numeric_limits<double>::infinity();
+}
+
 // Pass 1. merge_target[g] = flat id of the dst that token g merges into, or kNotMerged.
+//
+// Every similarity that decides something is the float64 one, dot_double(a, b) / (|a| |b| +
+// 1e-8), so decisions do not depend on threads, tiling or BLAS. To avoid computing all of them,
+// a float32 metric is first screened with a float32 GEMM per tile of srcs: the float32
+// similarity of a pair is within tolerance of its float64 one (error bound above, the norms
+// are the same float64 ones), so only dsts whose screened similarity is within twice the
+// tolerance of the best screened one can be a src's best dst; those few are recomputed in
+// float64. Float64 metrics and small windows skip the screening.
 template <typename metric_t>
 void match_windows(const at::Tensor& metric, const int64_t* window_tokens,
                    const int64_t* window_offsets, int64_t windows, double ratio,
                    std::vector<int64_t>& merge_target) {
   // float and half metrics convert exactly to float, and float products are exact in double.
   using stored_t = std::conditional_t<std::is_same_v<metric_t, double>, double, float>;
+  constexpr bool screened = std::is_same_v<stored_t, float>;
   const int64_t tokens = metric.size(1), heads = metric.size(2), channels = metric.size(3);
   const int64_t width = heads * channels;
   const metric_t* data = metric.const_data_ptr<metric_t>();
   const int64_t stride_b = metric.stride(0), stride_l = metric.stride(1);
   const int64_t stride_g = metric.stride(2), stride_c = metric.stride(3);
+  const double tolerance = 2.0 * float_dot_error_bound(width) + 1e-30;
+  const bool screening = screened && std::isfinite(tolerance) && tolerance < 0.01;
 
-  auto load = [&](int64_t token, stored_t* out) {
-    const metric_t* base = data + (token / tokens) * stride_b + (token % tokens) * stride_l;
-    for (int64_t g = 0; g < heads; ++g) {
-      const metric_t* head = base + g * stride_g;
-      stored_t* head_out = out + g * channels;
-      if (stride_c == 1) {
-        for (int64_t c = 0; c < channels; ++c) head_out[c] = static_cast<stored_t>(head[c]);
-      } else {
-        for (int64_t c = 0; c < channels; ++c) {
-          head_out[c] = static_cast<stored_t>(head[c * stride_c]);
-        }
+  // Windows that merge something, and the window of each position of window_tokens.
+  std::vector<int64_t> active;
+  std::vector<int64_t> window_of(static_cast<size_t>(window_offsets[windows]), -1);
+  for (int64_t w = 0; w < windows; ++w) {
+    if (merge_count(ratio, window_offsets[w + 1] - window_offsets[w]) == 0) continue;
+    active.push_back(w);
+    std::fill(window_of.begin() + window_offsets[w], window_of.begin() + window_offsets[w + 1], w);
+  }
+  if (active.empty()) return;
+
+  // Metric vectors of the active windows' tokens, row p = token window_tokens[p] (so a window's
+  // srcs and dsts are every other row), and their float64 norms. Its own tensor, so that BLAS
+  // sees 64-byte aligned rows whatever the input's layout.
+  const int64_t total = window_offsets[windows];
+  at::Tensor vectors = at::empty({total, width}, metric.options().dtype(
+                                                     c10::CppTypeToScalarType<stored_t>::value));
+  stored_t* vectors_data = vectors.data_ptr<stored_t>();
+  std::vector<double> norms(static_cast<size_t>(total), 0.0);
+  at::parallel_for(0, total, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      if (window_of[p] < 0) continue;
+      const int64_t token = window_tokens[p];
+      const metric_t* base = data + (token / tokens) * stride_b + (token % tokens) * stride_l;
+      stored_t* out = vectors_data + p * width;
+      for (int64_t g = 0; g < heads; ++g) {
+        const metric_t* head = base + g * stride_g;
+        stored_t* head_out = out + g * channels;
+        for (int64_t c = 0; c < channels; ++c) head_out[c] = static_cast<stored_t>(head[c * stride_c]);
       }
+      norms[p] = std::sqrt(dot_double(out, out, width));
     }
-  };
+  });
 
-  at::parallel_for(0, windows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<stored_t> dst_vectors, src_vector(static_cast<size_t>(width));
-    std::vector<double> dst_norms, src_scores;
-    std::vector<int64_t> src_best, src_order;
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t* window = window_tokens + window_offsets[w];
-      const int64_t n = window_offsets[w + 1] - window_offsets[w];
-      const int64_t merged = merge_count(ratio, n);
-      if (merged == 0) continue;
-      const int64_t src_count = (n + 1) / 2, dst_count = n / 2;
-      dst_vectors.resize(static_cast<size_t>(dst_count * width));
-      dst_norms.resize(static_cast<size_t>(dst_count));
-      for (int64_t j = 0; j < dst_count; ++j) {
-        stored_t* vec = dst_vectors.data() + j * width;
-        load(window[2 * j + 1], vec);
-        dst_norms[j] = std::sqrt(dot_double(vec, vec, width));
+  // Work items: a tile of one window's srcs. Finer tiles when there are few windows keep all
+  // threads busy; the results do not depend on the tiling.
+  struct Tile {
+    int64_t window, first_src, src_count;
+  };
+  std::vector<Tile> tiles;
+  const int64_t threads = at::get_num_threads();
+  for (const int64_t w : active) {
+    const int64_t src_count = (window_offsets[w + 1] - window_offsets[w] + 1) / 2;
+    const int64_t tile = std::min(kSrcTile, std::max<int64_t>(32, (src_count + threads - 1) / threads));
+    for (int64_t first = 0; first < src_count; first += tile) {
+      tiles.push_back({w, first, std::min(tile, src_count - first)});
+    }
+  }
+
+  // best_score / best_dst of the src at window position 2 i, stored at window offset + i.
+  std::vector<double> best_scores(static_cast<size_t>(total));
+  std::vector<int64_t> best_dsts(static_cast<size_t>(total));
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    at::Tensor screen;  // (srcs, dsts) float32 dot products of the tile
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile& tile = tiles[t];
+      const int64_t offset = window_offsets[tile.window];
+      const int64_t* window = window_tokens + offset;
+      const int64_t dst_count = (window_offsets[tile.window + 1] - offset) / 2;
+      const stored_t* window_vectors = vectors_data + offset * width;
+      const double* window_norms = norms.data() + offset;
+      const bool screen_tile = screening && dst_count >= kMinScreenedDsts;
+      if (screen_tile) {
+        // Row stride 2 * width: srcs are the even rows, dsts the odd rows of the window.
+        auto rows = [&](int64_t first_row, int64_t count) {
+          return at::from_blob(const_cast<stored_t*>(window_vectors + first_row * width),
+                               {count, width}, {2 * width, 1}, vectors.options());
+        };
+        screen = at::mm(rows(2 * tile.first_src, tile.src_count), rows(1, dst_count).t());
       }
-      src_scores.resize(static_cast<size_t>(src_count));
-      src_best.resize(static_cast<size_t>(src_count));
-      for (int64_t i = 0; i < src_count; ++i) {
-        load(window[2 * i], src_vector.data());
-        const double src_norm = std::sqrt(dot_double(src_vector.data(), src_vector.data(), width));
-        double best_score = 0.0;
-        int64_t best_dst = -1;
-        auto consider = [&](int64_t j, double dot) {
-          const double similarity = dot / (src_norm * dst_norms[j] + 1e-8);
-          TORCH_CHECK(!std::isnan(similarity), "lightkv::merge: metric must be finite; the "
+      std::vector<int64_t> candidates;
+      for (int64_t i = tile.first_src; i < tile.first_src + tile.src_count; ++i) {
+        const stored_t* src = window_vectors + 2 * i * width;
+        const double src_norm = window_norms[2 * i];
+        auto similarity = [&](int64_t j, double dot) {
+          const double value = dot / (src_norm * window_norms[2 * j + 1] + 1e-8);
+          TORCH_CHECK(!std::isnan(value), "lightkv::merge: metric must be finite; the "
                       "similarity of tokens ", window[2 * i], " and ", window[2 * j + 1],
                       " is NaN");
-          if (best_dst < 0 || similarity > best_score) {  // strict: ties keep the lowest dst
-            best_score = similarity;
+          return value;
+        };
+        double best_score = 0.0;
+        int64_t best_dst = -1;
+        auto consider = [&](int64_t j, double value) {
+          if (best_dst < 0 || value > best_score) {  // strict: ties keep the lowest dst
+            best_score = value;
             best_dst = j;
           }
         };
-        int64_t j = 0;
-        for (; j + kDstBlock <= dst_count; j += kDstBlock) {
-          const stored_t* rows[kDstBlock];
-          for (int q = 0; q < kDstBlock; ++q) rows[q] = dst_vectors.data() + (j + q) * width;
-          double dots[kDstBlock];
-          dot_double_block(src_vector.data(), rows, width, dots);
-          for (int q = 0; q < kDstBlock; ++q) consider(j + q, dots[q]);
+        bool exact_all = !screen_tile;
+        if (screen_tile) {
+          const float* dots = screen.const_data_ptr<float>() + (i - tile.first_src) * dst_count;
+          double best_screened = -std::numeric_limits<double>::infinity();
+          for (int64_t j = 0; j < dst_count; ++j) {
+            const double value =
+                static_cast<double>(dots[j]) / (src_norm * window_norms[2 * j + 1] + 1e-8);
+            if (!std::isfinite(value)) {  // float32 overflow or NaN: decide in float64
+              exact_all = true;
+              break;
+            }
+            best_screened = std::max(best_screened, value);
+          }
+          if (!exact_all) {
+            candidates.clear();
+            for (int64_t j = 0; j < dst_count; ++j) {
+              const double value =
+                  static_cast<double>(dots[j]) / (src_norm * window_norms[2 * j + 1] + 1e-8);
+              if (value >= best_screened - 2.0 * tolerance) candidates.push_back(j);
+            }
+            for (const int64_t j : candidates) {
+              consider(j, similarity(j, dot_double(src, window_vectors + (2 * j + 1) * width,
+                                                   width)));
+            }
+          }
         }
-        for (; j < dst_count; ++j) {
-          consider(j, dot_double(src_vector.data(), dst_vectors.data() + j * width, width));
+        if (exact_all) {
+          int64_t j = 0;
+          for (; j + kDstBlock <= dst_count; j += kDstBlock) {
+            const stored_t* dst_rows[kDstBlock];
+            for (int q = 0; q < kDstBlock; ++q) {
+              dst_rows[q] = window_vectors + (2 * (j + q) + 1) * width;
+            }
+            double dots[kDstBlock];
+            dot_double_block(src, dst_rows, width, dots);
+            for (int q = 0; q < kDstBlock; ++q) consider(j + q, similarity(j + q, dots[q]));
+          }
+          for (; j < dst_count; ++j) {
+            consider(j, similarity(j, dot_double(src, window_vectors + (2 * j + 1) * width,
+                                                 width)));
+          }
         }
-        src_scores[i] = best_score;
-        src_best[i] = best_dst;
+        best_scores[static_cast<size_t>(offset + i)] = best_score;
+        best_dsts[static_cast<size_t>(offset + i)] = best_dst;
       }
-      src_order.resize(static_cast<size_t>(src_count));
+    }
+  });
+
+  at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> src_order;
+    for (int64_t entry = begin; entry < end; ++entry) {
+      const int64_t w = active[entry];
+      const int64_t offset = window_offsets[w];
+      const int64_t* window = window_tokens + offset;
+      const int64_t n = window_offsets[w + 1] - offset;
+      const int64_t merged = merge_count(ratio, n);
+      const double* scores = best_scores.data() + offset;
+      src_order.resize(static_cast<size_t>((n + 1) / 2));
       std::iota(src_order.begin(), src_order.end(), int64_t{0});
       std::partial_sort(src_order.begin(), src_order.begin() + merged, src_order.end(),
                         [&](int64_t a, int64_t b) {
-                          if (src_scores[a] != src_scores[b]) return src_scores[a] > src_scores[b];
+                          if (scores[a] != scores[b]) return scores[a] > scores[b];
                           return a < b;
                         });
       for (int64_t rank = 0; rank < merged; ++rank) {
         const int64_t i = src_order[rank];
-        merge_target[static_cast<size_t>(window[2 * i])] = window[2 * src_best[i] + 1];
+        merge_target[static_cast<size_t>(window[2 * i])] = window[2 * best_dsts[offset + i] + 1];
       }
     }
   });

@@ -1,15 +1,12 @@
 // CPU kernel of lightkv::score (contract: csrc/lightkv.cpp).
 //
-// Work is split over (image, query head) items. Each item writes the sum over its text tokens of
-// the softmax rows into its own buffer; the buffers are then summed head by head in a fixed
-// order, so the result is bitwise identical whatever the number of threads.
+// Work is split over (image, KV head) items; see score_kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <vector>
 
@@ -25,7 +22,7 @@ struct Image {
   int64_t vis_start;
   int64_t vis_len;
   std::vector<int64_t> counted_text;  // text positions s that are counted (mask True)
-  int64_t partial_offset;             // start of this image's (H_q, vis_len) partial sums
+  int64_t partial_offset;             // start of this image's (H_kv, vis_len) partial sums
 };
 
 struct ImageSet {
@@ -34,7 +31,7 @@ struct ImageSet {
 };
 
 ImageSet read_images(const at::Tensor& images, const std::optional<at::Tensor>& text_mask,
-                     int64_t batch, int64_t tokens, int64_t text_tokens, int64_t query_heads) {
+                     int64_t batch, int64_t tokens, int64_t text_tokens, int64_t kv_heads) {
   const auto rows = images.accessor<int64_t, 2>();
   ImageSet result;
   result.images.reserve(images.size(0));
@@ -66,122 +63,118 @@ ImageSet read_images(const at::Tensor& images, const std::optional<at::Tensor>& 
         image.counted_text.push_back(s);
       }
     }
-    if (!image.counted_text.empty()) result.partial_len += query_heads * image.vis_len;
+    if (!image.counted_text.empty()) result.partial_len += kv_heads * image.vis_len;
     result.images.push_back(std::move(image));
   }
   return result;
 }
 
-constexpr int64_t kQueryBlock = 4;
-constexpr int64_t kKeyBlock = 16;
+// Query rows (query head of the group x counted text token) whose logits one GEMM computes:
+// bounds the logits buffer of a work item whatever the prompt length.
+constexpr int64_t kRowChunk = 256;
 
-// dots[q * n + i] = <query q, key i> for q < kQueryBlock, i < n, each summed over d in
-// increasing order (so the result does not depend on the blocking). queries_t is the block of
-// queries interleaved, (dim, kQueryBlock); keys_t the transposed keys, (dim, padded_n),
-// zero-padded to a multiple of kKeyBlock columns. One accumulator array per query keeps the
-// inner loop a plain vectorisable broadcast-multiply-add.
-void block_dots(const float* queries_t, const float* keys_t, int64_t dim, int64_t n,
-                int64_t padded_n, float* dots) {
-  static_assert(kQueryBlock == 4, "block_dots keeps one accumulator array per query");
-  for (int64_t first = 0; first < padded_n; first += kKeyBlock) {
-    float acc0[kKeyBlock] = {}, acc1[kKeyBlock] = {}, acc2[kKeyBlock] = {}, acc3[kKeyBlock] = {};
-    for (int64_t d = 0; d < dim; ++d) {
-      const float* keys = keys_t + d * padded_n + first;
-      const float* x = queries_t + d * kQueryBlock;
-      for (int64_t u = 0; u < kKeyBlock; ++u) {
-        acc0[u] += x[0] * keys[u];
-        acc1[u] += x[1] * keys[u];
-        acc2[u] += x[2] * keys[u];
-        acc3[u] += x[3] * keys[u];
-      }
-    }
-    const int64_t valid = std::min(kKeyBlock, n - first);
-    std::copy(acc0, acc0 + valid, dots + first);
-    std::copy(acc1, acc1 + valid, dots + n + first);
-    std::copy(acc2, acc2 + valid, dots + 2 * n + first);
-    std::copy(acc3, acc3 + valid, dots + 3 * n + first);
+template <typename scalar_t>
+void copy_to_float(const scalar_t* source, int64_t stride, int64_t count, float* out) {
+  if (stride == 1) {  // the common case, kept apart so that it vectorises
+    for (int64_t d = 0; d < count; ++d) out[d] = static_cast<float>(source[d]);
+  } else {
+    for (int64_t d = 0; d < count; ++d) out[d] = static_cast<float>(source[d * stride]);
   }
 }
 
-// acc += softmax(logits); logits is overwritten.
-void accumulate_softmax(float* logits, int64_t n, float* acc) {
-  float max_logit = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits[i]);
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    logits[i] = std::exp(logits[i] - max_logit);
-    total += logits[i];
-  }
-  for (int64_t i = 0; i < n; ++i) acc[i] += logits[i] / total;
-}
-
+// Per work item (image, KV head): the queries of the whole GQA group against the image's keys.
+// logits = scale * queries @ keys^T + log sizes comes from one BLAS GEMM per chunk of rows and
+// the softmax from ATen's vectorised kernel, both run inside the parallel loop (so on one
+// thread each); the item then sums its probability rows in a fixed order into its own buffer,
+// and the buffers are summed KV head by KV head in a fixed order, so the result is bitwise
+// identical whatever the number of threads.
 template <typename scalar_t>
 void score_kernel(const at::Tensor& k, const at::Tensor& text, const ImageSet& image_set,
                   const std::optional<at::Tensor>& sizes, float scale, at::Tensor& importance) {
   const std::vector<Image>& images = image_set.images;
-  const int64_t query_heads = text.size(1);
-  const int64_t group = query_heads / k.size(1);
+  const int64_t query_heads = text.size(1), kv_heads = k.size(1);
+  const int64_t group = query_heads / kv_heads;
   const int64_t dim = k.size(3);
   const scalar_t* k_data = k.const_data_ptr<scalar_t>();
   const scalar_t* text_data = text.const_data_ptr<scalar_t>();
   const int32_t* sizes_data = sizes.has_value() ? sizes->const_data_ptr<int32_t>() : nullptr;
   const int64_t sizes_stride_b = sizes.has_value() ? sizes->stride(0) : 0;
   const int64_t sizes_stride_l = sizes.has_value() ? sizes->stride(1) : 0;
+  const auto float_options = k.options().dtype(at::kFloat);
 
-  std::vector<std::pair<int64_t, int64_t>> items;  // (image, query head)
+  std::vector<std::pair<int64_t, int64_t>> items;  // (image, KV head)
   for (int64_t i = 0; i < static_cast<int64_t>(images.size()); ++i) {
     if (images[i].counted_text.empty() || images[i].vis_len == 0) continue;
-    for (int64_t h = 0; h < query_heads; ++h) items.emplace_back(i, h);
+    for (int64_t h = 0; h < kv_heads; ++h) items.emplace_back(i, h);
   }
   std::vector<float> partial(static_cast<size_t>(image_set.partial_len), 0.f);
 
+  int64_t max_tokens = 0, max_rows = 0;
+  for (const auto& [image_index, kv_head] : items) {
+    const Image& image = images[image_index];
+    max_tokens = std::max(max_tokens, image.vis_len);
+    max_rows = std::max(max_rows, group * static_cast<int64_t>(image.counted_text.size()));
+  }
+  max_rows = std::min(max_rows, kRowChunk);
+
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys_t, log_sizes, logits, queries_t;
+    // Own float32 copies in a GEMM-ready layout, whatever the input strides and dtype; one set
+    // of buffers per thread, viewed at each item's size.
+    at::Tensor key_buffer = at::empty({max_tokens * dim}, float_options);
+    at::Tensor log_size_buffer = at::empty({max_tokens}, float_options);
+    at::Tensor query_buffer = at::empty({max_rows * dim}, float_options);
+    at::Tensor logit_buffer = at::empty({max_rows * max_tokens}, float_options);
+    at::Tensor prob_buffer = at::empty({max_rows * max_tokens}, float_options);
     for (int64_t item = begin; item < end; ++item) {
       const Image& image = images[items[item].first];
-      const int64_t head = items[item].second;
+      const int64_t kv_head = items[item].second;
       const int64_t b = image.batch_row;
       const int64_t n = image.vis_len;
-      const int64_t padded_n = (n + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-      keys_t.assign(static_cast<size_t>(dim * padded_n), 0.f);
-      log_sizes.assign(static_cast<size_t>(n), 0.f);
-      logits.resize(static_cast<size_t>(kQueryBlock * n));
-      const scalar_t* key_base = k_data + b * k.stride(0) + (head / group) * k.stride(1) +
+      const auto& counted = image.counted_text;
+      const int64_t count = static_cast<int64_t>(counted.size());
+      const int64_t rows = group * count;  // row r: query head kv_head * group + r / count
+      const int64_t chunk = std::min(rows, kRowChunk);
+      const at::Tensor keys = key_buffer.narrow(0, 0, n * dim).view({n, dim});
+      const at::Tensor log_sizes = log_size_buffer.narrow(0, 0, n).view({1, n});
+      const at::Tensor queries = query_buffer.narrow(0, 0, chunk * dim).view({chunk, dim});
+      const at::Tensor logits = logit_buffer.narrow(0, 0, chunk * n).view({chunk, n});
+      const at::Tensor probs = prob_buffer.narrow(0, 0, chunk * n).view({chunk, n});
+
+      float* keys_data = keys.data_ptr<float>();
+      const scalar_t* key_base = k_data + b * k.stride(0) + kv_head * k.stride(1) +
                                  image.vis_start * k.stride(2);
-      // Transpose a tile of kKeyBlock keys at a time: reads kKeyBlock streams, writes rows.
-      for (int64_t first = 0; first < n; first += kKeyBlock) {
-        const int64_t valid = std::min(kKeyBlock, n - first);
-        for (int64_t d = 0; d < dim; ++d) {
-          float* row = keys_t.data() + d * padded_n + first;
-          const scalar_t* column = key_base + first * k.stride(2) + d * k.stride(3);
-          for (int64_t u = 0; u < valid; ++u) row[u] = static_cast<float>(column[u * k.stride(2)]);
-        }
+      for (int64_t i = 0; i < n; ++i) {
+        copy_to_float(key_base + i * k.stride(2), k.stride(3), dim, keys_data + i * dim);
       }
+      // A zero log size adds exactly 0, so one code path serves both cases.
+      float* log_sizes_data = log_sizes.data_ptr<float>();
+      std::fill(log_sizes_data, log_sizes_data + n, 0.f);
       if (sizes_data != nullptr) {
         for (int64_t i = 0; i < n; ++i) {
           const int32_t size =
               sizes_data[b * sizes_stride_b + (image.vis_start + i) * sizes_stride_l];
-          log_sizes[i] = std::log(static_cast<float>(size));
+          log_sizes_data[i] = std::log(static_cast<float>(size));
         }
       }
-      float* acc = partial.data() + image.partial_offset + head * n;
-      const auto& counted = image.counted_text;
-      const int64_t count = static_cast<int64_t>(counted.size());
-      for (int64_t first = 0; first < count; first += kQueryBlock) {
-        const int64_t block = std::min<int64_t>(kQueryBlock, count - first);
-        queries_t.assign(static_cast<size_t>(kQueryBlock * dim), 0.f);
-        for (int64_t q = 0; q < block; ++q) {
+      float* acc = partial.data() + image.partial_offset + kv_head * n;
+      const at::Tensor keys_t = keys.t();
+      for (int64_t first = 0; first < rows; first += chunk) {
+        const int64_t block = std::min(chunk, rows - first);
+        float* query_rows = queries.data_ptr<float>();
+        for (int64_t r = 0; r < block; ++r) {
+          const int64_t head = kv_head * group + (first + r) / count;
           const scalar_t* query = text_data + b * text.stride(0) + head * text.stride(1) +
-                                  counted[first + q] * text.stride(2);
-          for (int64_t d = 0; d < dim; ++d) {
-            queries_t[d * kQueryBlock + q] = static_cast<float>(query[d * text.stride(3)]);
-          }
+                                  counted[(first + r) % count] * text.stride(2);
+          copy_to_float(query, text.stride(3), dim, query_rows + r * dim);
         }
-        block_dots(queries_t.data(), keys_t.data(), dim, n, padded_n, logits.data());
-        for (int64_t q = 0; q < block; ++q) {
-          float* row = logits.data() + q * n;
-          for (int64_t i = 0; i < n; ++i) row[i] = scale * row[i] + log_sizes[i];
-          accumulate_softmax(row, n, acc);
+        at::Tensor block_logits = logits.narrow(0, 0, block);
+        at::Tensor block_probs = probs.narrow(0, 0, block);
+        at::addmm_out(block_logits, log_sizes, queries.narrow(0, 0, block), keys_t, 1.0, scale);
+        at::_softmax_out(block_probs, block_logits, 1, false);
+        const float* prob_rows = block_probs.const_data_ptr<float>();
+        for (int64_t r = 0; r < block; ++r) {
+          const float* row = prob_rows + r * n;
+          for (int64_t i = 0; i < n; ++i) acc[i] += row[i];
         }
       }
     }
@@ -203,7 +196,7 @@ void score_kernel(const at::Tensor& k, const at::Tensor& text, const ImageSet& i
       const float* acc = partial.data() + image.partial_offset;
       for (int64_t i = 0; i < image.vis_len; ++i) {
         float total = 0.f;
-        for (int64_t h = 0; h < query_heads; ++h) total += acc[h * image.vis_len + i];
+        for (int64_t h = 0; h < kv_heads; ++h) total += acc[h * image.vis_len + i];
         row[i] = total / denominator;
       }
     }
@@ -251,7 +244,7 @@ at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tens
   TORCH_CHECK(std::isfinite(scale), "lightkv::score: scale must be finite, got ", scale);
 
   const ImageSet image_set =
-      read_images(images, text_mask, batch, tokens, text_tokens, query_heads);
+      read_images(images, text_mask, batch, tokens, text_tokens, kv_heads);
   at::Tensor importance = at::zeros({batch, tokens}, k.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
                                   "lightkv_score_cpu", [&] {
