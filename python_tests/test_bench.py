@@ -1,0 +1,130 @@
+"""Smoke tests of the benchmark scripts: tiny presets, JSON structure and values (a few seconds)."""
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    """Import the scripts as modules; they import their shared helpers as `_timing`."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield {name: importlib.import_module(name) for name in ("_timing", "bench_kernels", "bench_quality")}
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def is_png(path: pathlib.Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantiles_interpolate_linearly(bench_modules):
+    timing = bench_modules["_timing"]
+    summary = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (summary.median_us, summary.p20_us, summary.p80_us, summary.repetitions) == (3.0, 1.8, 4.2, 5)
+    with pytest.raises(ValueError, match="values"):
+        timing.quantile([], 0.5)
+
+
+def run_kernel_bench(bench_modules, tmp_path, device):
+    json_path, plot_path = tmp_path / "kernels.json", tmp_path / "kernels.png"
+    result = bench_modules["bench_kernels"].main(
+        ["--quick", "--presets", "tiny", "tiny_varlen", "--batches", "1", "2", "--device", device,
+         "--json", str(json_path), "--plot", str(plot_path)])
+    written = json.loads(json_path.read_text())
+    assert written == json.loads(json.dumps(result))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert is_png(plot_path)
+    return written
+
+
+def check_kernel_rows(data, expected_backends):
+    assert isinstance(data["device"], str) and data["device"]
+    assert data["torch"] == torch.__version__
+    rows = data["rows"]
+    cases = sorted({(row["preset"], row["batch"]) for row in rows})
+    assert cases == [("tiny", 1), ("tiny", 2), ("tiny_varlen", 1), ("tiny_varlen", 2)]
+    for preset, batch in cases:
+        case_rows = [row for row in rows if (row["preset"], row["batch"]) == (preset, batch)]
+        assert [row["backend"] for row in case_rows] == expected_backends
+        by_backend = {row["backend"]: row for row in case_rows}
+        # Ratio 0.5 on 2x2 windows: 8x8 keeps 4 x 8 of 64 tokens, 6x10 keeps 4 x 8 of 60 (windows of 15).
+        tokens_per_prompt = {"tiny": 64, "tiny_varlen": 124}[preset]
+        assert by_backend["reference"]["vision_tokens"] == tokens_per_prompt * batch
+        assert by_backend["reference"]["kept_tokens"] == {"tiny": 32, "tiny_varlen": 64}[preset] * batch
+        compiled = by_backend["reference_compiled"]
+        assert compiled["status"] == "skipped" and "--quick" in compiled["reason"]
+        assert "median_us" not in compiled
+        assert by_backend["lightkv_ext"]["matches_reference"] is True
+        reference_us = by_backend["reference"]["median_us"]
+        for row in case_rows:
+            if row["status"] != "ok":
+                continue
+            assert 0 < row["p20_us"] <= row["median_us"] <= row["p80_us"]
+            assert math.isclose(row["speedup_vs_reference"], reference_us / row["median_us"])
+            assert math.isclose(row["gbps"], row["bytes"] / row["median_us"] / 1e3)
+        assert by_backend["reference"]["speedup_vs_reference"] == 1.0
+
+
+def test_kernel_bench_cpu(bench_modules, tmp_path):
+    data = run_kernel_bench(bench_modules, tmp_path, "cpu")
+    check_kernel_rows(data, ["reference", "reference_compiled", "lightkv_ext"])
+    for row in data["rows"]:
+        assert row["dtype"] == "float32" and row["roofline_fraction"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_bench_cuda(bench_modules, tmp_path):
+    data = run_kernel_bench(bench_modules, tmp_path, "cuda")
+    check_kernel_rows(data, ["reference", "reference_compiled", "lightkv_ext", "copy_roofline"])
+    for row in data["rows"]:
+        assert row["dtype"] == "float16"
+        if row["backend"] == "copy_roofline":
+            assert row["roofline_fraction"] == 1.0
+        elif row["status"] == "ok":
+            assert row["roofline_fraction"] > 0
+
+
+def test_quality_bench(bench_modules, tmp_path):
+    pytest.importorskip("skimage", reason="bench_quality needs scikit-image's sample photographs")
+    quality = bench_modules["bench_quality"]
+    json_path, plot_path = tmp_path / "quality.json", tmp_path / "quality.png"
+    arguments = ["--images", "astronaut", "--prompts", "1", "--json", str(json_path)]
+    result = quality.main(arguments + ["--plot", str(plot_path)])
+    data = json.loads(json_path.read_text())
+    assert data == json.loads(json.dumps(result))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert is_png(plot_path)
+
+    assert data["kept_ratio"] == 0.5
+    assert set(data["methods"]) == {"lightkv", "vision_only_merge", "attention_topk", "random_drop"}
+    table = data["table"]
+    # 4 methods at 3 kept ratios + pool2x2 at 0.25, each with and without proportional attention.
+    assert len(table) == (4 * 3 + 1) * 2
+    assert {row["kept_ratio"] for row in table if row["method"] == "pool2x2"} == {0.25}
+    for row in table:
+        assert row["trials"] == 1
+        assert 0 <= row["rel_l2_mean"] < 2 and -1 <= row["cosine_mean"] <= 1
+    headline = {row["method"]: row["rel_l2_mean"] for row in table
+                if row["kept_ratio"] == 0.5 and row["proportional"]}
+    assert data["methods"] == headline
+    # Uniform sizes (1 after dropping, 4 after pooling) shift all logits equally: no change.
+    for method in ("attention_topk", "random_drop", "pool2x2"):
+        errors = {row["proportional"]: row["rel_l2_mean"] for row in table
+                  if row["method"] == method and row["kept_ratio"] == 0.25}
+        assert errors[True] == pytest.approx(errors[False], rel=1e-5)
+    # On this prompt the merge's error falls as more tokens are kept.
+    lightkv = {row["kept_ratio"]: row["rel_l2_mean"] for row in table
+               if row["method"] == "lightkv" and row["proportional"]}
+    assert lightkv[0.25] > lightkv[0.5] > lightkv[0.75] > 0
+
+    # Deterministic seeds: a second run reproduces the table exactly.
+    assert quality.main(arguments)["table"] == result["table"]
