@@ -1,0 +1,110 @@
+"""The CPU-emulated CUDA kernels through the public API against lightkv_ext.reference.
+
+Run by run.sh: the shape matrix of python_tests/test_cuda.py at small sizes (uneven windows,
+1x1 grid, GQA, masked text, second stage with sizes/positions, ties, zero-weight groups, varlen,
+strided inputs). Exits non-zero on any mismatch.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import emulated_ops  # noqa: E402
+import lightkv_ext  # noqa: E402
+from lightkv_ext import ops, reference  # noqa: E402
+
+ops.score, ops.merge = emulated_ops.score, emulated_ops.merge
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+failures = 0
+
+
+def check(name, got, want, dtype):
+    global failures
+    ok = (torch.equal(got.index, want.index) and torch.equal(got.assignment, want.assignment)
+          and torch.equal(got.sizes, want.sizes))
+    try:
+        torch.testing.assert_close(got.importance, want.importance, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.k, want.k, rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(got.v, want.v, rtol=TOL[dtype], atol=TOL[dtype])
+    except AssertionError as e:
+        print(e); ok = False
+    print(("ok  " if ok else "FAIL"), name, flush=True)
+    failures += not ok
+
+
+def inputs(B, Hkv, Hq, N, T, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hkv, N, D, generator=g).to(dtype), torch.randn(B, Hkv, N, D, generator=g).to(dtype),
+            torch.randn(B, Hq, T, D, generator=g).to(dtype))
+
+
+cases = [  # B, Hkv, Hq, grid, T, D, windows, ratio
+    (2, 2, 4, (6, 10), 7, 64, (2, 3), 0.5),
+    (1, 1, 1, (1, 1), 1, 8, 1, 0.5),
+    (2, 2, 8, (12, 12), 20, 40, 2, 0.5),
+    (2, 4, 4, (5, 7), 3, 72, (5, 7), 0.5),
+    (2, 1, 2, (9, 11), 5, 40, (2, 2), 0.3),
+    (1, 2, 2, (16, 16), 9, 128, 1, 0.9),
+]
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for i, (B, Hkv, Hq, grid, T, D, win, ratio) in enumerate(cases):
+        N = grid[0] * grid[1]
+        k, v, text = inputs(B, Hkv, Hq, N, T, D, dtype, i)
+        mask = torch.rand(B, T, generator=torch.Generator().manual_seed(i)) < 0.7
+        if B > 1:
+            mask[0] = False
+        kw = dict(ratio=ratio, windows=win, grid=grid, text_mask=mask)
+        check(f"{dtype} case {i} {grid} win {win}", lightkv_ext.compress(k, v, text, **kw),
+              reference.compress(k, v, text, **kw), dtype)
+    # second stage with sizes and positions
+    k, v, text = inputs(1, 2, 4, 12 * 18, 11, 32, dtype, 99)
+    first = lightkv_ext.compress(k, v, text, ratio=0.5, windows=4, grid=(12, 18))
+    kw = dict(ratio=0.5, windows=2, grid=(12, 18), sizes=first.sizes, positions=first.index)
+    check(f"{dtype} second stage", lightkv_ext.compress(first.k, first.v, text, **kw),
+          reference.compress(first.k, first.v, text, **kw), dtype)
+# ties
+k, v, text = inputs(2, 2, 2, 64, 3, 16, torch.float32, 7)
+k[:, :, 8:16] = k[:, :, 0:1]
+k[:, :, 40:48] = k[:, :, 32:40]
+kw = dict(ratio=0.5, windows=(2, 2), grid=(8, 8))
+check("ties", lightkv_ext.compress(k, v, text, **kw), reference.compress(k, v, text, **kw), torch.float32)
+# zero-weight groups
+k, v, text = inputs(2, 2, 2, 30, 4, 32, torch.float16, 6)
+imp = torch.rand(2, 30); imp[0, :12] = 0
+kw = dict(ratio=0.5, windows=(2, 2), grid=(5, 6), importance=imp)
+check("zero weights", lightkv_ext.compress(k, v, text, **kw), reference.compress(k, v, text, **kw), torch.float16)
+# varlen vs per image
+grids = [(6, 6), (4, 9), (2, 3), (10, 7)]
+counts = [h * w for h, w in grids]
+g = torch.Generator().manual_seed(12)
+kp = torch.randn(sum(counts), 2, 32, generator=g); vp = torch.randn(sum(counts), 2, 32, generator=g)
+tp = torch.randn(9, 4, 32, generator=g)
+cu = [0]
+for n in counts: cu.append(cu[-1] + n)
+cut = [0, 3, 3, 5, 9]
+out = lightkv_ext.compress_varlen(kp, vp, tp, torch.tensor(cu, dtype=torch.int32), grids,
+                                  cu_seqlens_text=torch.tensor(cut, dtype=torch.int32), ratio=0.5, windows=2)
+ok = True
+for i, grid in enumerate(grids):
+    rows = slice(cu[i], cu[i + 1]); orows = slice(int(out.cu_seqlens[i]), int(out.cu_seqlens[i + 1]))
+    if cut[i + 1] > cut[i]:
+        t, m = tp[cut[i]:cut[i + 1]], None
+    else:
+        t, m = tp[:1], torch.zeros(1, 1, dtype=torch.bool)
+    t = t.permute(1, 0, 2)[None]
+    want = reference.compress(kp[rows].permute(1, 0, 2)[None], vp[rows].permute(1, 0, 2)[None], t, ratio=0.5,
+                              windows=2, grid=grid, text_mask=m)
+    ok &= torch.equal(out.index[orows], want.index[0]) and torch.equal(out.assignment[rows], want.assignment[0])
+    ok &= torch.allclose(out.importance[rows], want.importance[0], rtol=1e-4, atol=1e-6)
+    ok &= torch.allclose(out.k[orows], want.k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+print("ok  " if ok else "FAIL", "varlen")
+failures += not ok
+# strided (token-major) == contiguous, bitwise
+ktm = torch.randn(2, 100, 4, 64).half(); vtm = torch.randn(2, 100, 4, 64).half(); tt = torch.randn(2, 4, 7, 64).half()
+a = lightkv_ext.compress(ktm.transpose(1, 2), vtm.transpose(1, 2), tt, ratio=0.5, windows=2)
+b = lightkv_ext.compress(ktm.transpose(1, 2).contiguous(), vtm.transpose(1, 2).contiguous(), tt, ratio=0.5, windows=2)
+ok = all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)) for x, y in zip(a, b))
+print("ok  " if ok else "FAIL", "strided == contiguous bitwise"); failures += not ok
+print("failures:", failures)
+sys.exit(1 if failures else 0)

@@ -1,0 +1,174 @@
+// CPU emulation of the CUDA subset the lightkv kernels use, to check their logic on machines
+// without a GPU (see run.sh). Every CUDA thread is an OS thread, __syncthreads is a std::barrier
+// over the block, warp shuffles go through a per-warp slot array, blocks run one after another
+// (so `__shared__` can be a function-local static), and the CUB algorithms are plain host
+// versions with the same results. Grid x is capped (kernels walk their work in grid-stride
+// loops, so a small grid must give the same answer). Built with -fsanitize=thread it also finds
+// shared-memory races (a missing __syncthreads).
+#pragma once
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <array>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <thread>
+#include <vector>
+#include <cstdio>
+#include <cstdlib>
+#include <cstdint>
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __shared__
+#undef __forceinline__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+using std::min;
+using std::max;
+
+namespace emu {
+inline thread_local dim3 tidx, bidx;
+inline dim3 bdim, gdim;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline std::vector<std::array<uint64_t, 32>> warp_slots;
+inline constexpr unsigned kGridCap = 3;
+
+// Runs `body` as every thread of every block. `name`: the kernel, whose grid x is capped unless
+// its blocks are not grid-stride (one block per array in exclusive_offsets_kernel).
+inline void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
+  const bool grid_stride = std::strcmp(name, "exclusive_offsets_kernel") != 0;
+  if (grid_stride && grid.x > kGridCap) grid.x = kGridCap;
+  gdim = grid;
+  bdim = block;
+  const unsigned n = block.x * block.y * block.z;
+  if (n % 32 != 0) {
+    std::fprintf(stderr, "cuda_on_cpu: block size %u is not a multiple of 32\n", n);
+    std::abort();
+  }
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::barrier<> bar(n);
+        block_barrier = &bar;
+        warp_barriers.clear();
+        for (unsigned w = 0; w < n / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
+        warp_slots.assign(n / 32, {});
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < n; ++t) {
+          threads.emplace_back([&, t, x, y, z] {
+            tidx = dim3(t, 0, 0);
+            bidx = dim3(x, y, z);
+            body();
+          });
+        }
+        for (auto& th : threads) th.join();
+      }
+}
+}  // namespace emu
+
+#define threadIdx emu::tidx
+#define blockIdx emu::bidx
+#define blockDim emu::bdim
+#define gridDim emu::gdim
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int offset) {
+  static_assert(sizeof(T) <= 8);
+  const unsigned t = emu::tidx.x, w = t / 32, lane = t % 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  emu::warp_slots[w][lane] = bits;
+  emu::warp_barriers[w]->arrive_and_wait();
+  uint64_t other = emu::warp_slots[w][lane ^ offset];
+  emu::warp_barriers[w]->arrive_and_wait();
+  T out;
+  std::memcpy(&out, &other, sizeof(T));
+  return out;
+}
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+
+namespace cub {
+template <typename T, int N>
+struct BlockScan {
+  struct TempStorage { T vals[N]; };
+  TempStorage& s;
+  explicit BlockScan(TempStorage& st) : s(st) {}
+  void ExclusiveSum(T in, T& out, T& aggregate) {
+    s.vals[emu::tidx.x] = in;
+    __syncthreads();
+    T acc{};
+    for (unsigned i = 0; i < emu::tidx.x; ++i) acc += s.vals[i];
+    out = acc;
+    T all{};
+    for (int i = 0; i < N; ++i) all += s.vals[i];
+    aggregate = all;
+    __syncthreads();
+  }
+};
+template <typename T, int N>
+struct BlockReduce {
+  struct TempStorage { T vals[N]; };
+  TempStorage& s;
+  explicit BlockReduce(TempStorage& st) : s(st) {}
+  T Sum(T in) {
+    s.vals[emu::tidx.x] = in;
+    __syncthreads();
+    T all{};
+    if (emu::tidx.x == 0) for (int i = 0; i < N; ++i) all += s.vals[i];
+    __syncthreads();
+    return emu::tidx.x == 0 ? all : T{};  // only thread 0's result is defined (poison the rest)
+  }
+};
+struct DeviceSegmentedSort {
+  template <typename K, typename V, typename O>
+  static cudaError_t StableSortPairsDescending(void* temp, size_t& bytes, const K* kin, K* kout, const V* vin, V* vout,
+                                               int64_t n, int64_t segs, O begin, O end, cudaStream_t = 0) {
+    if (!temp) { bytes = 16; return cudaSuccess; }
+    for (int64_t s = 0; s < segs; ++s) {
+      std::vector<int64_t> idx;
+      for (int64_t i = begin[s]; i < end[s]; ++i) idx.push_back(i);
+      std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return kin[a] > kin[b]; });
+      for (size_t j = 0; j < idx.size(); ++j) { kout[begin[s] + j] = kin[idx[j]]; vout[begin[s] + j] = vin[idx[j]]; }
+    }
+    (void)n;
+    return cudaSuccess;
+  }
+};
+struct DeviceScan {
+  template <typename I, typename O>
+  static cudaError_t ExclusiveSum(void* temp, size_t& bytes, I in, O out, int64_t n, cudaStream_t = 0) {
+    if (!temp) { bytes = 16; return cudaSuccess; }
+    int64_t acc = 0;
+    for (int64_t i = 0; i < n; ++i) { auto v = in[i]; out[i] = acc; acc += v; }
+    return cudaSuccess;
+  }
+};
+struct DeviceRadixSort {
+  template <typename K, typename V>
+  static cudaError_t SortPairs(void* temp, size_t& bytes, const K* kin, K* kout, const V* vin, V* vout, int64_t n,
+                               int begin_bit, int end_bit, cudaStream_t = 0) {
+    if (!temp) { bytes = 16; return cudaSuccess; }
+    auto bits = [&](K k) { K m = end_bit >= 64 ? ~K(0) : ((K(1) << end_bit) - 1); return (k & m) >> begin_bit; };
+    std::vector<int64_t> idx(n);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return bits(kin[a]) < bits(kin[b]); });
+    for (int64_t j = 0; j < n; ++j) { kout[j] = kin[idx[j]]; vout[j] = vin[idx[j]]; }
+    return cudaSuccess;
+  }
+};
+}  // namespace cub

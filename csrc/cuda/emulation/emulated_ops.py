@@ -1,0 +1,57 @@
+"""lightkv::score / lightkv::merge over the CPU-emulated CUDA kernels, for CPU tensors.
+
+The Python twin of csrc/cuda/ops_cuda.cpp (same output allocation, token_major included) over
+libemulated.so built by run.sh. check_reference.py swaps these in for lightkv_ext.ops.
+"""
+import ctypes
+import os
+
+import torch
+
+lib = ctypes.CDLL(os.environ.get("LIGHTKV_EMULATED_LIB", os.path.join(os.path.dirname(__file__), "libemulated.so")))
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+P = ctypes.c_void_p
+
+
+def arr(values):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def score(k, text, images, text_mask, sizes, scale):
+    out = torch.empty(k.shape[0], k.shape[2], dtype=torch.float32)
+    images = images.contiguous()
+    cap = images.shape[0] * text.shape[2]
+    rc = lib.emu_score(ptr(k), DT[k.dtype], arr(k.shape), arr(k.stride()), ptr(text), arr(text.shape),
+                       arr(text.stride()), ptr(images), ctypes.c_int64(images.shape[0]), ptr(text_mask),
+                       arr(text_mask.stride()) if text_mask is not None else None, ptr(sizes),
+                       arr(sizes.stride()) if sizes is not None else None, ctypes.c_float(scale),
+                       ctypes.c_int64(cap), ptr(out))
+    assert rc == 0, rc
+    return out
+
+
+def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, token_major):
+    B, H, L, D = k.shape
+    if token_major:
+        k_out = torch.empty(B, kept, H, D, dtype=k.dtype).permute(0, 2, 1, 3)
+        v_out = torch.empty(B, kept, H, D, dtype=k.dtype).permute(0, 2, 1, 3)
+    else:
+        k_out = torch.empty(B, H, kept, D, dtype=k.dtype)
+        v_out = torch.empty(B, H, kept, D, dtype=k.dtype)
+    sizes_out = torch.empty(B, kept, dtype=torch.int32)
+    index = torch.empty(B, kept, dtype=torch.int64)
+    assignment = torch.empty(B, L, dtype=torch.int64)
+    importance, sizes = importance.contiguous(), sizes.contiguous()
+    window_tokens, window_offsets = window_tokens.contiguous(), window_offsets.contiguous()
+    rc = lib.emu_merge(ptr(k), ptr(v), DT[k.dtype], arr(k.shape), arr(k.stride()), arr(v.stride()), ptr(metric),
+                       DT[metric.dtype], arr(metric.shape), arr(metric.stride()), ptr(importance), ptr(sizes),
+                       ptr(window_tokens), ctypes.c_int64(window_tokens.numel()), ptr(window_offsets),
+                       ctypes.c_int64(window_offsets.numel() - 1), ctypes.c_double(ratio), ctypes.c_int64(kept),
+                       ptr(k_out), ptr(v_out), arr(k_out.shape), arr(k_out.stride()), arr(v_out.stride()),
+                       ptr(sizes_out), ptr(index), ptr(assignment))
+    assert rc == 0, rc
+    return k_out, v_out, sizes_out, index, assignment

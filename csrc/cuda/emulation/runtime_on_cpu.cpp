@@ -1,0 +1,15 @@
+// The CUDA runtime calls of the kernels and the self-test, on host memory (see cuda_on_cpu.h).
+// Fresh allocations are filled with 0xCD so that reading unwritten memory shows.
+#include <cuda_runtime.h>
+#include <cstring>
+#include <cstdlib>
+extern "C" {
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { std::memset(p, v, n); return cudaSuccess; }
+cudaError_t cudaMalloc(void** p, size_t n) { *p = std::malloc(n); std::memset(*p, 0xCD, n); return cudaSuccess; }
+cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }
+cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { std::memcpy(d, s, n); return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaGetDeviceCount(int* c) { *c = 1; return cudaSuccess; }
+const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+}

@@ -1,0 +1,507 @@
+// Cross-modal scoring (contract: `score` in csrc/lightkv.cpp) without materialising the
+// (H_q, T, N) probabilities.
+//
+// For one image and one KV head the logits form a (g * T_img) x N_img matrix: rows are the
+// (query head of the group, text token) pairs, columns the image's vision tokens. Both passes
+// compute 64 x 64 logit tiles with a 256-thread SIMT tile product (4 x 4 per thread, head dim in
+// chunks of 16 through shared memory, float32 accumulation):
+//   pass 1 (row_stats_kernel): online softmax over column tiles -> per row (max, sum-exp); the
+//           vision tokens of an image may be cut into `nsplit` column ranges, each giving its own
+//           (max, sum) pair that pass 2 combines in split order.
+//   pass 2 (column_mass_kernel): for a column tile, sum exp(l - max) / sum over a range of row
+//           tiles (`rsplit` ranges per KV head) -> partial[(hk, range), token].
+//   finish (finish_kernel): importance = sum of the partials in (hk, range) order / (H_q * T_img).
+// Work items are enumerated from per-image tile counts built on the device (no host sync);
+// every block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
+// bitwise reproducible.
+#include <algorithm>
+#include <cmath>
+
+#include "common.cuh"
+
+namespace lightkv_cuda {
+namespace {
+
+using detail::ceil_div;
+using detail::find_segment;
+using detail::to_float;
+
+constexpr int kTileRows = 64;  // (query head, text token) rows per tile
+constexpr int kTileCols = 64;  // vision tokens per tile
+constexpr int kChunkD = 16;    // head-dim slice staged in shared memory
+constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
+constexpr int kMicro = 4;
+constexpr int kSide = 16;
+constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
+constexpr int64_t kMaxGrid = 16384;
+
+// Sanitised image table columns.
+enum ImageField { kRow = 0, kVisStart, kVisLen, kTextStart, kTextLen, kImageFields };
+// Per-image count arrays fed to the offsets scan.
+enum CountArray { kRowTiles = 0, kColTiles, kTextRows, kCountArrays };
+
+struct Params {
+  const void* k;
+  int64_t k_stride[4];
+  const void* text;
+  int64_t text_stride[4];
+  const bool* text_mask;
+  int64_t mask_stride[2];
+  const int32_t* sizes;
+  int64_t sizes_stride[2];
+  int64_t L, S, D, H_kv, H_q, group, num_images;
+  float scale;
+  const int64_t* images;       // sanitised, kImageFields per image
+  const int64_t* offsets;      // kCountArrays arrays of num_images + 1 exclusive offsets
+  const int64_t* text_counted;  // counted (mask True) text tokens per image
+  float2* stats;               // (text row, H_q, nsplit) -> (max, sum-exp)
+  int64_t nsplit;
+  float* partial;              // (H_kv * rsplit, B * L)
+  int64_t rsplit;
+  int64_t tokens;              // B * L
+  float* importance;
+};
+
+__device__ __forceinline__ const int64_t* offsets_of(const Params& p, CountArray which) {
+  return p.offsets + static_cast<int64_t>(which) * (p.num_images + 1);
+}
+
+// One warp per image: validates the row against the tensor shapes (an invalid row becomes an
+// empty image so no kernel can read out of bounds), counts its tiles and its counted text.
+__global__ void image_info_kernel(const int64_t* __restrict__ raw, int64_t num_images, int64_t B,
+                                  int64_t L, int64_t S, int64_t group, const bool* __restrict__ mask,
+                                  int64_t mask_stride_b, int64_t mask_stride_s,
+                                  int64_t* __restrict__ images, int64_t* __restrict__ counts,
+                                  int64_t* __restrict__ text_counted) {
+  const int64_t warps_per_block = blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int64_t i = blockIdx.x * warps_per_block + threadIdx.x / 32; i < num_images;
+       i += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    int64_t row = raw[i * 5 + 0], vs = raw[i * 5 + 1], vl = raw[i * 5 + 2];
+    int64_t ts = raw[i * 5 + 3], tl = raw[i * 5 + 4];
+    const bool ok = row >= 0 && row < B && vs >= 0 && vl >= 0 && vs <= L && vl <= L - vs &&
+                    ts >= 0 && tl >= 0 && ts <= S && tl <= S - ts;
+    if (!ok) row = vs = vl = ts = tl = 0;
+    int64_t counted = 0;
+    for (int64_t t = lane; t < tl; t += 32) {
+      counted += (mask == nullptr || mask[row * mask_stride_b + (ts + t) * mask_stride_s]) ? 1 : 0;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      counted += __shfl_xor_sync(0xffffffffu, counted, offset);
+    }
+    if (lane == 0) {
+      int64_t* out = images + i * kImageFields;
+      out[kRow] = row;
+      out[kVisStart] = vs;
+      out[kVisLen] = vl;
+      out[kTextStart] = ts;
+      out[kTextLen] = tl;
+      counts[kRowTiles * num_images + i] = (group * tl + kTileRows - 1) / kTileRows;
+      counts[kColTiles * num_images + i] = (vl + kTileCols - 1) / kTileCols;
+      counts[kTextRows * num_images + i] = tl;
+      text_counted[i] = counted;
+    }
+  }
+}
+
+static_assert(kTileRows == kTileCols, "tile_dot stages rows and columns with one index");
+
+struct TileSmem {
+  float q[kChunkD][kTileRows + 4];
+  float k[kChunkD][kTileCols + 4];
+  int64_t q_base[kTileRows];  // element offset of each row's query vector
+  int64_t k_base[kTileCols];  // element offset of each column's key vector
+  bool row_ok[kTileRows];     // row exists and its text token is counted
+  bool col_ok[kTileCols];
+  float bias[kTileCols];      // log(size) or 0
+};
+
+// acc[i][j] = <query of row ty + 16 i, key of column tx + 16 j> over the whole head dim.
+// Expects q_base/k_base/row_ok/col_ok to be visible to all threads; ends with a barrier.
+template <typename T>
+__device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&acc)[kMicro][kMicro]) {
+  const T* __restrict__ text = static_cast<const T*>(p.text);
+  const T* __restrict__ k = static_cast<const T*>(p.k);
+  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) acc[i][j] = 0.f;
+  }
+  for (int64_t d0 = 0; d0 < p.D; d0 += kChunkD) {
+    for (int e = threadIdx.x; e < kTileRows * kChunkD; e += kThreads) {
+      const int row = e / kChunkD, kk = e % kChunkD;
+      const int64_t d = d0 + kk;
+      const bool live = d < p.D;
+      sm.q[kk][row] = (live && sm.row_ok[row]) ? to_float(text[sm.q_base[row] + d * p.text_stride[3]]) : 0.f;
+      sm.k[kk][row] = (live && sm.col_ok[row]) ? to_float(k[sm.k_base[row] + d * p.k_stride[3]]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kChunkD; ++kk) {
+      float a[kMicro], b[kMicro];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) a[i] = sm.q[kk][ty + kSide * i];
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) b[j] = sm.k[kk][tx + kSide * j];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Row setup shared by both passes: row r of (image, hk) is query head hk * group + r / T_img,
+// text token text_start + r % T_img.
+__device__ __forceinline__ void setup_rows(const Params& p, TileSmem& sm, const int64_t* img,
+                                           int64_t hk, int64_t row_tile) {
+  const int64_t tl = img[kTextLen];
+  for (int local = threadIdx.x; local < kTileRows; local += kThreads) {
+    const int64_t r = row_tile * kTileRows + local;
+    bool ok = r < p.group * tl;
+    int64_t base = 0;
+    if (ok) {
+      const int64_t hq = hk * p.group + r / tl, s = img[kTextStart] + r % tl;
+      ok = p.text_mask == nullptr ||
+           p.text_mask[img[kRow] * p.mask_stride[0] + s * p.mask_stride[1]];
+      base = img[kRow] * p.text_stride[0] + hq * p.text_stride[1] + s * p.text_stride[2];
+    }
+    sm.row_ok[local] = ok;
+    sm.q_base[local] = base;
+  }
+}
+
+__device__ __forceinline__ void setup_cols(const Params& p, TileSmem& sm, const int64_t* img,
+                                           int64_t hk, int64_t col_tile) {
+  for (int local = threadIdx.x; local < kTileCols; local += kThreads) {
+    const int64_t c = col_tile * kTileCols + local;
+    const bool ok = c < img[kVisLen];
+    const int64_t l = img[kVisStart] + c;
+    sm.col_ok[local] = ok;
+    sm.k_base[local] = ok ? img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + l * p.k_stride[2] : 0;
+    float bias = 0.f;
+    if (ok && p.sizes != nullptr) {
+      bias = logf(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + l * p.sizes_stride[1]]));
+    }
+    sm.bias[local] = bias;
+  }
+}
+
+// Sum / max over the 16 lanes that share a row (tx = lane % 16 inside one half warp). The xor
+// butterfly leaves the same value in all 16 lanes.
+__device__ __forceinline__ float half_warp_max(float v) {
+#pragma unroll
+  for (int offset = kSide / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+__device__ __forceinline__ float half_warp_sum(float v) {
+#pragma unroll
+  for (int offset = kSide / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(const Params p) {
+  __shared__ TileSmem sm;
+  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  const int64_t* row_tile_off = offsets_of(p, kRowTiles);
+  const int64_t* text_off = offsets_of(p, kTextRows);
+  const int64_t items = row_tile_off[p.num_images] * p.H_kv * p.nsplit;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t tile = item / (p.H_kv * p.nsplit);
+    const int64_t hk = (item / p.nsplit) % p.H_kv, split = item % p.nsplit;
+    const int64_t image = find_segment(row_tile_off, p.num_images, tile);
+    const int64_t* img = p.images + image * kImageFields;
+    const int64_t row_tile = tile - row_tile_off[image];
+    const int64_t col_tiles = ceil_div(img[kVisLen], kTileCols);
+    const int64_t per_split = (col_tiles + p.nsplit - 1) / p.nsplit;
+    const int64_t col_begin = split * per_split;
+    const int64_t col_end = min(col_tiles, col_begin + per_split);
+
+    __syncthreads();  // the previous item is done with the shared row data
+    setup_rows(p, sm, img, hk, row_tile);
+    __syncthreads();  // row_ok is read below even when this split has no column tile
+    float run_max[kMicro], run_sum[kMicro];
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+      run_max[i] = -INFINITY;
+      run_sum[i] = 0.f;
+    }
+    for (int64_t col_tile = col_begin; col_tile < col_end; ++col_tile) {
+      setup_cols(p, sm, img, hk, col_tile);
+      __syncthreads();
+      float acc[kMicro][kMicro];
+      tile_dot<T>(p, sm, acc);
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) {
+        float logit[kMicro];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) {
+          const int col = tx + kSide * j;
+          logit[j] = sm.col_ok[col] ? fmaf(p.scale, acc[i][j], sm.bias[col]) : -INFINITY;
+          tile_max = fmaxf(tile_max, logit[j]);
+        }
+        const float new_max = fmaxf(run_max[i], half_warp_max(tile_max));
+        float local = 0.f;
+        if (new_max != -INFINITY) {  // uniform over the 16 lanes of the row
+#pragma unroll
+          for (int j = 0; j < kMicro; ++j) local += expf(logit[j] - new_max);
+        }
+        local = half_warp_sum(local);
+        if (new_max != -INFINITY) {
+          run_sum[i] = run_sum[i] * expf(run_max[i] - new_max) + local;
+          run_max[i] = new_max;
+        }
+      }
+      __syncthreads();  // columns of this tile are read before the next setup_cols
+    }
+    if (tx == 0) {
+      const int64_t tl = img[kTextLen];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) {
+        const int local_row = ty + kSide * i;
+        if (!sm.row_ok[local_row]) continue;
+        const int64_t r = row_tile * kTileRows + local_row;
+        const int64_t hq = hk * p.group + r / tl, t = r % tl;
+        p.stats[((text_off[image] + t) * p.H_q + hq) * p.nsplit + split] = make_float2(run_max[i], run_sum[i]);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) column_mass_kernel(const Params p) {
+  __shared__ TileSmem sm;
+  __shared__ float row_max[kTileRows];
+  __shared__ float row_inv_sum[kTileRows];
+  __shared__ float column_part[kSide][kTileCols];
+  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  const int64_t* col_tile_off = offsets_of(p, kColTiles);
+  const int64_t* text_off = offsets_of(p, kTextRows);
+  const int64_t items = col_tile_off[p.num_images] * p.H_kv * p.rsplit;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t tile = item / (p.H_kv * p.rsplit);
+    const int64_t hk = (item / p.rsplit) % p.H_kv, range = item % p.rsplit;
+    const int64_t image = find_segment(col_tile_off, p.num_images, tile);
+    if (p.text_counted[image] == 0) continue;  // finish_kernel writes 1 / vis_len; uniform per block
+    const int64_t* img = p.images + image * kImageFields;
+    const int64_t col_tile = tile - col_tile_off[image];
+    const int64_t tl = img[kTextLen];
+    const int64_t row_tiles = ceil_div(p.group * tl, kTileRows);
+    const int64_t per_range = ceil_div(row_tiles, p.rsplit);
+    const int64_t row_begin = range * per_range;
+    const int64_t row_end = min(row_tiles, row_begin + per_range);
+
+    __syncthreads();  // the previous item is done with the shared column data
+    setup_cols(p, sm, img, hk, col_tile);
+    float column_sum[kMicro] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t row_tile = row_begin; row_tile < row_end; ++row_tile) {
+      setup_rows(p, sm, img, hk, row_tile);
+      __syncthreads();
+      for (int local = threadIdx.x; local < kTileRows; local += kThreads) {
+        float m = -INFINITY, total = 0.f;
+        if (sm.row_ok[local]) {
+          const int64_t r = row_tile * kTileRows + local;
+          const int64_t hq = hk * p.group + r / tl, t = r % tl;
+          const float2* st = p.stats + ((text_off[image] + t) * p.H_q + hq) * p.nsplit;
+          for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
+          for (int64_t s = 0; s < p.nsplit; ++s) {
+            if (st[s].x != -INFINITY) total += st[s].y * expf(st[s].x - m);
+          }
+        }
+        row_max[local] = m;
+        // A row whose logits are all -inf (every size 0) contributes nothing.
+        row_inv_sum[local] = total > 0.f ? 1.f / total : 0.f;
+      }
+      // tile_dot's first barrier publishes row_max / row_inv_sum as well.
+      float acc[kMicro][kMicro];
+      tile_dot<T>(p, sm, acc);
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) {
+        const int col = tx + kSide * j;
+        if (!sm.col_ok[col]) continue;
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i) {
+          const int row = ty + kSide * i;
+          if (row_inv_sum[row] == 0.f) continue;
+          column_sum[j] += expf(fmaf(p.scale, acc[i][j], sm.bias[col]) - row_max[row]) * row_inv_sum[row];
+        }
+      }
+      __syncthreads();  // rows of this tile are read before the next setup_rows
+    }
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) column_part[ty][tx + kSide * j] = column_sum[j];
+    __syncthreads();
+    for (int local = threadIdx.x; local < kTileCols; local += kThreads) {
+      if (!sm.col_ok[local]) continue;
+      float total = 0.f;
+      for (int y = 0; y < kSide; ++y) total += column_part[y][local];
+      const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + local;
+      p.partial[(hk * p.rsplit + range) * p.tokens + token] = total;
+    }
+  }
+}
+
+// importance of every token of every image: partials summed in (hk, range) order.
+__global__ void __launch_bounds__(kTileCols) finish_kernel(const Params p) {
+  const int64_t* col_tile_off = offsets_of(p, kColTiles);
+  const int64_t items = col_tile_off[p.num_images];
+  const int64_t parts = p.H_kv * p.rsplit;
+  for (int64_t tile = blockIdx.x; tile < items; tile += gridDim.x) {
+    const int64_t image = find_segment(col_tile_off, p.num_images, tile);
+    const int64_t* img = p.images + image * kImageFields;
+    const int64_t c = (tile - col_tile_off[image]) * kTileCols + threadIdx.x;
+    if (c >= img[kVisLen]) continue;
+    const int64_t token = img[kRow] * p.L + img[kVisStart] + c;
+    const int64_t counted = p.text_counted[image];
+    float value;
+    if (counted == 0) {
+      value = 1.f / static_cast<float>(img[kVisLen]);
+    } else {
+      float total = 0.f;
+      for (int64_t part = 0; part < parts; ++part) total += p.partial[part * p.tokens + token];
+      value = total / static_cast<float>(p.H_q * counted);
+    }
+    p.importance[token] = value;
+  }
+}
+
+struct Plan {
+  int64_t B, H_kv, L, S, D, H_q, group, num_images, nsplit, rsplit, tokens;
+};
+
+Plan make_plan(const ScoreArgs& a) {
+  Plan plan{};
+  plan.B = a.k.size[0];
+  plan.H_kv = a.k.size[1];
+  plan.L = a.k.size[2];
+  plan.D = a.k.size[3];
+  plan.H_q = a.text.size[1];
+  plan.S = a.text.size[2];
+  plan.group = plan.H_kv > 0 ? plan.H_q / plan.H_kv : 1;
+  plan.num_images = a.num_images;
+  plan.tokens = plan.B * plan.L;
+  // Split the vision tokens (pass 1) or the text rows (pass 2) when there are too few tiles to
+  // fill the GPU. The split counts depend on shapes only, so results do not depend on the device.
+  const int64_t row_tiles = std::max<int64_t>(1, std::min(
+      a.num_images * ceil_div(plan.group * plan.S, kTileRows),
+      ceil_div(plan.group * a.text_capacity, kTileRows) + a.num_images));
+  plan.nsplit = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, row_tiles * std::max<int64_t>(plan.H_kv, 1)),
+                                               ceil_div(std::max<int64_t>(plan.L, 1), kTileCols), int64_t{32}}));
+  const int64_t col_tiles = ceil_div(plan.tokens, kTileCols) + a.num_images;
+  plan.rsplit = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, col_tiles * std::max<int64_t>(plan.H_kv, 1)),
+                                               ceil_div(std::max<int64_t>(plan.group * plan.S, 1), kTileRows), int64_t{16}}));
+  return plan;
+}
+
+struct Workspace {
+  int64_t* images;
+  int64_t* counts;
+  int64_t* offsets;
+  int64_t* text_counted;
+  float2* stats;
+  float* partial;
+  size_t bytes;
+};
+
+Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
+  detail::WorkspaceCarver carver(base);
+  Workspace ws{};
+  ws.images = carver.take<int64_t>(plan.num_images * kImageFields);
+  ws.counts = carver.take<int64_t>(plan.num_images * kCountArrays);
+  ws.offsets = carver.take<int64_t>((plan.num_images + 1) * kCountArrays);
+  ws.text_counted = carver.take<int64_t>(plan.num_images);
+  ws.stats = carver.take<float2>(a.text_capacity * plan.H_q * plan.nsplit);
+  ws.partial = carver.take<float>(plan.H_kv * plan.rsplit * plan.tokens);
+  ws.bytes = carver.bytes();
+  return ws;
+}
+
+template <typename T>
+cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a, cudaStream_t stream) {
+  const int64_t row_items = (ceil_div(plan.group * a.text_capacity, kTileRows) + plan.num_images) *
+                            plan.H_kv * plan.nsplit;
+  row_stats_kernel<T><<<detail::grid_for(row_items, kMaxGrid), kThreads, 0, stream>>>(p);
+  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  const int64_t col_tiles = ceil_div(plan.tokens, kTileCols) + plan.num_images;
+  column_mass_kernel<T><<<detail::grid_for(col_tiles * plan.H_kv * plan.rsplit, kMaxGrid), kThreads, 0, stream>>>(p);
+  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  finish_kernel<<<detail::grid_for(col_tiles, kMaxGrid), kTileCols, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t score_workspace_size(const ScoreArgs& args) {
+  const Plan plan = make_plan(args);
+  return carve(args, plan, nullptr).bytes;
+}
+
+cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const Plan plan = make_plan(a);
+  if (a.k.dtype != a.text.dtype || a.k.dtype == DType::Float64 ||
+      plan.H_kv <= 0 || plan.H_q % plan.H_kv != 0 || a.text.size[0] != plan.B || a.text.size[3] != plan.D ||
+      a.text_capacity < 0 || a.num_images < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (plan.tokens == 0) return cudaSuccess;
+  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(a.importance, 0, sizeof(float) * plan.tokens, stream));
+  if (plan.num_images == 0) return cudaSuccess;
+  // Round the base up to 256 bytes; the size query includes that slack.
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(workspace) + 255) & ~static_cast<uintptr_t>(255);
+  const Workspace ws = carve(a, plan, reinterpret_cast<void*>(aligned));
+  if (workspace == nullptr || workspace_bytes < ws.bytes) return cudaErrorInvalidValue;
+
+  image_info_kernel<<<detail::grid_for(ceil_div(plan.num_images, 8), 4096), 256, 0, stream>>>(
+      a.images, plan.num_images, plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
+      a.text_mask_stride[1], ws.images, ws.counts, ws.text_counted);
+  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  LIGHTKV_RETURN_IF_ERROR(detail::launch_exclusive_offsets(ws.counts, plan.num_images, kCountArrays, ws.offsets, stream));
+
+  Params p{};
+  p.k = a.k.data;
+  p.text = a.text.data;
+  for (int i = 0; i < 4; ++i) {
+    p.k_stride[i] = a.k.stride[i];
+    p.text_stride[i] = a.text.stride[i];
+  }
+  p.text_mask = a.text_mask;
+  p.mask_stride[0] = a.text_mask_stride[0];
+  p.mask_stride[1] = a.text_mask_stride[1];
+  p.sizes = a.sizes;
+  p.sizes_stride[0] = a.sizes_stride[0];
+  p.sizes_stride[1] = a.sizes_stride[1];
+  p.L = plan.L;
+  p.S = plan.S;
+  p.D = plan.D;
+  p.H_kv = plan.H_kv;
+  p.H_q = plan.H_q;
+  p.group = plan.group;
+  p.num_images = plan.num_images;
+  p.scale = a.scale;
+  p.images = ws.images;
+  p.offsets = ws.offsets;
+  p.text_counted = ws.text_counted;
+  p.stats = ws.stats;
+  p.nsplit = plan.nsplit;
+  p.partial = ws.partial;
+  p.rsplit = plan.rsplit;
+  p.tokens = plan.tokens;
+  p.importance = a.importance;
+  switch (a.k.dtype) {
+    case DType::Float32:
+      return launch_passes<float>(p, plan, a, stream);
+    case DType::Float16:
+      return launch_passes<__half>(p, plan, a, stream);
+    case DType::BFloat16:
+      return launch_passes<__nv_bfloat16>(p, plan, a, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace lightkv_cuda

@@ -1,0 +1,500 @@
+// Self-test of the torch-free lightkv CUDA kernels against a plain host implementation of the
+// op contract (csrc/lightkv.cpp). Needs a GPU, not PyTorch. Exits 0 when every case matches,
+// 1 on a mismatch, 2 on a CUDA error. Lives outside csrc/cuda/*.cu so setup.py does not link
+// its main() into the extension. `--small` skips the large cases (for compute-sanitizer).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+using lightkv_cuda::DType;
+
+#define SELFTEST_CUDA(expr)                                                                     \
+  do {                                                                                          \
+    const cudaError_t err_ = (expr);                                                            \
+    if (err_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, \
+                   __LINE__, #expr);                                                            \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+int g_failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+    ++g_failures;
+  }
+}
+
+float to_f(float x) { return x; }
+float to_f(__half x) { return __half2float(x); }
+float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+T from_f(float x);
+template <>
+float from_f<float>(float x) { return x; }
+template <>
+__half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+DType dtype_of();
+template <>
+DType dtype_of<float>() { return DType::Float32; }
+template <>
+DType dtype_of<__half>() { return DType::Float16; }
+template <>
+DType dtype_of<__nv_bfloat16>() { return DType::BFloat16; }
+
+template <typename T>
+float tolerance() {
+  if (std::is_same<T, float>::value) return 2e-5f;
+  if (std::is_same<T, __half>::value) return 2e-3f;
+  return 1.6e-2f;
+}
+
+template <typename T>
+struct Device {
+  T* ptr = nullptr;
+  size_t count = 0;
+  explicit Device(size_t n) : count(n) { SELFTEST_CUDA(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T))); }
+  explicit Device(const std::vector<T>& host) : Device(host.size()) {
+    SELFTEST_CUDA(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~Device() { cudaFree(ptr); }
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+  std::vector<T> download() const {
+    std::vector<T> host(count);
+    SELFTEST_CUDA(cudaMemcpy(host.data(), ptr, count * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+};
+
+// A 4-D host tensor stored with its dims in `order` (outermost first), so strides are not
+// always the contiguous ones.
+template <typename T>
+struct HostTensor {
+  std::vector<T> data;
+  std::array<int64_t, 4> size{}, stride{};
+  HostTensor(std::array<int64_t, 4> sizes, std::array<int, 4> order) : size(sizes) {
+    int64_t step = 1;
+    for (int i = 3; i >= 0; --i) {
+      stride[order[i]] = step;
+      step *= sizes[order[i]];
+    }
+    data.resize(static_cast<size_t>(step));
+  }
+  int64_t offset(int64_t a, int64_t b, int64_t c, int64_t d) const {
+    return a * stride[0] + b * stride[1] + c * stride[2] + d * stride[3];
+  }
+  float at(int64_t a, int64_t b, int64_t c, int64_t d) const { return to_f(data[offset(a, b, c, d)]); }
+};
+
+template <typename T>
+void fill_normal(HostTensor<T>& t, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (auto& x : t.data) x = from_f<T>(normal(rng));
+}
+
+template <typename T>
+lightkv_cuda::Tensor4 describe(const HostTensor<T>& host, const void* device_ptr) {
+  lightkv_cuda::Tensor4 t;
+  t.data = device_ptr;
+  t.dtype = dtype_of<T>();
+  for (int i = 0; i < 4; ++i) {
+    t.size[i] = host.size[i];
+    t.stride[i] = host.stride[i];
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------- score
+
+struct ScoreCase {
+  std::string name;
+  int64_t B, H_kv, H_q, L, S, D;
+  std::vector<std::array<int64_t, 5>> images;
+  bool with_mask, with_sizes;
+  std::array<int, 4> k_order;
+};
+
+template <typename T>
+std::vector<float> host_score(const ScoreCase& c, const HostTensor<T>& k, const HostTensor<T>& text,
+                              const std::vector<uint8_t>& mask, const std::vector<int32_t>& sizes, float scale) {
+  std::vector<float> importance(static_cast<size_t>(c.B * c.L), 0.f);
+  const int64_t group = c.H_q / c.H_kv;
+  for (const auto& img : c.images) {
+    const int64_t b = img[0], vs = img[1], vl = img[2], ts = img[3], tl = img[4];
+    int64_t counted = 0;
+    for (int64_t t = 0; t < tl; ++t) counted += c.with_mask ? mask[b * c.S + ts + t] : 1;
+    if (counted == 0) {
+      for (int64_t i = 0; i < vl; ++i) importance[b * c.L + vs + i] = 1.f / static_cast<float>(vl);
+      continue;
+    }
+    std::vector<double> mass(static_cast<size_t>(vl), 0.0), logits(static_cast<size_t>(vl));
+    for (int64_t h = 0; h < c.H_q; ++h) {
+      for (int64_t t = 0; t < tl; ++t) {
+        if (c.with_mask && !mask[b * c.S + ts + t]) continue;
+        double peak = -INFINITY;
+        for (int64_t i = 0; i < vl; ++i) {
+          double dot = 0.0;
+          for (int64_t d = 0; d < c.D; ++d) dot += double(text.at(b, h, ts + t, d)) * k.at(b, h / group, vs + i, d);
+          logits[i] = scale * dot + (c.with_sizes ? std::log(double(sizes[b * c.L + vs + i])) : 0.0);
+          peak = std::max(peak, logits[i]);
+        }
+        double total = 0.0;
+        for (int64_t i = 0; i < vl; ++i) total += std::exp(logits[i] - peak);
+        for (int64_t i = 0; i < vl; ++i) mass[i] += std::exp(logits[i] - peak) / total;
+      }
+    }
+    for (int64_t i = 0; i < vl; ++i) {
+      importance[b * c.L + vs + i] = static_cast<float>(mass[i] / double(c.H_q * counted));
+    }
+  }
+  return importance;
+}
+
+template <typename T>
+void run_score_case(const ScoreCase& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  HostTensor<T> k({c.B, c.H_kv, c.L, c.D}, c.k_order);
+  HostTensor<T> text({c.B, c.H_q, c.S, c.D}, {0, 1, 2, 3});
+  fill_normal(k, rng);
+  fill_normal(text, rng);
+  std::vector<uint8_t> mask(static_cast<size_t>(c.B * c.S), 1);
+  std::bernoulli_distribution keep(0.7);
+  if (c.with_mask) {
+    for (auto& m : mask) m = keep(rng) ? 1 : 0;
+  }
+  std::vector<int32_t> sizes(static_cast<size_t>(c.B * c.L), 1);
+  std::uniform_int_distribution<int32_t> size_of(1, 9);
+  if (c.with_sizes) {
+    for (auto& s : sizes) s = size_of(rng);
+  }
+  std::vector<int64_t> table;
+  for (const auto& img : c.images) table.insert(table.end(), img.begin(), img.end());
+  const float scale = 1.f / std::sqrt(static_cast<float>(c.D));
+
+  Device<T> k_dev(k.data), text_dev(text.data);
+  Device<uint8_t> mask_dev(mask);
+  Device<int32_t> sizes_dev(sizes);
+  Device<int64_t> images_dev(table);
+  Device<float> out(static_cast<size_t>(c.B * c.L));
+
+  lightkv_cuda::ScoreArgs args;
+  args.k = describe(k, k_dev.ptr);
+  args.text = describe(text, text_dev.ptr);
+  args.images = images_dev.ptr;
+  args.num_images = static_cast<int64_t>(c.images.size());
+  if (c.with_mask) {
+    args.text_mask = reinterpret_cast<const bool*>(mask_dev.ptr);
+    args.text_mask_stride[0] = c.S;
+    args.text_mask_stride[1] = 1;
+  }
+  if (c.with_sizes) {
+    args.sizes = sizes_dev.ptr;
+    args.sizes_stride[0] = c.L;
+    args.sizes_stride[1] = 1;
+  }
+  args.scale = scale;
+  args.text_capacity = args.num_images * c.S;
+  args.importance = out.ptr;
+  const size_t bytes = lightkv_cuda::score_workspace_size(args);
+  Device<char> workspace(bytes);
+  SELFTEST_CUDA(lightkv_cuda::launch_score(args, workspace.ptr, bytes, nullptr));
+  SELFTEST_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> got = out.download();
+  SELFTEST_CUDA(lightkv_cuda::launch_score(args, workspace.ptr, bytes, nullptr));
+  const std::vector<float> again = out.download();
+  expect(std::memcmp(got.data(), again.data(), got.size() * sizeof(float)) == 0, c.name + ": not deterministic");
+
+  const std::vector<float> want = host_score(c, k, text, mask, sizes, scale);
+  double worst = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    worst = std::max(worst, std::abs(double(got[i]) - want[i]) / (1e-6 + std::abs(want[i])));
+  }
+  expect(worst < 2e-3, c.name + ": importance differs from the host oracle, worst relative error " +
+                           std::to_string(worst));
+  std::printf("score %-28s worst rel err %.3g\n", c.name.c_str(), worst);
+}
+
+// ---------------------------------------------------------------- merge
+
+struct MergeCase {
+  std::string name;
+  int64_t B, H, L, D;
+  std::vector<int64_t> window_sizes;  // one row's windows, same for every row (sum == L)
+  double ratio;
+  bool token_major_out;
+  std::array<int, 4> k_order;
+  int duplicates;  // tokens whose keys copy another token's (exact similarity ties)
+};
+
+struct MergeResult {
+  std::vector<int32_t> sizes;
+  std::vector<int64_t> index, assignment;
+};
+
+int64_t merge_count(double ratio, int64_t n) {
+  return std::min(static_cast<int64_t>(std::floor(ratio * static_cast<double>(n) + 1e-6)), n / 2);
+}
+
+// merged_into[g] = flat id of the dst token g merges into, or -1.
+template <typename T>
+std::vector<int64_t> host_match(const MergeCase& c, const HostTensor<T>& k, const std::vector<int64_t>& tokens,
+                                const std::vector<int64_t>& offsets) {
+  auto feature = [&](int64_t g, int64_t f) { return double(k.at(g / c.L, f / c.D, g % c.L, f % c.D)); };
+  const int64_t features = c.H * c.D;
+  std::vector<int64_t> merged_into(static_cast<size_t>(c.B * c.L), -1);
+  for (size_t w = 0; w + 1 < offsets.size(); ++w) {
+    const int64_t start = offsets[w], n = offsets[w + 1] - start;
+    const int64_t r = merge_count(c.ratio, n);
+    if (r == 0) continue;
+    const int64_t n_src = (n + 1) / 2, n_dst = n / 2;
+    auto norm = [&](int64_t g) {
+      double s = 0.0;
+      for (int64_t f = 0; f < features; ++f) s += feature(g, f) * feature(g, f);
+      return std::sqrt(s);
+    };
+    std::vector<double> score(static_cast<size_t>(n_src));
+    std::vector<int64_t> best(static_cast<size_t>(n_src));
+    for (int64_t i = 0; i < n_src; ++i) {
+      const int64_t s = tokens[start + 2 * i];
+      score[i] = -INFINITY;
+      for (int64_t j = 0; j < n_dst; ++j) {
+        const int64_t d = tokens[start + 2 * j + 1];
+        double dot = 0.0;
+        for (int64_t f = 0; f < features; ++f) dot = std::fma(feature(s, f), feature(d, f), dot);
+        const double sim = dot / (norm(s) * norm(d) + 1e-8);
+        if (sim > score[i]) {
+          score[i] = sim;
+          best[i] = j;
+        }
+      }
+    }
+    std::vector<int64_t> order(static_cast<size_t>(n_src));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+    for (int64_t q = 0; q < r; ++q) {
+      const int64_t i = order[q];
+      merged_into[tokens[start + 2 * i]] = tokens[start + 2 * best[i] + 1];
+    }
+  }
+  return merged_into;
+}
+
+template <typename T>
+void run_merge_case(const MergeCase& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  HostTensor<T> k({c.B, c.H, c.L, c.D}, c.k_order), v({c.B, c.H, c.L, c.D}, {0, 1, 2, 3});
+  fill_normal(k, rng);
+  fill_normal(v, rng);
+  std::uniform_int_distribution<int64_t> token_of(0, c.L - 1);
+  for (int i = 0; i < c.duplicates; ++i) {
+    const int64_t b = i % c.B, from = token_of(rng), to = token_of(rng);
+    for (int64_t h = 0; h < c.H; ++h) {
+      for (int64_t d = 0; d < c.D; ++d) k.data[k.offset(b, h, to, d)] = k.data[k.offset(b, h, from, d)];
+    }
+  }
+  std::vector<float> importance(static_cast<size_t>(c.B * c.L));
+  std::uniform_real_distribution<float> uniform(0.f, 1.f);
+  for (auto& w : importance) w = uniform(rng) < 0.3f ? 0.f : uniform(rng);
+  std::vector<int32_t> sizes(static_cast<size_t>(c.B * c.L));
+  std::uniform_int_distribution<int32_t> size_of(1, 5);
+  for (auto& s : sizes) s = size_of(rng);
+
+  // Every row: the same window sizes, random members, each window in increasing l.
+  std::vector<int64_t> tokens, offsets{0};
+  int64_t kept = 0;
+  for (int64_t n : c.window_sizes) kept += n - merge_count(c.ratio, n);
+  for (int64_t b = 0; b < c.B; ++b) {
+    std::vector<int64_t> perm(static_cast<size_t>(c.L));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    int64_t at = 0;
+    for (int64_t n : c.window_sizes) {
+      std::vector<int64_t> members(perm.begin() + at, perm.begin() + at + n);
+      std::sort(members.begin(), members.end());
+      for (int64_t l : members) tokens.push_back(b * c.L + l);
+      at += n;
+      offsets.push_back(static_cast<int64_t>(tokens.size()));
+    }
+  }
+
+  Device<T> k_dev(k.data), v_dev(v.data);
+  Device<float> importance_dev(importance);
+  Device<int32_t> sizes_dev(sizes);
+  Device<int64_t> tokens_dev(tokens), offsets_dev(offsets);
+  const size_t out_count = static_cast<size_t>(c.B * c.H * kept * c.D);
+  Device<T> k_out(out_count), v_out(out_count);
+  Device<int32_t> sizes_out(static_cast<size_t>(c.B * kept));
+  Device<int64_t> index(static_cast<size_t>(c.B * kept)), assignment(static_cast<size_t>(c.B * c.L));
+
+  lightkv_cuda::MergeArgs args;
+  args.k = describe(k, k_dev.ptr);
+  args.v = describe(v, v_dev.ptr);
+  args.metric = args.k;  // the default metric: k.permute(0, 2, 1, 3)
+  args.metric.size[1] = c.L;
+  args.metric.size[2] = c.H;
+  args.metric.stride[1] = k.stride[2];
+  args.metric.stride[2] = k.stride[1];
+  args.importance = importance_dev.ptr;
+  args.sizes = sizes_dev.ptr;
+  args.window_tokens = tokens_dev.ptr;
+  args.total_tokens = static_cast<int64_t>(tokens.size());
+  args.window_offsets = offsets_dev.ptr;
+  args.num_windows = static_cast<int64_t>(offsets.size()) - 1;
+  args.ratio = c.ratio;
+  args.kept = kept;
+  for (lightkv_cuda::OutTensor4* out : {&args.k_out, &args.v_out}) {
+    out->data = out == &args.k_out ? static_cast<void*>(k_out.ptr) : static_cast<void*>(v_out.ptr);
+    const int64_t sizes4[4] = {c.B, c.H, kept, c.D};
+    std::copy(sizes4, sizes4 + 4, out->size);
+    const int64_t contiguous[4] = {c.H * kept * c.D, kept * c.D, c.D, 1};
+    const int64_t token_major[4] = {kept * c.H * c.D, c.D, c.H * c.D, 1};
+    std::copy(c.token_major_out ? token_major : contiguous, (c.token_major_out ? token_major : contiguous) + 4,
+              out->stride);
+  }
+  args.sizes_out = sizes_out.ptr;
+  args.index = index.ptr;
+  args.assignment = assignment.ptr;
+  const size_t bytes = lightkv_cuda::merge_workspace_size(args);
+  Device<char> workspace(bytes);
+  SELFTEST_CUDA(lightkv_cuda::launch_merge(args, workspace.ptr, bytes, nullptr));
+  SELFTEST_CUDA(cudaDeviceSynchronize());
+  const MergeResult got{sizes_out.download(), index.download(), assignment.download()};
+  const std::vector<T> got_k = k_out.download(), got_v = v_out.download();
+  SELFTEST_CUDA(lightkv_cuda::launch_merge(args, workspace.ptr, bytes, nullptr));
+  const std::vector<T> again_k = k_out.download(), again_v = v_out.download();
+  expect(std::memcmp(got_k.data(), again_k.data(), got_k.size() * sizeof(T)) == 0 &&
+             std::memcmp(got_v.data(), again_v.data(), got_v.size() * sizeof(T)) == 0 &&
+             got.assignment == assignment.download(),
+         c.name + ": not deterministic");
+
+  // Host oracle: decisions, slots, then the weighted groups.
+  const std::vector<int64_t> merged_into = host_match(c, k, tokens, offsets);
+  MergeResult want{std::vector<int32_t>(static_cast<size_t>(c.B * kept), 0),
+                   std::vector<int64_t>(static_cast<size_t>(c.B * kept), -1),
+                   std::vector<int64_t>(static_cast<size_t>(c.B * c.L), -1)};
+  std::vector<std::vector<int64_t>> members(static_cast<size_t>(c.B * kept));
+  bool kept_matches = true;
+  for (int64_t b = 0; b < c.B; ++b) {
+    std::vector<int64_t> slot(static_cast<size_t>(c.L), -1);
+    int64_t m = 0;
+    for (int64_t l = 0; l < c.L; ++l) {
+      if (merged_into[b * c.L + l] < 0) slot[l] = m++;
+    }
+    kept_matches = kept_matches && m == kept;
+    if (m != kept) continue;
+    for (int64_t l = 0; l < c.L; ++l) {
+      const int64_t g = b * c.L + l;
+      const int64_t anchor = merged_into[g] < 0 ? l : merged_into[g] - b * c.L;
+      want.assignment[g] = slot[anchor];
+      if (anchor == l) want.index[b * kept + slot[l]] = l;
+      want.sizes[b * kept + slot[anchor]] += sizes[g];
+      members[b * kept + slot[anchor]].push_back(g);
+    }
+  }
+  expect(kept_matches, c.name + ": the oracle keeps a different number of tokens than expected");
+  expect(got.index == want.index, c.name + ": index differs");
+  expect(got.assignment == want.assignment, c.name + ": assignment differs");
+  expect(got.sizes == want.sizes, c.name + ": sizes differ");
+
+  double worst = 0.0;
+  bool copies_exact = true;
+  for (int tensor = 0; tensor < 2 && kept_matches; ++tensor) {
+    const HostTensor<T>& x = tensor == 0 ? k : v;
+    const std::vector<T>& out = tensor == 0 ? got_k : got_v;
+    const int64_t* stride = (tensor == 0 ? args.k_out : args.v_out).stride;
+    for (int64_t s = 0; s < c.B * kept; ++s) {
+      const int64_t b = s / kept, m = s % kept;
+      const auto& group = members[s];
+      float weight = 0.f;
+      for (int64_t g : group) weight += importance[g];
+      for (int64_t h = 0; h < c.H; ++h) {
+        for (int64_t d = 0; d < c.D; ++d) {
+          const T value = out[b * stride[0] + h * stride[1] + m * stride[2] + d * stride[3]];
+          if (group.size() == 1) {
+            const T source = x.data[x.offset(b, h, group[0] % c.L, d)];
+            copies_exact = copies_exact && std::memcmp(&value, &source, sizeof(T)) == 0;
+            continue;
+          }
+          float weighted = 0.f, plain = 0.f;
+          for (int64_t g : group) {
+            const float xv = x.at(b, h, g % c.L, d);
+            weighted = std::fma(importance[g], xv, weighted);
+            plain += xv;
+          }
+          const float expected = weight == 0.f ? plain / float(group.size()) : weighted / weight;
+          worst = std::max(worst, std::abs(double(to_f(value)) - expected) / (1.0 + std::abs(expected)));
+        }
+      }
+    }
+  }
+  expect(copies_exact, c.name + ": tokens without merged srcs are not copied bitwise");
+  expect(worst <= tolerance<T>(), c.name + ": merged values differ, worst error " + std::to_string(worst));
+  std::printf("merge %-28s kept %lld/%lld, worst err %.3g\n", c.name.c_str(), static_cast<long long>(kept),
+              static_cast<long long>(c.L), worst);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "lightkv_cuda_selftest: no CUDA device\n");
+    return 2;
+  }
+  // Score: uneven images, masked and empty text, GQA, sizes, strided k, head dims off 16.
+  const ScoreCase score_small{"fp32 gqa masked sizes", 2, 2, 4, 150, 37, 72,
+                              {{0, 10, 100, 3, 30}, {1, 0, 150, 0, 37}, {0, 120, 30, 0, 0}},
+                              true, true, {0, 2, 1, 3}};
+  run_score_case<float>(score_small, 1);
+  run_score_case<__half>({"fp16 one image per row", 3, 1, 3, 49, 5, 64,
+                          {{0, 0, 49, 0, 5}, {1, 0, 49, 0, 5}, {2, 0, 49, 0, 5}}, false, false, {0, 1, 2, 3}},
+                         2);
+  if (!small) {
+    run_score_case<__nv_bfloat16>({"bf16 D=256 long", 1, 2, 8, 3000, 50, 256,
+                                   {{0, 0, 2880, 0, 50}, {0, 2880, 120, 10, 20}}, true, false, {0, 1, 2, 3}},
+                                  3);
+  }
+  run_score_case<float>({"fp32 single token image", 1, 1, 1, 1, 1, 8, {{0, 0, 1, 0, 1}}, false, true, {0, 1, 2, 3}},
+                        4);
+
+  // Merge: empty, single and uneven windows, ties, token-major output, large windows.
+  const std::vector<int64_t> uneven{0, 1, 2, 3, 17, 64, 130, 83};  // sums to 300
+  run_merge_case<float>({"fp32 uneven windows", 3, 2, 300, 40, uneven, 0.5, false, {0, 1, 2, 3}, 40}, 11);
+  run_merge_case<__half>({"fp16 token-major io", 2, 4, 300, 64, uneven, 0.37, true, {0, 2, 1, 3}, 10}, 12);
+  if (!small) {
+    run_merge_case<__nv_bfloat16>({"bf16 one window 2500", 2, 2, 2500, 128, {2500}, 0.5, false, {0, 1, 2, 3}, 50},
+                                  13);
+  }
+  run_merge_case<__nv_bfloat16>({"bf16 one window 300", 1, 2, 300, 64, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 16);
+  run_merge_case<float>({"fp32 ratio 0", 2, 2, 64, 16, {16, 16, 16, 16}, 0.0, false, {0, 1, 2, 3}, 0}, 14);
+  run_merge_case<float>({"fp32 odd D scalar path", 1, 3, 99, 13, {33, 33, 33}, 0.9, false, {0, 1, 2, 3}, 5}, 15);
+
+  if (g_failures != 0) {
+    std::fprintf(stderr, "lightkv_cuda_selftest: %d check(s) failed\n", g_failures);
+    return 1;
+  }
+  std::printf("lightkv_cuda_selftest: all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,299 @@
+"""CUDA kernels against the PyTorch reference (skipped without a CUDA device).
+
+Decisions (index, assignment, sizes) must be identical to the reference; values agree within
+the dtype's tolerance; repeated runs are bitwise identical.
+"""
+import math
+
+import pytest
+import torch
+
+import lightkv_ext
+from lightkv_ext import reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Values are float32 averages of the same inputs; the output rounding dominates.
+VALUE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+SCORE_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32_matmul():
+    """The reference's einsum must not use TF32, or it is not an oracle for float32 inputs."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def make_inputs(B, H_kv, H_q, N, T, D, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn(B, H_kv, N, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(B, H_kv, N, D, device="cuda", generator=gen).to(dtype)
+    text = torch.randn(B, H_q, T, D, device="cuda", generator=gen).to(dtype)
+    return k, v, text
+
+
+def random_mask(B, T, seed, empty_row=None):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mask = torch.rand(B, T, device="cuda", generator=gen) < 0.7
+    if empty_row is not None:
+        mask[empty_row] = False
+    return mask
+
+
+def assert_same_compression(got, want, dtype):
+    assert torch.equal(got.index, want.index)
+    assert torch.equal(got.assignment, want.assignment)
+    assert torch.equal(got.sizes, want.sizes)
+    assert got.k.dtype == want.k.dtype == dtype and got.k.shape == want.k.shape
+    torch.testing.assert_close(got.importance, want.importance, **SCORE_TOL)
+    torch.testing.assert_close(got.k, want.k, **VALUE_TOL[dtype])
+    torch.testing.assert_close(got.v, want.v, **VALUE_TOL[dtype])
+
+
+def assert_bitwise_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        return
+    for x, y in zip(a, b):
+        assert_bitwise_equal(x, y)
+
+
+# (B, H_kv, H_q, grid, T, D, windows, ratio)
+SHAPES = [
+    pytest.param(2, 2, 4, (6, 10), 7, 64, (2, 3), 0.5, id="non-square-grid-uneven-windows-gqa"),
+    pytest.param(1, 1, 1, (1, 1), 1, 8, 1, 0.5, id="1x1-grid"),
+    pytest.param(3, 2, 8, (24, 24), 40, 128, 4, 0.5, id="24x24-gqa4-B3"),
+    pytest.param(2, 4, 4, (5, 7), 3, 72, (5, 7), 0.5, id="single-token-windows"),
+    pytest.param(2, 1, 2, (9, 11), 5, 40, (2, 2), 0.3, id="ratio-0.3-odd-D"),
+    pytest.param(1, 2, 2, (16, 16), 9, 256, 1, 0.9, id="D256-one-window"),
+    pytest.param(1, 2, 4, (8, 8), 5, 320, 2, 0.5, id="D320"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_sizes", [False, True])
+def test_score_matches_reference(dtype, masked, with_sizes):
+    B, H_kv, H_q, N, T, D = 3, 2, 8, 150, 37, 64
+    k, _, text = make_inputs(B, H_kv, H_q, N, T, D, dtype, seed=1)
+    mask = random_mask(B, T, seed=2, empty_row=1) if masked else None
+    sizes = torch.randint(1, 9, (B, N), device="cuda", dtype=torch.int32) if with_sizes else None
+    got = lightkv_ext.score(k, text, text_mask=mask, sizes=sizes)
+    want = reference.score(k, text, text_mask=mask, sizes=sizes)
+    torch.testing.assert_close(got, want, **SCORE_TOL)
+    torch.testing.assert_close(got.sum(-1), torch.ones(B, device="cuda"), rtol=1e-5, atol=1e-5)
+    if masked:  # no counted text: uniform importance
+        torch.testing.assert_close(got[1], torch.full((N,), 1.0 / N, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H_kv,H_q,grid,T,D,windows,ratio", SHAPES)
+def test_compress_matches_reference(B, H_kv, H_q, grid, T, D, windows, ratio, dtype):
+    N = grid[0] * grid[1]
+    k, v, text = make_inputs(B, H_kv, H_q, N, T, D, dtype, seed=3)
+    mask = random_mask(B, T, seed=4, empty_row=0 if B > 1 else None)
+    kwargs = dict(ratio=ratio, windows=windows, grid=grid, text_mask=mask)
+    assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
+                            reference.compress(k, v, text, **kwargs), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_second_stage_with_sizes_and_positions_matches_reference(dtype):
+    B, grid = 1, (12, 18)  # rows of one dense call must keep equally many tokens
+    k, v, text = make_inputs(B, 2, 4, grid[0] * grid[1], 11, 64, dtype, seed=5)
+    first = lightkv_ext.compress(k, v, text, ratio=0.5, windows=4, grid=grid)
+    kwargs = dict(ratio=0.5, windows=2, grid=grid, sizes=first.sizes, positions=first.index)
+    got = lightkv_ext.compress(first.k, first.v, text, **kwargs)
+    want = reference.compress(first.k, first.v, text, **kwargs)
+    assert_same_compression(got, want, dtype)
+    assert (got.sizes.sum(-1) == grid[0] * grid[1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_given_importance_with_zero_weight_groups(dtype):
+    k, v, text = make_inputs(2, 2, 2, 30, 4, 32, dtype, seed=6)
+    importance = torch.rand(2, 30, device="cuda")
+    importance[0, :12] = 0  # groups of total weight 0 use equal weights
+    kwargs = dict(ratio=0.5, windows=(2, 2), grid=(5, 6), importance=importance)
+    assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
+                            reference.compress(k, v, text, **kwargs), dtype)
+
+
+def test_ties_resolve_like_the_reference():
+    """Duplicated tokens give exact similarity ties: lowest dst, then lowest src wins."""
+    k, v, text = make_inputs(2, 2, 2, 64, 3, 16, torch.float32, seed=7)
+    k[:, :, 8:16] = k[:, :, 0:1]  # eight identical keys
+    k[:, :, 40:48] = k[:, :, 32:40]
+    kwargs = dict(ratio=0.5, windows=(2, 2), grid=(8, 8))
+    assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
+                            reference.compress(k, v, text, **kwargs), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ratio_zero_is_identity(dtype):
+    k, v, text = make_inputs(2, 2, 2, 36, 5, 32, dtype, seed=8)
+    out = lightkv_ext.compress(k, v, text, ratio=0.0, windows=2)
+    assert_bitwise_equal((out.k, out.v), (k, v))
+    assert torch.equal(out.index, torch.arange(36, device="cuda").expand(2, 36))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_deterministic_across_runs(dtype):
+    k, v, text = make_inputs(4, 2, 8, 24 * 24, 33, 128, dtype, seed=9)
+    runs = [lightkv_ext.compress(k, v, text, ratio=0.5, windows=1) for _ in range(3)]
+    for run in runs[1:]:
+        assert_bitwise_equal(run, runs[0])
+
+
+def test_inputs_are_not_modified():
+    k, v, text = make_inputs(2, 2, 4, 64, 6, 32, torch.bfloat16, seed=10)
+    mask = random_mask(2, 6, seed=11)
+    copies = [x.clone() for x in (k, v, text, mask)]
+    lightkv_ext.compress(k, v, text, ratio=0.5, windows=2, text_mask=mask)
+    assert_bitwise_equal((k, v, text, mask), copies)
+
+
+def test_strided_inputs_match_contiguous():
+    """Token-major k / v (as a packed cache stores them) give the same result as contiguous ones."""
+    B, H, N, D = 2, 4, 100, 64
+    k_tm = torch.randn(B, N, H, D, device="cuda", dtype=torch.float16)
+    v_tm = torch.randn(B, N, H, D, device="cuda", dtype=torch.float16)
+    text = torch.randn(B, H, 7, D, device="cuda", dtype=torch.float16)
+    k, v = k_tm.transpose(1, 2), v_tm.transpose(1, 2)
+    got = lightkv_ext.compress(k, v, text, ratio=0.5, windows=2)
+    want = lightkv_ext.compress(k.contiguous(), v.contiguous(), text, ratio=0.5, windows=2)
+    assert_bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compress_varlen_equals_per_image_compress(dtype):
+    grids = [(6, 6), (4, 9), (2, 3), (10, 7)]
+    counts = [h * w for h, w in grids]
+    H_kv, H_q, D = 2, 4, 64
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    k = torch.randn(sum(counts), H_kv, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(sum(counts), H_kv, D, device="cuda", generator=gen).to(dtype)
+    text = torch.randn(9, H_q, D, device="cuda", generator=gen).to(dtype)
+    cu = [0]
+    for n in counts:
+        cu.append(cu[-1] + n)
+    cu_text = [0, 3, 3, 5, 9]  # image 1 has no text: uniform importance
+    out = lightkv_ext.compress_varlen(k, v, text, torch.tensor(cu, dtype=torch.int32), grids,
+                                      cu_seqlens_text=torch.tensor(cu_text, dtype=torch.int32), ratio=0.5,
+                                      windows=2)
+    for i, grid in enumerate(grids):
+        rows = slice(cu[i], cu[i + 1])
+        out_rows = slice(int(out.cu_seqlens[i]), int(out.cu_seqlens[i + 1]))
+        if cu_text[i + 1] > cu_text[i]:
+            t, mask = text[cu_text[i]:cu_text[i + 1]], None
+        else:  # the same "no counted text" through a masked token
+            t, mask = text[:1], torch.zeros(1, 1, dtype=torch.bool, device="cuda")
+        t = t.permute(1, 0, 2)[None]
+        ki, vi = k[rows].permute(1, 0, 2)[None], v[rows].permute(1, 0, 2)[None]
+        kwargs = dict(ratio=0.5, windows=2, grid=grid, text_mask=mask)
+        single = lightkv_ext.compress(ki, vi, t, **kwargs)
+        assert_same_compression(single, reference.compress(ki, vi, t, **kwargs), dtype)
+        assert torch.equal(out.index[out_rows], single.index[0])
+        assert torch.equal(out.assignment[rows], single.assignment[0])
+        assert torch.equal(out.sizes[out_rows], single.sizes[0])
+        torch.testing.assert_close(out.importance[rows], single.importance[0], **SCORE_TOL)
+        torch.testing.assert_close(out.k[out_rows], single.k[0].transpose(0, 1), **VALUE_TOL[dtype])
+        torch.testing.assert_close(out.v[out_rows], single.v[0].transpose(0, 1), **VALUE_TOL[dtype])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid,windows,B,dtype", [
+    pytest.param((48, 60), 4, 32, torch.bfloat16, id="2880-tokens-B32"),
+    pytest.param((128, 128), 8, 32, torch.float16, id="16384-tokens-B32-8x8-windows"),
+    pytest.param((128, 128), 1, 2, torch.bfloat16, id="16384-tokens-one-window"),
+])
+def test_large_matches_reference(grid, windows, B, dtype):
+    N = grid[0] * grid[1]
+    k, v, text = make_inputs(B, 2, 8, N, 24, 64, dtype, seed=13)
+    kwargs = dict(ratio=0.5, windows=windows, grid=grid)
+    got = lightkv_ext.compress(k, v, text, **kwargs)
+    want = reference.compress(k, v, text, **kwargs)
+    assert_same_compression(got, want, dtype)
+    assert_bitwise_equal(lightkv_ext.compress(k, v, text, **kwargs), got)
+
+
+@pytest.mark.slow
+def test_past_2_31_elements_are_indexed_correctly():
+    """k and v of 2^31 + elements: the last row must be merged like a small copy of it."""
+    B, H, N, D = 1, 2, 2 ** 31 // (2 * 128) + 64, 128  # 2 * N * 128 > 2^31 per tensor
+    side = math.isqrt(N)
+    N = side * side + side  # grid (side, side + 1)
+    try:
+        k = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    text = torch.randn(B, 2, 4, D, device="cuda", dtype=torch.bfloat16)
+    grid = (side, side + 1)
+    out = lightkv_ext.compress(k, v, text, ratio=0.5, windows=(side, side + 1), grid=grid)
+    # 1-token windows merge nothing: every token is copied, the tail included.
+    assert_bitwise_equal((out.k, out.v), (k, v))
+    out = lightkv_ext.compress(k, v, text, ratio=0.5, windows=(side // 2, (side + 1) // 2), grid=grid)
+    # The group of the last output slot, recomputed from its members (tokens near the end).
+    last = out.index.shape[1] - 1
+    members = (out.assignment[0] == last).nonzero()[:, 0]
+    assert members.max() >= N - 2 * (side + 1)
+    if len(members) == 1:
+        assert_bitwise_equal(out.k[0, :, last], k[0, :, members[0]])
+    else:
+        weights = out.importance[0, members]
+        x = k[0][:, members].float()
+        want = (x * weights[None, :, None]).sum(1) / weights.sum() if weights.sum() > 0 else x.mean(1)
+        torch.testing.assert_close(out.k[0, :, last].float(), want, **VALUE_TOL[torch.bfloat16])
+
+
+def test_cupy_arrays_in_and_out():
+    cupy = pytest.importorskip("cupy")
+    k, v, text = make_inputs(2, 2, 4, 36, 5, 32, torch.float32, seed=14)
+    out = lightkv_ext.compress(cupy.from_dlpack(k), cupy.from_dlpack(v), cupy.from_dlpack(text), ratio=0.5,
+                               windows=2)
+    assert isinstance(out.k, cupy.ndarray)
+    want = lightkv_ext.compress(k, v, text, ratio=0.5, windows=2)
+    assert_bitwise_equal(torch.from_dlpack(out.k), want.k)
+    assert torch.equal(torch.from_dlpack(out.index), want.index)
+
+
+def test_op_errors_name_the_argument():
+    k, v, _ = make_inputs(1, 2, 2, 16, 1, 8, torch.float32)
+    metric = k.permute(0, 2, 1, 3)
+    tokens = torch.arange(16, device="cuda")
+    offsets = torch.tensor([0, 16], device="cuda")
+    sizes = torch.ones(1, 16, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="importance must be a CUDA tensor"):
+        torch.ops.lightkv.merge(k, v, metric, torch.ones(1, 16), sizes, tokens, offsets, 0.5, 8, False)
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        torch.ops.lightkv.merge(k, v[:, :1], metric, torch.ones(1, 16, device="cuda"), sizes, tokens, offsets,
+                                0.5, 8, False)
+
+
+def _op_samples():
+    B, H_kv, H_q, N, T, D = 2, 2, 4, 16, 5, 32
+    k, v, text = make_inputs(B, H_kv, H_q, N, T, D, torch.float32, seed=15)
+    images = torch.tensor([[b, 0, N, 0, T] for b in range(B)], device="cuda")
+    importance = torch.rand(B, N, device="cuda")
+    sizes = torch.ones(B, N, dtype=torch.int32, device="cuda")
+    tokens = torch.arange(B * N, device="cuda")  # one window per row
+    offsets = torch.arange(0, B * N + 1, N, device="cuda")
+    kept = N - min(math.floor(0.5 * N + 1e-6), N // 2)
+    score_args = (k, text, images, None, sizes, 1.0 / math.sqrt(D))
+    merge_args = (k, v, k.permute(0, 2, 1, 3), importance, sizes, tokens, offsets, 0.5, kept, False)
+    return score_args, merge_args
+
+
+def test_opcheck():
+    score_args, merge_args = _op_samples()
+    torch.library.opcheck(torch.ops.lightkv.score.default, score_args)
+    torch.library.opcheck(torch.ops.lightkv.merge.default, merge_args)
+    token_major = merge_args[:-1] + (True,)
+    torch.library.opcheck(torch.ops.lightkv.merge.default, token_major)
