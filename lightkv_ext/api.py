@@ -21,7 +21,8 @@ def _interop(fn):
             is_foreign = not isinstance(x, torch.Tensor) and hasattr(x, "__dlpack__")
             return torch.from_dlpack(x) if is_foreign else x
 
-        cupy_in = type(args[0]).__module__.split(".")[0] == "cupy" if args else False
+        first = args[0] if args else kwargs.get("k")
+        cupy_in = type(first).__module__.split(".")[0] == "cupy"
         out = fn(*map(to_torch, args), **{name: to_torch(x) for name, x in kwargs.items()})
         if not cupy_in:
             return out
