@@ -29,7 +29,7 @@ def _extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = [os.path.join("csrc", "lightkv.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = opt + ["-std=c++17", "-fopenmp"]
+    cxx_flags = opt + ["-fopenmp"]  # the C++ standard is the one torch builds with
     kwargs = dict(
         name="lightkv_ext._C",
         include_dirs=[os.path.join(HERE, "csrc")],
@@ -42,7 +42,7 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         sources=sources,
         extra_compile_args={"cxx": cxx_flags + ["-DLIGHTKV_WITH_CUDA"], "nvcc": nvcc_flags},

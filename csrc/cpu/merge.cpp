@@ -19,12 +19,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/common.h"
+#include "op_checks.h"
 
 namespace lightkv_cpu {
 namespace {
 
-constexpr const char* kOp = "merge";
 constexpr int64_t kNotMerged = -1;
 
 // Float64 dot products with a fixed set of partial sums: vectorisable, and the summation order
@@ -448,36 +447,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
     const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
     const at::Tensor& window_offsets, double ratio, int64_t kept, bool token_major) {
-  for (const auto& [tensor, name] :
-       {std::pair<const at::Tensor&, const char*>{k, "k"}, {v, "v"}, {metric, "metric"},
-        {importance, "importance"}, {sizes, "sizes"}, {window_tokens, "window_tokens"},
-        {window_offsets, "window_offsets"}}) {
-    check_cpu(tensor, kOp, name);
-  }
-  TORCH_CHECK(k.dim() == 4, "lightkv::merge: k must be 4-D (B, H_kv, L, D), got ", k.sizes());
-  check_token_dtype(k, kOp, "k");
-  check_shape(v, k.sizes(), kOp, "v");
-  check_dtype(v, k.scalar_type(), kOp, "v");
+  TORCH_CHECK(k.device().is_cpu(), "lightkv::merge: k must be a CPU tensor, got ", k.device());
+  lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept);
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
-  TORCH_CHECK(metric.dim() == 4 && metric.size(0) == batch && metric.size(1) == tokens,
-              "lightkv::merge: metric must be 4-D (", batch, ", ", tokens, ", G, C), got ",
-              metric.sizes());
-  TORCH_CHECK(at::isFloatingType(metric.scalar_type()),
-              "lightkv::merge: metric must have a floating dtype, got ", metric.scalar_type());
-  check_dtype(importance, at::kFloat, kOp, "importance");
-  check_shape(importance, {batch, tokens}, kOp, "importance");
-  check_dtype(sizes, at::kInt, kOp, "sizes");
-  check_shape(sizes, {batch, tokens}, kOp, "sizes");
-  check_dtype(window_tokens, at::kLong, kOp, "window_tokens");
-  check_dtype(window_offsets, at::kLong, kOp, "window_offsets");
-  TORCH_CHECK(window_tokens.dim() == 1 && window_tokens.size(0) == batch * tokens,
-              "lightkv::merge: window_tokens must be 1-D with B * L = ", batch * tokens,
-              " entries, got ", window_tokens.sizes());
-  TORCH_CHECK(window_offsets.dim() == 1 && window_offsets.size(0) >= 1,
-              "lightkv::merge: window_offsets must be 1-D (W + 1,), got ", window_offsets.sizes());
-  TORCH_CHECK(ratio >= 0.0 && ratio < 1.0, "lightkv::merge: ratio must be in [0, 1), got ", ratio);
-  TORCH_CHECK(kept >= 0 && kept <= tokens, "lightkv::merge: kept must be in [0, L = ", tokens,
-              "], got ", kept);
 
   const auto weight_rows = importance.accessor<float, 2>();
   const auto size_rows = sizes.accessor<int32_t, 2>();

@@ -10,12 +10,10 @@
 #include <optional>
 #include <vector>
 
-#include "cpu/common.h"
+#include "op_checks.h"
 
 namespace lightkv_cpu {
 namespace {
-
-constexpr const char* kOp = "score";
 
 struct Image {
   int64_t batch_row;
@@ -206,33 +204,11 @@ void score_kernel(const at::Tensor& k, const at::Tensor& text, const ImageSet& i
 at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                      const std::optional<at::Tensor>& text_mask,
                      const std::optional<at::Tensor>& sizes, double scale) {
-  check_cpu(k, kOp, "k");
-  check_cpu(text, kOp, "text");
-  check_cpu(images, kOp, "images");
-  TORCH_CHECK(k.dim() == 4, "lightkv::score: k must be 4-D (B, H_kv, L, D), got ", k.sizes());
-  TORCH_CHECK(text.dim() == 4, "lightkv::score: text must be 4-D (B, H_q, S, D), got ",
-              text.sizes());
-  check_token_dtype(k, kOp, "k");
-  check_dtype(text, k.scalar_type(), kOp, "text");
-  const int64_t batch = k.size(0), kv_heads = k.size(1), tokens = k.size(2), dim = k.size(3);
-  const int64_t query_heads = text.size(1), text_tokens = text.size(2);
-  TORCH_CHECK(text.size(0) == batch && text.size(3) == dim, "lightkv::score: text must be (",
-              batch, ", H_q, S, ", dim, ") to match k ", k.sizes(), ", got ", text.sizes());
-  TORCH_CHECK(kv_heads > 0 && query_heads > 0 && query_heads % kv_heads == 0,
-              "lightkv::score: text heads (", query_heads, ") must be a positive multiple of k "
-              "heads (", kv_heads, ")");
-  TORCH_CHECK(images.dim() == 2 && images.size(1) == 5,
-              "lightkv::score: images must be (I, 5), got ", images.sizes());
-  check_dtype(images, at::kLong, kOp, "images");
-  if (text_mask.has_value()) {
-    check_cpu(*text_mask, kOp, "text_mask");
-    check_dtype(*text_mask, at::kBool, kOp, "text_mask");
-    check_shape(*text_mask, {batch, text_tokens}, kOp, "text_mask");
-  }
+  TORCH_CHECK(k.device().is_cpu(), "lightkv::score: k must be a CPU tensor, got ", k.device());
+  lightkv::check_score_args(k, text, images, text_mask, sizes, scale);
+  const int64_t batch = k.size(0), kv_heads = k.size(1), tokens = k.size(2);
+  const int64_t text_tokens = text.size(2);
   if (sizes.has_value()) {
-    check_cpu(*sizes, kOp, "sizes");
-    check_dtype(*sizes, at::kInt, kOp, "sizes");
-    check_shape(*sizes, {batch, tokens}, kOp, "sizes");
     const auto sizes_rows = sizes->accessor<int32_t, 2>();
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t l = 0; l < tokens; ++l) {
@@ -241,7 +217,6 @@ at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tens
       }
     }
   }
-  TORCH_CHECK(std::isfinite(scale), "lightkv::score: scale must be finite, got ", scale);
 
   const ImageSet image_set =
       read_images(images, text_mask, batch, tokens, text_tokens, kv_heads);

@@ -17,26 +17,11 @@
 #include <tuple>
 
 #include "cuda/kernels.h"
+#include "op_checks.h"
 
 namespace {
 
 constexpr size_t kScoreWorkspaceNoSyncLimit = size_t{256} << 20;
-
-void check_cuda(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "lightkv::", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == device, "lightkv::", op, ": ", name, " must be on ", device, " like k, got ",
-              t.device());
-}
-
-void check_dtype(const at::Tensor& t, at::ScalarType expected, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == expected, "lightkv::", op, ": ", name, " must be ", expected, ", got ",
-              t.scalar_type());
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
-  TORCH_CHECK(t.sizes() == expected, "lightkv::", op, ": ", name, " must have shape ", expected, ", got ",
-              t.sizes());
-}
 
 lightkv_cuda::DType kernel_dtype(const at::Tensor& t, bool allow_double, const char* op, const char* name) {
   const at::ScalarType type = t.scalar_type();
@@ -79,35 +64,11 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                       const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
                       double scale) {
-  constexpr const char* op = "score";
   TORCH_CHECK(k.is_cuda(), "lightkv::score: k must be a CUDA tensor, got device ", k.device());
+  lightkv::check_score_args(k, text, images, text_mask, sizes, scale);
   const at::Device device = k.device();
-  check_cuda(text, device, op, "text");
-  check_cuda(images, device, op, "images");
-  TORCH_CHECK(k.dim() == 4, "lightkv::score: k must be 4-D (B, H_kv, L, D), got ", k.sizes());
-  TORCH_CHECK(text.dim() == 4, "lightkv::score: text must be 4-D (B, H_q, S, D), got ", text.sizes());
-  const lightkv_cuda::DType dtype = kernel_dtype(k, false, op, "k");
-  check_dtype(text, k.scalar_type(), op, "text");
-  const int64_t batch = k.size(0), kv_heads = k.size(1), tokens = k.size(2), dim = k.size(3);
-  const int64_t query_heads = text.size(1), text_tokens = text.size(2);
-  TORCH_CHECK(text.size(0) == batch && text.size(3) == dim, "lightkv::score: text must be (", batch, ", H_q, S, ",
-              dim, ") to match k ", k.sizes(), ", got ", text.sizes());
-  TORCH_CHECK(kv_heads > 0 && query_heads % kv_heads == 0, "lightkv::score: text heads (", query_heads,
-              ") must be a multiple of k heads (", kv_heads, ")");
-  TORCH_CHECK(images.dim() == 2 && images.size(1) == 5, "lightkv::score: images must be (I, 5), got ",
-              images.sizes());
-  check_dtype(images, at::kLong, op, "images");
-  if (text_mask.has_value()) {
-    check_cuda(*text_mask, device, op, "text_mask");
-    check_dtype(*text_mask, at::kBool, op, "text_mask");
-    check_shape(*text_mask, {batch, text_tokens}, op, "text_mask");
-  }
-  if (sizes.has_value()) {
-    check_cuda(*sizes, device, op, "sizes");
-    check_dtype(*sizes, at::kInt, op, "sizes");
-    check_shape(*sizes, {batch, tokens}, op, "sizes");
-  }
-  TORCH_CHECK(std::isfinite(scale), "lightkv::score: scale must be finite, got ", scale);
+  const lightkv_cuda::DType dtype = kernel_dtype(k, false, "score", "k");
+  const int64_t batch = k.size(0), tokens = k.size(2), text_tokens = text.size(2);
 
   const c10::cuda::CUDAGuard device_guard(device);
   at::Tensor importance = at::empty({batch, tokens}, k.options().dtype(at::kFloat));
@@ -148,39 +109,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric, const at::Tensor& importance,
     const at::Tensor& sizes, const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio,
     int64_t kept, bool token_major) {
-  constexpr const char* op = "merge";
   TORCH_CHECK(k.is_cuda(), "lightkv::merge: k must be a CUDA tensor, got device ", k.device());
+  lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept);
   const at::Device device = k.device();
-  check_cuda(v, device, op, "v");
-  check_cuda(metric, device, op, "metric");
-  check_cuda(importance, device, op, "importance");
-  check_cuda(sizes, device, op, "sizes");
-  check_cuda(window_tokens, device, op, "window_tokens");
-  check_cuda(window_offsets, device, op, "window_offsets");
-  TORCH_CHECK(k.dim() == 4, "lightkv::merge: k must be 4-D (B, H_kv, L, D), got ", k.sizes());
-  const lightkv_cuda::DType dtype = kernel_dtype(k, false, op, "k");
-  check_shape(v, k.sizes(), op, "v");
-  check_dtype(v, k.scalar_type(), op, "v");
+  const lightkv_cuda::DType dtype = kernel_dtype(k, false, "merge", "k");
+  const lightkv_cuda::DType metric_dtype = kernel_dtype(metric, true, "merge", "metric");
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
   TORCH_CHECK(tokens < INT32_MAX, "lightkv::merge: at most ", INT32_MAX - 1, " tokens per row, got ", tokens);
-  TORCH_CHECK(metric.dim() == 4 && metric.size(0) == batch && metric.size(1) == tokens,
-              "lightkv::merge: metric must be 4-D (", batch, ", ", tokens, ", G, C), got ", metric.sizes());
-  const lightkv_cuda::DType metric_dtype = kernel_dtype(metric, true, op, "metric");
-  check_dtype(importance, at::kFloat, op, "importance");
-  check_shape(importance, {batch, tokens}, op, "importance");
-  check_dtype(sizes, at::kInt, op, "sizes");
-  check_shape(sizes, {batch, tokens}, op, "sizes");
-  check_dtype(window_tokens, at::kLong, op, "window_tokens");
-  check_dtype(window_offsets, at::kLong, op, "window_offsets");
-  TORCH_CHECK(window_tokens.dim() == 1 && window_tokens.size(0) == batch * tokens,
-              "lightkv::merge: window_tokens must be 1-D with B * L = ", batch * tokens, " entries, got ",
-              window_tokens.sizes());
-  TORCH_CHECK(window_offsets.dim() == 1 && window_offsets.size(0) >= 1,
-              "lightkv::merge: window_offsets must be 1-D (W + 1,), got ", window_offsets.sizes());
   TORCH_CHECK(batch * tokens == 0 || window_offsets.size(0) >= 2,
               "lightkv::merge: window_offsets must describe at least one window for ", batch * tokens, " tokens");
-  TORCH_CHECK(ratio >= 0.0 && ratio < 1.0, "lightkv::merge: ratio must be in [0, 1), got ", ratio);
-  TORCH_CHECK(kept >= 0 && kept <= tokens, "lightkv::merge: kept must be in [0, L = ", tokens, "], got ", kept);
 
   const c10::cuda::CUDAGuard device_guard(device);
   const auto index_options = k.options().dtype(at::kLong);
