@@ -170,3 +170,11 @@ def load_pyplot():
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def save_figure(pyplot, figure, path: str) -> bool:
+    """Write the figure as a PNG and release it; True, as the plot functions report."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+    return True

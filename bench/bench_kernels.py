@@ -22,7 +22,7 @@ import torch
 import lightkv_ext
 from lightkv_ext import reference
 
-from _timing import (format_number, load_pyplot, markdown_table, run_metadata, time_on,
+from _timing import (format_number, load_pyplot, markdown_table, run_metadata, save_figure, time_on,
                      write_json)
 
 RATIO = 0.5
@@ -293,10 +293,7 @@ def plot(rows: Sequence[dict], path: str, device_name: str) -> bool:
     axes.set_ylabel("median time per compress stage (µs)")
     axes.set_title(f"LightKV compress stage (ratio {RATIO}) on {device_name}", fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
-    return True
+    return save_figure(pyplot, figure, path)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -35,7 +35,7 @@ import torch
 
 import lightkv_ext
 
-from _timing import load_pyplot, markdown_table, run_metadata, write_json
+from _timing import load_pyplot, markdown_table, run_metadata, save_figure, write_json
 
 SEED = 0
 GRID = 24
@@ -290,10 +290,7 @@ def plot(table: Sequence[dict], path: str) -> bool:
         panel.set_xlabel("kept ratio of vision tokens")
     panels[0][0].legend(fontsize=8)
     figure.suptitle("Fidelity proxy on scikit-image photographs (24x24 patches)", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
-    return True
+    return save_figure(pyplot, figure, path)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

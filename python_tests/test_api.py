@@ -7,14 +7,10 @@ import torch
 import lightkv_ext
 from lightkv_ext import reference
 
-
-def _dense(B=2, H=2, N=16, D=8, T=3, g=2, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, N, D, generator=gen).to(dtype), torch.randn(B, H, N, D, generator=gen).to(dtype),
-            torch.randn(B, H * g, T, D, generator=gen).to(dtype))
+from inputs import make_inputs
 
 
-K, V, Q = _dense()
+K, V, Q = make_inputs(T=3)
 
 BAD_COMPRESS = [
     # (kwargs overriding the good call, exception type, words the message must contain)
@@ -157,7 +153,7 @@ def test_varlen_bad_input(override, error, words):
 
 
 def test_compress_runs_under_torch_compile():
-    k, v, q = _dense(N=36)
+    k, v, q = make_inputs(N=36, T=3)
     eager = lightkv_ext.compress(k, v, q, ratio=0.5, windows=2)
     compiled = torch.compile(lightkv_ext.compress)(k, v, q, ratio=0.5, windows=2)
     for a, b in zip(eager, compiled):
@@ -168,7 +164,7 @@ def test_native_ops_compile_without_graph_breaks():
     from lightkv_ext import ops
     from lightkv_ext.windows import full_grid_layout
 
-    k, v, q = _dense(N=36)
+    k, v, q = make_inputs(N=36, T=3)
     layout = full_grid_layout(((6, 6),) * 2, ((2, 2),) * 2, 0.5, k.device)
     images = torch.tensor([[0, 0, 36, 0, 3], [1, 0, 36, 0, 3]])
     ones = torch.ones(2, 36, dtype=torch.int32)
@@ -185,7 +181,7 @@ def test_native_ops_compile_without_graph_breaks():
 
 
 def test_dlpack_inputs_are_accepted():
-    k, v, q = _dense(N=16)
+    k, v, q = make_inputs(N=16, T=3)
     plain = lightkv_ext.compress(k, v, q, grid=(4, 4))
 
     class Foreign:  # any object exporting DLPack, as CuPy or JAX arrays do

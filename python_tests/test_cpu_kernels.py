@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 import lightkv_ext
 from lightkv_ext import reference
 
+from inputs import make_inputs
+
 score_op = torch.ops.lightkv.score
 merge_op = torch.ops.lightkv.merge
 
@@ -105,14 +107,6 @@ def bits(x):
 def assert_bitwise_equal(a, b):
     assert a.shape == b.shape and a.dtype == b.dtype
     assert torch.equal(bits(a), bits(b))
-
-
-def make_inputs(B=2, H_kv=2, group=2, N=16, T=5, D=8, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(B, H_kv, N, D, generator=gen).to(dtype)
-    v = torch.randn(B, H_kv, N, D, generator=gen).to(dtype)
-    text = torch.randn(B, H_kv * group, T, D, generator=gen).to(dtype)
-    return k, v, text
 
 
 # ----------------------------------------------------------------------------- score

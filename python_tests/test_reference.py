@@ -1,10 +1,11 @@
 """The reference against SPEC on cases small enough to work out by hand, plus its invariants."""
-import math
 
 import pytest
 import torch
 
 from lightkv_ext import reference
+
+from inputs import make_inputs
 from lightkv_ext.windows import band_of, merge_count, window_labels, window_sizes
 
 
@@ -90,16 +91,8 @@ def test_score_matches_a_loop_over_heads_and_text_tokens():
     torch.testing.assert_close(got[0].sum(), torch.tensor(1.0))
 
 
-def _inputs(B=2, H=2, N=36, D=8, T=5, g=2, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(B, H, N, D, generator=gen).to(dtype)
-    v = torch.randn(B, H, N, D, generator=gen).to(dtype)
-    q = torch.randn(B, H * g, T, D, generator=gen).to(dtype)
-    return k, v, q
-
-
 def test_ratio_zero_is_the_identity():
-    k, v, q = _inputs()
+    k, v, q = make_inputs(N=36)
     out = reference.compress(k, v, q, ratio=0.0, windows=3)
     assert torch.equal(out.k, k) and torch.equal(out.v, v)
     assert torch.equal(out.index, torch.arange(36).expand(2, 36))
@@ -108,7 +101,7 @@ def test_ratio_zero_is_the_identity():
 
 @pytest.mark.parametrize("grid, windows, ratio", [((6, 6), 1, 0.5), ((4, 9), (3, 2), 0.4), ((36, 1), (5, 1), 0.5)])
 def test_invariants(grid, windows, ratio):
-    k, v, q = _inputs()
+    k, v, q = make_inputs(N=36)
     before = [t.clone() for t in (k, v, q)]
     out = reference.compress(k, v, q, ratio=ratio, windows=windows, grid=grid)
     assert all(torch.equal(a, b) for a, b in zip(before, (k, v, q)))
@@ -123,7 +116,7 @@ def test_invariants(grid, windows, ratio):
 
 
 def test_second_stage_windows_the_survivors_on_the_original_grid():
-    k, v, q = _inputs(N=64)
+    k, v, q = make_inputs(N=64)
     first = reference.compress(k, v, q, ratio=0.5, windows=4)  # 16 windows of 4 tokens -> 2 kept each
     second = reference.compress(first.k, first.v, q, ratio=0.5, windows=2, grid=(8, 8),
                                 positions=first.index, sizes=first.sizes)
@@ -138,7 +131,7 @@ def test_second_stage_windows_the_survivors_on_the_original_grid():
 
 
 def test_rows_with_different_kept_counts_are_rejected():
-    k, v, q = _inputs(B=2, N=4)
+    k, v, q = make_inputs(B=2, N=4)
     positions = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 8]])
     with pytest.raises(ValueError, match="compress_varlen"):
         reference.compress(k, v, q, ratio=0.5, windows=(1, 2), grid=(3, 3), positions=positions)
