@@ -7,7 +7,9 @@ keys, values and text queries shaped like real LVLM prefill caches. Times are me
 p20/p80 over many runs: wall time on CPU, CUDA events with L2 flushed between runs on CUDA.
 Achieved bandwidth counts the bytes the op must move: K and V read, compressed K and V written,
 text queries read. On CUDA `copy_roofline` is a device copy of the K/V bytes (read K and V,
-write the compressed K and V), the floor any implementation of the op pays.
+write the compressed K and V), the floor any implementation of the op pays, and
+`lightkv_ext_graph` replays the dense `compress` call captured in a CUDA graph: its GPU time
+without the Python and launch overhead that `lightkv_ext` (an eager call) includes.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ PRESETS = {
                          True, (1, 32)),
     "qwen25vl": Preset("qwen25vl", "Qwen2.5-VL-7B, 728x1400px", ((26, 50),), 4, 28, 128, 64, 2, False, (1, 32)),
     "video": Preset("video", "Qwen2.5-VL-7B heads, 16 frames", ((14, 14),) * 16, 4, 28, 128, 64, 2, True, (1, 32)),
+    "video16k": Preset("video16k", "Qwen2.5-VL-7B heads, one 16k-token image", ((128, 128),), 4, 28, 128, 64, 4,
+                       False, (1,)),
     # Smoke-test presets (python_tests/test_bench.py): tiny shapes, dense and varlen paths.
     "tiny": Preset("tiny", "smoke test", ((8, 8),), 2, 4, 32, 8, 2, False, (1, 2)),
     "tiny_varlen": Preset("tiny_varlen", "smoke test", ((8, 8), (6, 10)), 2, 4, 32, 8, 2, True, (1, 2)),
@@ -191,6 +195,10 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
     extension_fn = varlen_call(case) if p.varlen else dense_call(lightkv_ext.compress, case)
     candidates.append(("lightkv_ext", extension_fn, ""))
     if device.type == "cuda":
+        if p.varlen:  # compress_varlen reads its offsets on the host: not capturable
+            candidates.append(("lightkv_ext_graph", None, "compress_varlen cannot be captured in a CUDA graph"))
+        else:
+            candidates.append(("lightkv_ext_graph", graph_call(extension_fn, device), ""))
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
     rows = []
@@ -200,7 +208,7 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
             rows.append(dict(row, status="skipped", reason=reason))
             continue
         try:
-            checked = backend in ("reference_compiled", "lightkv_ext")
+            checked = backend in ("reference_compiled", "lightkv_ext", "lightkv_ext_graph")
             row["matches_reference"] = matches(expected, fn(), dtype) if checked else None
             timing = time_on(device, fn, quick=quick)
         except Exception as error:  # a backend that fails is reported, the others still run
@@ -222,6 +230,32 @@ def compiled_reference(case: Case) -> Tuple[str, Optional[Callable], str]:
     except Exception as error:
         return "reference_compiled", None, f"{type(error).__name__}: {first_line(error)}"
     return "reference_compiled", backend_call(compiled, case), ""
+
+
+def graph_call(fn: Callable, device: torch.device) -> Callable:
+    """fn captured in a CUDA graph at the first call (after warm-up calls on a side stream, so a
+    capture failure is reported like any backend failure); each call replays the graph and returns
+    the captured outputs, which the replay overwrites."""
+    captured = {}
+
+    def capture():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        captured["graph"] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured["graph"]):
+            captured["outputs"] = fn()
+
+    def replay():
+        if not captured:
+            capture()
+        captured["graph"].replay()
+        return captured["outputs"]
+
+    return replay
 
 
 def copy_roofline_call(kv_bytes: int, device: torch.device) -> Callable:

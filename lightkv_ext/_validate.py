@@ -146,9 +146,7 @@ def score_args(k, text_emb, *, text_mask, scale, sizes) -> SimpleNamespace:
     if H_q % H_kv != 0:
         raise ValueError(f"text_emb: query heads H_q = {H_q} must be a multiple of the KV heads "
                          f"H_kv = {H_kv} of k")
-    if text_mask is None:
-        text_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    else:
+    if text_mask is not None:  # None: every text token counts
         tensor("text_mask", text_mask, "B, T", device=device, kind="bool")
         expect_shape("text_mask", text_mask, (B, T), "B, T")
     if sizes is not None:
@@ -173,11 +171,9 @@ def compress_args(k, v, text_emb, *, ratio, windows, grid, text_mask, scale, imp
         expect_shape("positions", positions, (B, N), "B, N")
     args.grid = grid_arg(grid, N, positions is not None)
     args.windows = windows_arg(windows, args.grid)
-    if positions is None:
-        positions = torch.arange(N, device=device).expand(B, N)
-    else:
+    if positions is not None:
         positions_arg(positions, args.grid)
-    args.positions = positions.long()
+    args.positions = None if positions is None else positions.long()  # None: raster order
     if importance is not None:
         tensor("importance", importance, "B, N", device=device, kind="any_float")
         expect_shape("importance", importance, (B, N), "B, N")

@@ -44,6 +44,12 @@ def _dense_images(batch: int, n_tokens: int, n_text: int, device: torch.device) 
     return table.to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def _unit_sizes(shape: tuple, device: torch.device) -> torch.Tensor:
+    """Token counts of a first-stage cache: all ones (the ops never write their inputs)."""
+    return torch.ones(shape, dtype=torch.int32, device=device)
+
+
 @_interop
 def score(k, text_emb, *, text_mask=None, scale=None, sizes=None) -> torch.Tensor:
     """Prompt attention mass per vision token, ``(B, N)`` float32, each row summing to 1.
@@ -80,7 +86,7 @@ def compress(k, v, text_emb, *, ratio=0.5, windows=1, grid=None, text_mask=None,
         images = _dense_images(B, N, text_emb.shape[2], k.device)
         importance = ops.score(k, text_emb, images, text_mask, args.sizes, args.scale)
     metric = k.permute(0, 2, 1, 3) if metric is None else metric.unsqueeze(2)
-    token_sizes = args.sizes if args.sizes is not None else torch.ones(B, N, dtype=torch.int32, device=k.device)
+    token_sizes = args.sizes if args.sizes is not None else _unit_sizes((B, N), k.device)
     k_out, v_out, sizes_out, index, assignment = ops.merge(
         k, v, metric, importance, token_sizes, layout.tokens, layout.offsets, args.ratio, kept, False)
     return Compressed(k_out, v_out, sizes_out, index, assignment, importance)
@@ -116,7 +122,7 @@ def compress_varlen(k, v, text_emb, cu_seqlens, grids, *, cu_seqlens_text=None, 
     else:
         layout = positions_layout(args.positions, args.grids, args.windows, args.starts, args.ratio)
     metric = k[None] if metric is None else metric[None, :, None, :]
-    token_sizes = args.sizes if args.sizes is not None else torch.ones(k.shape[0], dtype=torch.int32, device=device)
+    token_sizes = args.sizes if args.sizes is not None else _unit_sizes((k.shape[0],), device)
     k_out, v_out, sizes_out, index, assignment = ops.merge(
         keys, values, metric, importance[None], token_sizes[None], layout.tokens, layout.offsets,
         args.ratio, sum(layout.kept), True)

@@ -25,6 +25,8 @@ def _score(k, text_emb, text_mask, scale, sizes):
     logits = scale * torch.einsum("bhgtd,bhnd->bhgtn", queries, k.float())
     if sizes is not None:
         logits = logits + sizes.float().log()[:, None, None, None, :]
+    if text_mask is None:
+        text_mask = torch.ones(B, T, dtype=torch.bool, device=k.device)
     probs = logits.softmax(dim=-1) * text_mask.float()[:, None, None, :, None]
     n_text = text_mask.sum(dim=-1, keepdim=True)
     importance = probs.sum(dim=(1, 2, 3)) / (H_q * n_text.clamp(min=1))
@@ -45,7 +47,8 @@ def compress(k, v, text_emb, *, ratio=0.5, windows=1, grid=None, text_mask=None,
         metric = k.transpose(1, 2).reshape(B, N, H * D)
     sizes = torch.ones(B, N, dtype=torch.int32, device=k.device) if sizes is None else args.sizes
 
-    labels = window_labels(args.positions, args.grid, args.windows)
+    positions = torch.arange(N, device=k.device).expand(B, N) if args.positions is None else args.positions
+    labels = window_labels(positions, args.grid, args.windows)
     dest = _match(metric, labels, args.windows, args.ratio)
 
     kept = dest == torch.arange(N, device=k.device)

@@ -136,6 +136,28 @@ def test_ties_resolve_like_the_reference():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_identical_keys_take_the_exact_scan(dtype):
+    """Every similarity ties: no screened list can prove its candidates, so every src is decided
+    by the float64 scan of all its dsts (lowest dst, then lowest src wins)."""
+    k, v, text = make_inputs(2, 2, 2, 144, 4, 64, dtype, seed=11)
+    k[:] = k[:, :, :1].clone()
+    kwargs = dict(ratio=0.5, windows=2, grid=(12, 12))
+    assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
+                            reference.compress(k, v, text, **kwargs), dtype)
+
+
+@pytest.mark.parametrize("metric_dtype", [torch.float64, torch.float32])
+def test_given_metric_matches_reference(metric_dtype):
+    """A caller's metric (float64: screened in float64; float32: in float32 FMA)."""
+    k, v, text = make_inputs(2, 2, 2, 100, 5, 32, torch.bfloat16, seed=12)
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    metric = torch.randn(2, 100, 48, device="cuda", generator=gen, dtype=metric_dtype)
+    kwargs = dict(ratio=0.5, windows=2, grid=(10, 10), metric=metric)
+    assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
+                            reference.compress(k, v, text, **kwargs), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_ratio_zero_is_identity(dtype):
     k, v, text = make_inputs(2, 2, 2, 36, 5, 32, dtype, seed=8)
     out = lightkv_ext.compress(k, v, text, ratio=0.0, windows=2)

@@ -7,6 +7,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -34,6 +36,71 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
+__device__ __forceinline__ uint32_t load_pair(const uint16_t* at) { return *reinterpret_cast<const uint32_t*>(at); }
+
+__device__ __forceinline__ float bits_to_float(uint16_t bits, __nv_bfloat16) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+__device__ __forceinline__ float bits_to_float(uint16_t bits, __half) {
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
+
+// d += A B on one 16 x 8 x 16 tile: A 16 x 16 (row major), B 16 x 8 (column major) of M (bfloat16
+// or float16) as raw bits, float32 accumulators; fragments as in the PTX ISA's "Matrix Fragments
+// for mma.m16n8k16 with floating point type" (group = lane / 4, quad = lane % 4):
+//   a[0]: A[group][2 quad, +1]  a[1]: A[group + 8][2 quad, +1]  a[2], a[3]: the same at k + 8
+//   b[0]: B[2 quad, +1][group]  b[1]: the same at k + 8
+//   d[0], d[1]: D[group][2 quad, +1]  d[2], d[3]: D[group + 8][2 quad, +1]
+// Tensor cores from sm_80 on; elsewhere (older GPUs, the CPU emulation) the same products
+// gathered with warp shuffles.
+template <typename M>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(M) == 2 && std::is_same<M, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  for (int q = 0; q < 4; ++q) {  // the lanes holding k = 2 q, 2 q + 1, 2 q + 8, 2 q + 9
+    uint32_t row[4], col0[2], col1[2];
+    for (int i = 0; i < 4; ++i) row[i] = __shfl_sync(0xffffffffu, a[i], 4 * group + q);
+    for (int i = 0; i < 2; ++i) {
+      col0[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * quad) + q);
+      col1[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * quad + 1) + q);
+    }
+    for (int half = 0; half < 2; ++half) {  // k < 8, k >= 8
+      for (int e = 0; e < 2; ++e) {         // low, high element of each pair
+        const int shift = 16 * e;
+        const float top = bits_to_float(static_cast<uint16_t>(row[2 * half] >> shift), M());
+        const float bottom = bits_to_float(static_cast<uint16_t>(row[2 * half + 1] >> shift), M());
+        const float left = bits_to_float(static_cast<uint16_t>(col0[half] >> shift), M());
+        const float right = bits_to_float(static_cast<uint16_t>(col1[half] >> shift), M());
+        d[0] = fmaf(top, left, d[0]);
+        d[1] = fmaf(top, right, d[1]);
+        d[2] = fmaf(bottom, left, d[2]);
+        d[3] = fmaf(bottom, right, d[3]);
+      }
+    }
+  }
+#endif
 }
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

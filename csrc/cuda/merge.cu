@@ -1,15 +1,22 @@
 // Segmented window merge (contract: `merge` in csrc/lightkv.cpp), all windows of all rows in
 // one pass of kernels:
-//   1. window_tiles_kernel + offsets scan: 64-src tiles of every window that merges anything.
+//   1. window_tiles_kernel + offsets scan: per window that merges anything, its 64-src tiles and
+//      its (64-src tile, 64-dst tile) pairs.
 //   2. norms_kernel: |metric| per token in float64 (one warp per token).
 //   3. init_slots_kernel: sort keys -inf, window position of every slot of window_tokens.
-//   4. similarity_kernel: per (window, 64-src tile, dst range) item, loops over the range's dsts
-//      in 64-dst tiles (so any window size works), float64 tile products (4 x 4 per thread,
-//      features in chunks of 16 through shared memory), cosine, best dst per src (ties: lowest
-//      dst) of the range. The windows' dsts are cut into `dst_split` ranges (a shape-only choice)
-//      when there are too few src tiles to fill the GPU; best_of_ranges_kernel then picks the
-//      best of the ranges in range order, which is the same lowest-dst maximum, and writes the
-//      src's score as its sort key.
+//   4. Matching, exact to float64 but screened in fast arithmetic:
+//      a. screen_kernel: 64 x 64 tiles of src-dst dot products over the metric features, on
+//         tensor cores (mma.sync, float32 accumulation) for 16-bit metrics, float32 FMA for
+//         float32 and float64 FMA for float64 metrics. Every screened cosine is within `eps` of
+//         the exact one (a worst-case rounding bound). Each src keeps its kTopK best (screened
+//         value, dst) over its dst range; windows are tiled, so any window size works.
+//         Few, long tiles (small windows, many features) are split over the features instead
+//         ("partial" mode): the kernel writes partial dot tiles and reduce_partials_kernel sums
+//         them in split order before keeping the best.
+//      b. choose_kernel, one warp per src: the exact float64 cosine of every listed dst within
+//         2 eps of the best screened value (no other dst can be the exact best or tie it), or of
+//         every dst when the list cannot prove that (kTopK near-ties, non-finite values). The
+//         exact best (ties: lowest dst) gives the src's dst and its sort key, the float64 value.
 //   5. cub::DeviceSegmentedSort::StableSortPairsDescending per window: srcs by score, ties in
 //      window order (stable), dsts (-inf) last.
 //   6. select_kernel: the first r sorted entries of each window are merged: merged_into[src] = dst.
@@ -17,10 +24,11 @@
 //      assignment and a (slot, token) key per token.
 //   8. cub::DeviceRadixSort::SortPairs on (slot, token): each group's members contiguous and in
 //      increasing token order; group_bounds_kernel finds each group's range.
-//   9. merge_values_kernel: one block per (output slot, element chunk): float32 weighted sum of the
-//      members in that fixed order; single-member groups are copied bitwise. 16-byte vectors
-//      where the layout allows.
-// No float atomics anywhere: the result is bitwise reproducible.
+//   9. merge_values_kernel: one block per (output slot, element chunk, k or v): float32 weighted
+//      sum of the members in that fixed order; single-member groups are copied bitwise. 16-byte
+//      vectors where the layout allows.
+// No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
+// those of float64 arithmetic whichever path screened them.
 #include <cub/block/block_reduce.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
@@ -29,6 +37,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -40,17 +49,42 @@ using detail::find_segment;
 using detail::to_double;
 using detail::to_float;
 
-constexpr int kTile = 64;     // srcs per block tile, dsts per inner tile
-constexpr int kChunkF = 16;   // metric features staged in shared memory per step
-constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 similarities each
-constexpr int kMicro = 4;
-constexpr int kSide = 16;
+constexpr int kTile = 64;            // srcs and dsts per screened tile
+constexpr int kScreenThreads = 128;  // 4 warps, each owning a 32 x 32 quarter of the tile
+constexpr int kTopK = 8;             // screened candidates kept per src
 constexpr int kMergeThreads = 128;
+constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int64_t kMaxGrid = 1 << 20;
-constexpr int64_t kMaxSimilarityGrid = 1 << 16;
-constexpr int64_t kTargetSimilarityItems = 1024;  // dst ranges aim at this many work items
+constexpr int64_t kMaxScreenGrid = 1 << 16;
+constexpr int64_t kTargetScreenItems = 1024;  // dst ranges aim at this many work items
 constexpr int64_t kMaxDstSplit = 64;
-constexpr int64_t kMaxRangeBestBytes = int64_t{256} << 20;
+constexpr int64_t kMaxRangeListBytes = int64_t{256} << 20;
+constexpr int64_t kPartialItems = 512;   // partial mode: at most this many (tile pair, split) items
+constexpr int64_t kMaxFeatureSplit = 32;
+
+// Per metric dtype: how screened tiles are staged and accumulated. 16-bit metrics stay as raw
+// bits for the tensor cores; wider ones are staged in their own type.
+template <typename M>
+struct Screen {
+  using Stage = uint16_t;
+  using Acc = float;
+  static constexpr int kChunk = 32;  // features staged per step
+  static constexpr int kPad = 8;     // row stride of 20 words: conflict-free fragment loads
+};
+template <>
+struct Screen<float> {
+  using Stage = float;
+  using Acc = float;
+  static constexpr int kChunk = 32;
+  static constexpr int kPad = 1;
+};
+template <>
+struct Screen<double> {
+  using Stage = double;
+  using Acc = double;
+  static constexpr int kChunk = 16;
+  static constexpr int kPad = 1;
+};
 
 struct Params {
   const void* metric;
@@ -63,11 +97,17 @@ struct Params {
   int64_t total;  // window tokens
   int64_t L;
   double ratio;
-  const int64_t* tile_offsets;
+  const int64_t* tile_offsets;  // per window: 64-src tiles, exclusive offsets (num_windows + 1)
+  const int64_t* pair_offsets;  // per window: (src tile, dst tile) pairs, exclusive offsets
   const double* norms;
   int64_t dst_split;
-  double* range_best;         // (dst_split, total): best similarity of the range, per src slot
-  int32_t* range_best_dst;    // (dst_split, total): its dst index j (position 2 j + 1), INT_MAX if none
+  int64_t feature_chunks;      // staged feature chunks of the whole metric
+  int64_t max_feature_split;   // shape-only bound; the split in use is feature_split() below
+  void* partial;               // partial mode: (split, pair, kTile, kTile) dot tiles
+  int64_t partial_capacity;    // elements of `partial`
+  double eps;                  // bound on |screened cosine - exact cosine|
+  double* range_value;         // (dst_split, total, kTopK): screened values, best first
+  int32_t* range_dst;          // same layout: dst index j (position 2 j + 1), INT_MAX if none
   double* keys;
   int32_t* best_dst;
 };
@@ -80,32 +120,55 @@ __device__ __forceinline__ int64_t merge_count(double ratio, int64_t n) {
   return min(r, n / 2);
 }
 
+// counts[w]: 64-src tiles of window w; counts[num_windows + w]: its (src tile, dst tile) pairs.
+// A window that merges nothing needs no similarities at all (ratio 0, single tokens).
 __global__ void window_tiles_kernel(const int64_t* __restrict__ offsets, int64_t num_windows, double ratio,
-                                    int64_t* __restrict__ tiles) {
+                                    int64_t* __restrict__ counts) {
   for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; w < num_windows;
        w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = offsets[w + 1] - offsets[w];
-    // A window that merges nothing needs no similarities at all (ratio 0, single tokens).
-    tiles[w] = merge_count(ratio, n) > 0 ? ceil_div((n + 1) / 2, kTile) : 0;
+    const bool merges = merge_count(ratio, n) > 0;
+    const int64_t src_tiles = merges ? ceil_div((n + 1) / 2, kTile) : 0;
+    counts[w] = src_tiles;
+    counts[num_windows + w] = src_tiles * ceil_div(n / 2, kTile);
   }
 }
 
-template <typename M>
-__device__ __forceinline__ double metric_at(const Params& p, int64_t base, int64_t f) {
-  const int64_t g = f / p.metric_inner, c = f - g * p.metric_inner;
-  return to_double(static_cast<const M*>(p.metric)[base + g * p.metric_stride[2] + c * p.metric_stride[3]]);
+// Walks features f = first, first + step, ... as (head g, channel c) element offsets without
+// divisions: offset() = g * stride[2] + c * stride[3].
+class FeatureCursor {
+ public:
+  __device__ FeatureCursor(const Params& p, int64_t first) : p_(p), g_(first / p.metric_inner), c_(first % p.metric_inner) {}
+  __device__ __forceinline__ int64_t offset() const { return g_ * p_.metric_stride[2] + c_ * p_.metric_stride[3]; }
+  __device__ __forceinline__ void advance(int64_t step) {
+    c_ += step;
+    while (c_ >= p_.metric_inner) {
+      c_ -= p_.metric_inner;
+      ++g_;
+    }
+  }
+
+ private:
+  const Params& p_;
+  int64_t g_, c_;
+};
+
+__device__ __forceinline__ int64_t token_base(const Params& p, int64_t token) {
+  return (token / p.L) * p.metric_stride[0] + (token % p.L) * p.metric_stride[1];
 }
 
 template <typename M>
 __global__ void norms_kernel(const Params p, int64_t tokens, double* __restrict__ norms) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = blockDim.x / 32;
+  const M* __restrict__ metric = static_cast<const M*>(p.metric);
   for (int64_t token = blockIdx.x * warps + threadIdx.x / 32; token < tokens;
        token += static_cast<int64_t>(gridDim.x) * warps) {
-    const int64_t base = (token / p.L) * p.metric_stride[0] + (token % p.L) * p.metric_stride[1];
+    const int64_t base = token_base(p, token);
     double sum = 0.0;
-    for (int64_t f = lane; f < p.features; f += 32) {
-      const double x = metric_at<M>(p, base, f);
+    FeatureCursor feature(p, lane);
+    for (int64_t f = lane; f < p.features; f += 32, feature.advance(32)) {
+      const double x = to_double(metric[base + feature.offset()]);
       sum = fma(x, x, sum);
     }
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
@@ -123,9 +186,56 @@ __global__ void init_slots_kernel(const Params p, int32_t* __restrict__ position
   }
 }
 
-struct SimilaritySmem {
-  double src[kChunkF][kTile + 1];
-  double dst[kChunkF][kTile + 1];
+// (value, dst) of `other` beats (value, dst): larger similarity, ties to the lower dst.
+template <typename V>
+__device__ __forceinline__ bool beats(V other_value, int other_dst, V value, int dst) {
+  return other_value > value || (other_value == value && other_dst < dst);
+}
+
+// The kTopK best (value, dst) pairs seen, best first, padded with (-inf, INT_MAX). Fully
+// unrolled so the lists live in registers.
+template <typename V>
+struct TopList {
+  V value[kTopK];
+  int dst[kTopK];
+
+  __device__ __forceinline__ TopList() {
+#pragma unroll
+    for (int i = 0; i < kTopK; ++i) {
+      value[i] = -INFINITY;
+      dst[i] = INT_MAX;
+    }
+  }
+  __device__ __forceinline__ void insert(V v, int d) {
+    if (!beats(v, d, value[kTopK - 1], dst[kTopK - 1])) return;
+    value[kTopK - 1] = v;
+    dst[kTopK - 1] = d;
+#pragma unroll
+    for (int i = kTopK - 1; i > 0; --i) {
+      if (beats(value[i], dst[i], value[i - 1], dst[i - 1])) {
+        const V tv = value[i];
+        value[i] = value[i - 1];
+        value[i - 1] = tv;
+        const int td = dst[i];
+        dst[i] = dst[i - 1];
+        dst[i - 1] = td;
+      }
+    }
+  }
+};
+
+template <typename M>
+struct ScreenSmem {
+  using S = typename Screen<M>::Stage;
+  using Acc = typename Screen<M>::Acc;
+  static constexpr int kRow = Screen<M>::kChunk + Screen<M>::kPad;
+  union {
+    struct {
+      S src[kTile][kRow];
+      S dst[kTile][kRow];
+    } stage;
+    Acc dot[kTile][kTile + 1];  // the finished tile; reuses the staging space
+  };
   int64_t src_base[kTile];
   int64_t dst_base[kTile];
   double src_norm[kTile];
@@ -134,140 +244,314 @@ struct SimilaritySmem {
   bool dst_ok[kTile];
 };
 
-// (value, dst) of `other` beats (value, dst): larger similarity, ties to the lower dst.
-__device__ __forceinline__ bool beats(double other_value, int other_dst, double value, int dst) {
-  return other_value > value || (other_value == value && other_dst < dst);
-}
-
-template <typename M>
-__global__ void __launch_bounds__(kThreads, 2) similarity_kernel(const Params p) {
-  __shared__ SimilaritySmem sm;
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-  const int64_t items = p.tile_offsets[p.num_windows] * p.dst_split;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t tile = item / p.dst_split, range = item % p.dst_split;
-    const int64_t w = find_segment(p.tile_offsets, p.num_windows, tile);
-    const int64_t src_tile = tile - p.tile_offsets[w];
-    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
-    const int64_t n_src = (n + 1) / 2, n_dst = n / 2;
-    const int64_t per_range = ceil_div(ceil_div(n_dst, kTile), p.dst_split);
-    const int64_t dst_tile_end = min(ceil_div(n_dst, kTile), (range + 1) * per_range);
-
-    __syncthreads();  // the previous item is done with the shared src data
-    for (int local = threadIdx.x; local < kTile; local += kThreads) {
-      const int64_t i = src_tile * kTile + local;
-      const bool ok = i < n_src;
-      const int64_t token = ok ? p.window_tokens[start + 2 * i] : 0;
-      sm.src_ok[local] = ok;
-      sm.src_base[local] = (token / p.L) * p.metric_stride[0] + (token % p.L) * p.metric_stride[1];
-      sm.src_norm[local] = ok ? p.norms[token] : 0.0;
-    }
-    __syncthreads();  // src_ok is read at the end even when this dst range is empty
-    double best[kMicro];
-    int best_at[kMicro];
-#pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
-      best[i] = -INFINITY;
-      best_at[i] = INT_MAX;
-    }
-    for (int64_t dst_tile = range * per_range; dst_tile < dst_tile_end; ++dst_tile) {
-      for (int local = threadIdx.x; local < kTile; local += kThreads) {
-        const int64_t j = dst_tile * kTile + local;
-        const bool ok = j < n_dst;
-        const int64_t token = ok ? p.window_tokens[start + 2 * j + 1] : 0;
-        sm.dst_ok[local] = ok;
-        sm.dst_base[local] = (token / p.L) * p.metric_stride[0] + (token % p.L) * p.metric_stride[1];
-        sm.dst_norm[local] = ok ? p.norms[token] : 0.0;
-      }
-      __syncthreads();
-      double acc[kMicro][kMicro];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) acc[i][j] = 0.0;
-      }
-      for (int64_t f0 = 0; f0 < p.features; f0 += kChunkF) {
-        for (int e = threadIdx.x; e < kTile * kChunkF; e += kThreads) {
-          const int row = e / kChunkF, kk = e % kChunkF;
-          const int64_t f = f0 + kk;
-          const bool live = f < p.features;
-          sm.src[kk][row] = (live && sm.src_ok[row]) ? metric_at<M>(p, sm.src_base[row], f) : 0.0;
-          sm.dst[kk][row] = (live && sm.dst_ok[row]) ? metric_at<M>(p, sm.dst_base[row], f) : 0.0;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kChunkF; ++kk) {
-          double a[kMicro], b[kMicro];
-#pragma unroll
-          for (int i = 0; i < kMicro; ++i) a[i] = sm.src[kk][ty + kSide * i];
-#pragma unroll
-          for (int j = 0; j < kMicro; ++j) b[j] = sm.dst[kk][tx + kSide * j];
-#pragma unroll
-          for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-            for (int j = 0; j < kMicro; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
-          }
-        }
-        __syncthreads();
-      }
-      // Columns visited in increasing dst order, so a strict > keeps the lowest dst on ties.
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) {
-        const int col = tx + kSide * j;
-        if (!sm.dst_ok[col]) continue;
-#pragma unroll
-        for (int i = 0; i < kMicro; ++i) {
-          const double sim = acc[i][j] / (sm.src_norm[ty + kSide * i] * sm.dst_norm[col] + 1e-8);
-          if (sim > best[i]) {
-            best[i] = sim;
-            best_at[i] = static_cast<int>(dst_tile * kTile + col);
-          }
-        }
-      }
-      __syncthreads();  // dst data of this tile are read before the next tile's setup
-    }
-#pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
-      for (int offset = kSide / 2; offset > 0; offset /= 2) {
-        const double other = __shfl_xor_sync(0xffffffffu, best[i], offset);
-        const int other_at = __shfl_xor_sync(0xffffffffu, best_at[i], offset);
-        if (beats(other, other_at, best[i], best_at[i])) {
-          best[i] = other;
-          best_at[i] = other_at;
-        }
-      }
-    }
-    if (tx == 0) {
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-        const int local = ty + kSide * i;
-        if (!sm.src_ok[local]) continue;
-        const int64_t slot = range * p.total + start + 2 * (src_tile * kTile + local);
-        p.range_best[slot] = best[i];
-        p.range_best_dst[slot] = best_at[i];
-      }
-    }
+// Tile rows (srcs) or columns (dsts): element offsets of their metric rows, norms, liveness.
+// `first` is the window position of entry 0; `count` the live entries of the tile.
+__device__ __forceinline__ void setup_side(const Params& p, int64_t start, int64_t first_position, int64_t live,
+                                           int64_t* base, double* norm, bool* ok) {
+  for (int local = threadIdx.x; local < kTile; local += blockDim.x) {
+    const bool is_live = local < live;
+    const int64_t token = is_live ? p.window_tokens[start + first_position + 2 * local] : 0;
+    ok[local] = is_live;
+    base[local] = token_base(p, token);
+    norm[local] = is_live ? p.norms[token] : 0.0;
   }
 }
 
-// Best dst of every src of a merging window over its dst ranges, taken in range order.
-__global__ void best_of_ranges_kernel(const Params p) {
-  for (int64_t slot = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; slot < p.total;
-       slot += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+template <typename M>
+__device__ __forceinline__ typename Screen<M>::Stage stage_value(const Params& p, int64_t index) {
+  using S = typename Screen<M>::Stage;
+  return static_cast<const S*>(p.metric)[index];  // 16-bit metrics: the raw bits
+}
+
+// sm.dot = the (src, dst) dot products of the tile over features [f_begin, f_end), as
+// Screen<M>::Acc. Expects the side setup to be visible; ends with a barrier.
+template <typename M>
+__device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, int64_t f_end) {
+  using S = typename Screen<M>::Stage;
+  using Acc = typename Screen<M>::Acc;
+  constexpr int kChunk = Screen<M>::kChunk;
+  constexpr int kRowsPerPass = kScreenThreads / kChunk;
+  constexpr bool kTensorCores = sizeof(S) == 2;
+  const int kk = threadIdx.x % kChunk, row0 = threadIdx.x / kChunk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Tensor-core layout: warp (wr, wc) owns rows 32 wr.., columns 32 wc..; mma fragments
+  // (m16n8k16): group = lane / 4 picks the row / column, quad = lane % 4 the k pair.
+  const int wr = warp / 2, wc = warp % 2, group = lane / 4, quad = lane % 4;
+  // SIMT layout: rows ty + 16 i, columns tx + 8 j.
+  const int tx = threadIdx.x % 8, ty = threadIdx.x / 8;
+  float mma_acc[2][4][4];
+  Acc simt_acc[4][8];
+  if constexpr (kTensorCores) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mma_acc[mt][nt][e] = 0.f;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) simt_acc[i][j] = Acc(0);
+  }
+  FeatureCursor feature(p, f_begin + kk);
+  for (int64_t f0 = f_begin; f0 < f_end; f0 += kChunk, feature.advance(kChunk)) {
+    const bool live = f0 + kk < f_end;
+    const int64_t offset = live ? feature.offset() : 0;
+    __syncthreads();  // the previous chunk (or the previous tile's epilogue) is done with the stage
+#pragma unroll 4
+    for (int row = row0; row < kTile; row += kRowsPerPass) {
+      sm.stage.src[row][kk] = live && sm.src_ok[row] ? stage_value<M>(p, sm.src_base[row] + offset) : S(0);
+      sm.stage.dst[row][kk] = live && sm.dst_ok[row] ? stage_value<M>(p, sm.dst_base[row] + offset) : S(0);
+    }
+    __syncthreads();
+    if constexpr (kTensorCores) {
+#pragma unroll
+      for (int k0 = 0; k0 < kChunk; k0 += 16) {
+        uint32_t a[2][4], b[4][2];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const int r = 32 * wr + 16 * mt + group;
+          a[mt][0] = detail::load_pair(&sm.stage.src[r][k0 + 2 * quad]);
+          a[mt][1] = detail::load_pair(&sm.stage.src[r + 8][k0 + 2 * quad]);
+          a[mt][2] = detail::load_pair(&sm.stage.src[r][k0 + 8 + 2 * quad]);
+          a[mt][3] = detail::load_pair(&sm.stage.src[r + 8][k0 + 8 + 2 * quad]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int c = 32 * wc + 8 * nt + group;
+          b[nt][0] = detail::load_pair(&sm.stage.dst[c][k0 + 2 * quad]);
+          b[nt][1] = detail::load_pair(&sm.stage.dst[c][k0 + 8 + 2 * quad]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) detail::mma_m16n8k16<M>(mma_acc[mt][nt], a[mt], b[nt]);
+      }
+    } else {
+#pragma unroll 4
+      for (int k = 0; k < kChunk; ++k) {
+        Acc x[4], y[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = static_cast<Acc>(sm.stage.src[ty + 16 * i][k]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) y[j] = static_cast<Acc>(sm.stage.dst[tx + 8 * j][k]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) simt_acc[i][j] = fma(x[i], y[j], simt_acc[i][j]);
+      }
+    }
+  }
+  __syncthreads();  // the stage is read by all warps before the tile overwrites it
+  if constexpr (kTensorCores) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int r = 32 * wr + 16 * mt + group, c = 32 * wc + 8 * nt + 2 * quad;
+        sm.dot[r][c] = mma_acc[mt][nt][0];
+        sm.dot[r][c + 1] = mma_acc[mt][nt][1];
+        sm.dot[r + 8][c] = mma_acc[mt][nt][2];
+        sm.dot[r + 8][c + 1] = mma_acc[mt][nt][3];
+      }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sm.dot[ty + 16 * i][tx + 8 * j] = simt_acc[i][j];
+  }
+  __syncthreads();
+}
+
+// Two threads per src row, 32 columns each: screened cosines of the finished tile into `top`.
+// A non-finite value or denominator (an overflow of the screening type) enters as +inf, which
+// sends the src to the exact scan of all dsts.
+template <typename M>
+__device__ __forceinline__ void keep_best(const ScreenSmem<M>& sm, int64_t dst_tile,
+                                          TopList<typename Screen<M>::Acc>& top) {
+  using Acc = typename Screen<M>::Acc;
+  const int row = threadIdx.x / 2, half = threadIdx.x % 2;
+  if (!sm.src_ok[row]) return;
+  for (int c = 32 * half; c < 32 * half + 32; ++c) {
+    if (!sm.dst_ok[c]) continue;
+    const Acc denominator = static_cast<Acc>(sm.src_norm[row] * sm.dst_norm[c] + 1e-8);
+    Acc value = sm.dot[row][c] / denominator;
+    if (!isfinite(value) || !isfinite(denominator)) value = INFINITY;
+    top.insert(value, static_cast<int>(dst_tile * kTile + c));
+  }
+}
+
+// Joins the lists of the two threads of a row and writes the row's list for dst range `range`.
+template <typename M>
+__device__ __forceinline__ void write_list(const Params& p, const ScreenSmem<M>& sm, int64_t start,
+                                           int64_t src_tile, int64_t range, TopList<typename Screen<M>::Acc>& top) {
+  using Acc = typename Screen<M>::Acc;
+  Acc other_value[kTopK];
+  int other_dst[kTopK];
+#pragma unroll
+  for (int i = 0; i < kTopK; ++i) {
+    other_value[i] = __shfl_xor_sync(0xffffffffu, top.value[i], 1);
+    other_dst[i] = __shfl_xor_sync(0xffffffffu, top.dst[i], 1);
+  }
+#pragma unroll
+  for (int i = 0; i < kTopK; ++i) top.insert(other_value[i], other_dst[i]);
+  const int row = threadIdx.x / 2;
+  if (threadIdx.x % 2 != 0 || !sm.src_ok[row]) return;
+  const int64_t slot = start + 2 * (src_tile * kTile + row);
+  const int64_t at = (range * p.total + slot) * kTopK;
+#pragma unroll
+  for (int i = 0; i < kTopK; ++i) {
+    p.range_value[at + i] = static_cast<double>(top.value[i]);
+    p.range_dst[at + i] = top.dst[i];
+  }
+}
+
+// Feature split in use: > 1 only when the tile pairs are too few to fill the GPU and their
+// partial tiles fit the buffer. Read from the device offsets, so no host sync; the decisions
+// do not depend on it (only the screening order does).
+__device__ __forceinline__ int64_t feature_split(const Params& p) {
+  const int64_t pairs = p.pair_offsets[p.num_windows];
+  if (pairs == 0 || p.max_feature_split < 2) return 1;
+  const int64_t split = min(p.max_feature_split, min(kPartialItems, p.partial_capacity / (kTile * kTile)) / pairs);
+  if (split < 2) return 1;
+  return ceil_div(p.feature_chunks, ceil_div(p.feature_chunks, split));  // no empty split
+}
+
+// Direct mode: item (src tile, dst range) keeps the best of the range's dsts per src.
+// Partial mode: item (tile pair, feature split) writes its partial dot tile.
+template <typename M>
+__global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) {
+  using Acc = typename Screen<M>::Acc;
+  __shared__ ScreenSmem<M> sm;
+  const int64_t split = feature_split(p);
+  const bool partial = split > 1;
+  const int64_t items = partial ? p.pair_offsets[p.num_windows] * split : p.tile_offsets[p.num_windows] * p.dst_split;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t unit = item / (partial ? split : p.dst_split), part = item % (partial ? split : p.dst_split);
+    const int64_t w = find_segment(partial ? p.pair_offsets : p.tile_offsets, p.num_windows, unit);
+    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
+    const int64_t n_src = (n + 1) / 2, n_dst = n / 2, dst_tiles = ceil_div(n_dst, kTile);
+    __syncthreads();  // the previous item is done with the side data
+    if (partial) {
+      const int64_t local = unit - p.pair_offsets[w];
+      const int64_t src_tile = local / dst_tiles, dst_tile = local % dst_tiles;
+      setup_side(p, start, 2 * kTile * src_tile, min(int64_t{kTile}, n_src - kTile * src_tile), sm.src_base,
+                 sm.src_norm, sm.src_ok);
+      setup_side(p, start, 2 * kTile * dst_tile + 1, min(int64_t{kTile}, n_dst - kTile * dst_tile), sm.dst_base,
+                 sm.dst_norm, sm.dst_ok);
+      const int64_t per_split = ceil_div(p.feature_chunks, split) * Screen<M>::kChunk;
+      tile_dots<M>(p, sm, part * per_split, min(p.features, (part + 1) * per_split));
+      Acc* out = static_cast<Acc*>(p.partial) + (part * p.pair_offsets[p.num_windows] + unit) * kTile * kTile;
+      for (int e = threadIdx.x; e < kTile * kTile; e += kScreenThreads) out[e] = sm.dot[e / kTile][e % kTile];
+      continue;
+    }
+    const int64_t src_tile = unit - p.tile_offsets[w];
+    setup_side(p, start, 2 * kTile * src_tile, min(int64_t{kTile}, n_src - kTile * src_tile), sm.src_base,
+               sm.src_norm, sm.src_ok);
+    const int64_t per_range = ceil_div(dst_tiles, p.dst_split);
+    TopList<Acc> top;
+    for (int64_t dst_tile = part * per_range; dst_tile < min(dst_tiles, (part + 1) * per_range); ++dst_tile) {
+      __syncthreads();  // the previous tile's epilogue is done with the dst side data
+      setup_side(p, start, 2 * kTile * dst_tile + 1, min(int64_t{kTile}, n_dst - kTile * dst_tile), sm.dst_base,
+                 sm.dst_norm, sm.dst_ok);
+      tile_dots<M>(p, sm, 0, p.features);
+      keep_best<M>(sm, dst_tile, top);
+    }
+    write_list<M>(p, sm, start, src_tile, part, top);
+  }
+}
+
+// Partial mode: per src tile, the dot tiles of all its dst tiles summed over the splits in split
+// order, then the best per src as in direct mode (dst range 0).
+template <typename M>
+__global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const Params p) {
+  using Acc = typename Screen<M>::Acc;
+  __shared__ ScreenSmem<M> sm;
+  const int64_t split = feature_split(p);
+  if (split == 1) return;
+  const int64_t pairs = p.pair_offsets[p.num_windows];
+  const Acc* partial = static_cast<const Acc*>(p.partial);
+  for (int64_t tile = blockIdx.x; tile < p.tile_offsets[p.num_windows]; tile += gridDim.x) {
+    const int64_t w = find_segment(p.tile_offsets, p.num_windows, tile);
+    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
+    const int64_t n_src = (n + 1) / 2, n_dst = n / 2, dst_tiles = ceil_div(n_dst, kTile);
+    const int64_t src_tile = tile - p.tile_offsets[w];
+    __syncthreads();  // the previous item is done with the side data
+    setup_side(p, start, 2 * kTile * src_tile, min(int64_t{kTile}, n_src - kTile * src_tile), sm.src_base,
+               sm.src_norm, sm.src_ok);
+    TopList<Acc> top;
+    for (int64_t dst_tile = 0; dst_tile < dst_tiles; ++dst_tile) {
+      __syncthreads();  // the previous tile's epilogue is done with the tile and the dst side data
+      setup_side(p, start, 2 * kTile * dst_tile + 1, min(int64_t{kTile}, n_dst - kTile * dst_tile), sm.dst_base,
+                 sm.dst_norm, sm.dst_ok);
+      const int64_t pair = p.pair_offsets[w] + src_tile * dst_tiles + dst_tile;
+      for (int e = threadIdx.x; e < kTile * kTile; e += kScreenThreads) {
+        Acc sum = partial[pair * kTile * kTile + e];
+        for (int64_t s = 1; s < split; ++s) sum += partial[(s * pairs + pair) * kTile * kTile + e];
+        sm.dot[e / kTile][e % kTile] = sum;
+      }
+      __syncthreads();
+      keep_best<M>(sm, dst_tile, top);
+    }
+    write_list<M>(p, sm, start, src_tile, 0, top);
+  }
+}
+
+// Exact float64 cosine of two tokens' metrics, summed in a fixed order; the same in every lane.
+template <typename M>
+__device__ double exact_similarity(const Params& p, int64_t src_token, int64_t dst_token, int lane) {
+  const M* __restrict__ metric = static_cast<const M*>(p.metric);
+  const int64_t src_base = token_base(p, src_token), dst_base = token_base(p, dst_token);
+  double dot = 0.0;
+  FeatureCursor feature(p, lane);
+  for (int64_t f = lane; f < p.features; f += 32, feature.advance(32)) {
+    dot = fma(to_double(metric[src_base + feature.offset()]), to_double(metric[dst_base + feature.offset()]), dot);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  return dot / (p.norms[src_token] * p.norms[dst_token] + 1e-8);
+}
+
+// One warp per src of a merging window: its best dst by exact float64 cosine (see 4b above).
+template <typename M>
+__global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = kChooseThreads / 32;
+  const int64_t ranges = feature_split(p) > 1 ? 1 : p.dst_split;
+  for (int64_t slot = blockIdx.x * warps + threadIdx.x / 32; slot < p.total;
+       slot += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t w = find_segment(p.window_offsets, p.num_windows, slot);
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
     if ((slot - start) % 2 != 0 || merge_count(p.ratio, n) == 0) continue;  // dst, or no similarities
+    TopList<double> top;
+    for (int64_t range = 0; range < ranges; ++range) {
+      const int64_t at = (range * p.total + slot) * kTopK;
+      for (int i = 0; i < kTopK && p.range_dst[at + i] != INT_MAX; ++i) top.insert(p.range_value[at + i], p.range_dst[at + i]);
+    }
+    const int64_t src_token = p.window_tokens[slot];
+    const double threshold = top.value[0] - 2.0 * p.eps;
+    const bool scan_all = !isfinite(top.value[0]) || (top.dst[kTopK - 1] != INT_MAX && top.value[kTopK - 1] >= threshold);
     double best = -INFINITY;
     int best_at = INT_MAX;
-    for (int64_t range = 0; range < p.dst_split; ++range) {
-      const double value = p.range_best[range * p.total + slot];
-      const int at = p.range_best_dst[range * p.total + slot];
-      if (beats(value, at, best, best_at)) {
-        best = value;
-        best_at = at;
+    if (scan_all) {
+      // Increasing dst order with a strict >: the lowest dst wins ties; NaN never wins.
+      for (int64_t j = 0; j < n / 2; ++j) {
+        const double value = exact_similarity<M>(p, src_token, p.window_tokens[start + 2 * j + 1], lane);
+        if (value > best) {
+          best = value;
+          best_at = static_cast<int>(j);
+        }
+      }
+    } else {
+      for (int i = 0; i < kTopK && top.dst[i] != INT_MAX && top.value[i] >= threshold; ++i) {
+        const double value = exact_similarity<M>(p, src_token, p.window_tokens[start + 2 * int64_t{top.dst[i]} + 1], lane);
+        if (beats(value, top.dst[i], best, best_at)) {
+          best = value;
+          best_at = top.dst[i];
+        }
       }
     }
-    if (best_at == INT_MAX) continue;  // no comparable dst (NaN metric): keeps the -inf key
+    if (lane != 0 || best_at == INT_MAX) continue;  // no comparable dst (NaN metric): keeps the -inf key
     p.keys[slot] = best == 0.0 ? 0.0 : best;  // +0.0 for -0.0 so the radix sort sees one zero
     p.best_dst[slot] = static_cast<int32_t>(2 * static_cast<int64_t>(best_at) + 1);
   }
@@ -358,18 +642,18 @@ __device__ __forceinline__ void store_vec(T* ptr, const Vec<T, VEC>& value) {
   }
 }
 
-struct ValueParams {
-  const void* x;
-  int64_t x_stride[4];
-  void* out;
-  int64_t out_stride[4];
+struct ValueParams {  // k (blockIdx.z == 0) and v (blockIdx.z == 1)
+  const void* x[2];
+  int64_t x_stride[2][4];
+  void* out[2];
+  int64_t out_stride[2][4];
   int64_t H, D, L, kept, slots;
   const int64_t* group_begin;
   const int64_t* group_end;
   const int64_t* members;  // token ids sorted by (slot, token)
   const float* importance;
   const int32_t* sizes;
-  int32_t* sizes_out;  // written by the blocks of element chunk 0 when not null
+  int32_t* sizes_out;  // written by the k blocks of element chunk 0
 };
 
 template <typename T, int VEC>
@@ -383,8 +667,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
   __shared__ float weight_total;
   __shared__ int64_t size_total;
 
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  T* __restrict__ out = static_cast<T*>(p.out);
+  const int tensor = blockIdx.z;
+  const T* __restrict__ x = static_cast<const T*>(p.x[tensor]);
+  T* __restrict__ out = static_cast<T*>(p.out[tensor]);
+  const int64_t* x_stride = p.x_stride[tensor];
+  const int64_t* out_stride = p.out_stride[tensor];
+  const bool writes_sizes = tensor == 0 && blockIdx.y == 0 && threadIdx.x == 0;
   const int64_t vectors_per_head = p.D / VEC;
   const int64_t e = static_cast<int64_t>(blockIdx.y) * kMergeThreads + threadIdx.x;
   const bool live = e < p.H * vectors_per_head;
@@ -395,14 +683,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
     const int64_t begin = p.group_begin[slot], end = p.group_end[slot];
     if (end <= begin) continue;  // no member (only with a wrong `kept`): leave the slot alone
     const int64_t b = slot / p.kept, m = slot % p.kept;
-    T* out_at = out + b * p.out_stride[0] + h * p.out_stride[1] + m * p.out_stride[2] + d * p.out_stride[3];
-    const int64_t x_head = b * p.x_stride[0] + h * p.x_stride[1] + d * p.x_stride[3];
+    T* out_at = out + b * out_stride[0] + h * out_stride[1] + m * out_stride[2] + d * out_stride[3];
+    const int64_t x_head = b * x_stride[0] + h * x_stride[1] + d * x_stride[3];
     if (end - begin == 1) {  // kept token without merged srcs: bitwise copy
       const int64_t l = p.members[begin] - b * p.L;
-      if (live) store_vec<T, VEC>(out_at, load_vec<T, VEC>(x + x_head + l * p.x_stride[2]));
-      if (p.sizes_out != nullptr && blockIdx.y == 0 && threadIdx.x == 0) {
-        p.sizes_out[slot] = p.sizes[p.members[begin]];
-      }
+      if (live) store_vec<T, VEC>(out_at, load_vec<T, VEC>(x + x_head + l * x_stride[2]));
+      if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
       continue;
     }
     float weighted[VEC], plain[VEC];
@@ -433,7 +719,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       const int count = static_cast<int>(min(static_cast<int64_t>(kMergeThreads), end - chunk));
       if (live) {
         for (int i = 0; i < count; ++i) {
-          const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + member_l[i] * p.x_stride[2]);
+          const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + member_l[i] * x_stride[2]);
           const float wi = member_w[i];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
@@ -455,9 +741,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       }
       store_vec<T, VEC>(out_at, result);
     }
-    if (p.sizes_out != nullptr && blockIdx.y == 0 && threadIdx.x == 0) {
-      p.sizes_out[slot] = static_cast<int32_t>(size_total);
-    }
+    if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
     __syncthreads();  // weight_total / size_total are read before the next slot resets them
   }
 }
@@ -472,10 +756,14 @@ bool vector_ok(const void* data, const int64_t* stride, int64_t D, int vec) {
 template <typename T>
 cudaError_t launch_values(ValueParams vp, int64_t slots, cudaStream_t stream) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));
-  const bool vectorised = vector_ok<T>(vp.x, vp.x_stride, vp.D, kVec) && vector_ok<T>(vp.out, vp.out_stride, vp.D, kVec);
+  bool vectorised = true;
+  for (int tensor = 0; tensor < 2; ++tensor) {
+    vectorised = vectorised && vector_ok<T>(vp.x[tensor], vp.x_stride[tensor], vp.D, kVec) &&
+                 vector_ok<T>(vp.out[tensor], vp.out_stride[tensor], vp.D, kVec);
+  }
   const int vec = vectorised ? kVec : 1;
   const dim3 grid(detail::grid_for(slots, kMaxGrid),
-                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads)));
+                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads)), 2);
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   if (vectorised) {
     merge_values_kernel<T, kVec><<<grid, kMergeThreads, 0, stream>>>(vp);
@@ -486,8 +774,11 @@ cudaError_t launch_values(ValueParams vp, int64_t slots, cudaStream_t stream) {
 }
 
 struct Plan {
-  int64_t B, H, L, D, tokens, slots, total, windows;
+  int64_t B, H, L, D, tokens, slots, total, windows, features;
   int64_t dst_split;  // dst ranges per src tile (shape-only, so results do not depend on the GPU)
+  int64_t max_feature_split;
+  int64_t partial_capacity;  // elements of the partial-mode buffer
+  size_t acc_bytes;          // bytes of a screened dot product
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
 };
 
@@ -501,25 +792,34 @@ Plan make_plan(const MergeArgs& a) {
   plan.slots = plan.B * a.kept;
   plan.total = a.total_tokens;
   plan.windows = a.num_windows;
+  plan.features = a.metric.size[2] * a.metric.size[3];
   const int64_t src_tiles = plan.total / (2 * kTile) + plan.windows + 1;  // upper bound
-  plan.dst_split = std::max<int64_t>(1, std::min({ceil_div(kTargetSimilarityItems, src_tiles), kMaxDstSplit,
-                                                  kMaxRangeBestBytes / std::max<int64_t>(plan.total * 12, 1)}));
+  const int64_t list_bytes = plan.total * kTopK * static_cast<int64_t>(sizeof(double) + sizeof(int32_t));
+  plan.dst_split = std::max<int64_t>(1, std::min({ceil_div(kTargetScreenItems, src_tiles), kMaxDstSplit,
+                                                  kMaxRangeListBytes / std::max<int64_t>(list_bytes, 1)}));
+  const bool wide = a.metric.dtype == DType::Float64;
+  plan.acc_bytes = wide ? sizeof(double) : sizeof(float);
+  plan.max_feature_split = std::min(kMaxFeatureSplit, ceil_div(plan.features, wide ? Screen<double>::kChunk
+                                                                                    : Screen<float>::kChunk));
+  // Partial mode can only pay off when the src tiles may be too few to fill the GPU.
+  plan.partial_capacity = plan.max_feature_split >= 2 && src_tiles < kPartialItems ? kPartialItems * kTile * kTile : 0;
   plan.end_bit = 1;
   while (plan.end_bit < 64 && (static_cast<uint64_t>(plan.slots) >> plan.end_bit) != 0) ++plan.end_bit;
   return plan;
 }
 
 struct Workspace {
-  int64_t* window_tiles;
-  int64_t* tile_offsets;
+  int64_t* window_counts;
+  int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
   double* norms;
   double* keys;
   double* sorted_keys;
   int32_t* positions;
   int32_t* sorted_positions;
   int32_t* best_dst;
-  double* range_best;
-  int32_t* range_best_dst;
+  double* range_value;
+  int32_t* range_dst;
+  void* partial;
   int64_t* merged_into;
   int64_t* kept_flags;
   int64_t* kept_before;
@@ -552,16 +852,17 @@ cudaError_t cub_temp_bytes(const Plan& plan, cudaStream_t stream, size_t* bytes)
 Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   detail::WorkspaceCarver carver(base);
   Workspace ws{};
-  ws.window_tiles = carver.take<int64_t>(plan.windows);
-  ws.tile_offsets = carver.take<int64_t>(plan.windows + 1);
+  ws.window_counts = carver.take<int64_t>(2 * plan.windows);
+  ws.offsets = carver.take<int64_t>(2 * (plan.windows + 1));
   ws.norms = carver.take<double>(plan.tokens);
   ws.keys = carver.take<double>(plan.total);
   ws.sorted_keys = carver.take<double>(plan.total);
   ws.positions = carver.take<int32_t>(plan.total);
   ws.sorted_positions = carver.take<int32_t>(plan.total);
   ws.best_dst = carver.take<int32_t>(plan.total);
-  ws.range_best = carver.take<double>(plan.dst_split * plan.total);
-  ws.range_best_dst = carver.take<int32_t>(plan.dst_split * plan.total);
+  ws.range_value = carver.take<double>(plan.dst_split * plan.total * kTopK);
+  ws.range_dst = carver.take<int32_t>(plan.dst_split * plan.total * kTopK);
+  ws.partial = carver.take<char>(plan.partial_capacity * static_cast<int64_t>(plan.acc_bytes));
   ws.merged_into = carver.take<int64_t>(plan.tokens);
   ws.kept_flags = carver.take<int64_t>(plan.tokens);
   ws.kept_before = carver.take<int64_t>(plan.tokens);
@@ -569,8 +870,8 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   ws.sorted_slot_key = carver.take<uint64_t>(plan.tokens);
   ws.token_id = carver.take<int64_t>(plan.tokens);
   ws.sorted_token_id = carver.take<int64_t>(plan.tokens);
-  ws.group_begin = carver.take<int64_t>(plan.slots);
-  ws.group_end = carver.take<int64_t>(plan.slots);
+  ws.group_begin = carver.take<int64_t>(2 * plan.slots);  // then group_end: one memset clears both
+  ws.group_end = ws.group_begin + plan.slots;
   ws.cub_temp = carver.take<char>(static_cast<int64_t>(cub_bytes));
   ws.cub_bytes = cub_bytes;
   ws.bytes = carver.bytes();
@@ -579,15 +880,35 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
 
 unsigned int flat_grid(int64_t items) { return detail::grid_for(ceil_div(items, 256), kMaxGrid); }
 
+// Worst-case |screened cosine - exact cosine|: a sum of `features` products whose magnitudes add
+// up to at most |a| |b| (Cauchy-Schwarz), divided by |a| |b| + 1e-8, with 4x the round-off unit
+// of the accumulator as margin (tensor cores truncate when they accumulate) and slack for the
+// split sums, the norm product and the division.
 template <typename M>
-cudaError_t launch_matching(const Params& p, const Plan& plan, const Workspace& ws, cudaStream_t stream) {
-  norms_kernel<M><<<detail::grid_for(ceil_div(plan.tokens, 8), kMaxGrid), 256, 0, stream>>>(p, plan.tokens, ws.norms);
+double screen_eps(int64_t features, int64_t splits) {
+  const bool wide = std::is_same<typename Screen<M>::Acc, double>::value;
+  const double unit = std::ldexp(1.0, wide ? -50 : -22);
+  return static_cast<double>(features + splits + 64) * unit + 1e-12;
+}
+
+template <typename M>
+cudaError_t launch_matching(Params p, const Plan& plan, cudaStream_t stream) {
+  norms_kernel<M><<<detail::grid_for(ceil_div(plan.tokens, 8), kMaxGrid), 256, 0, stream>>>(p, plan.tokens,
+                                                                                           const_cast<double*>(p.norms));
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  p.eps = screen_eps<M>(plan.features, plan.max_feature_split);
+  p.feature_chunks = ceil_div(plan.features, Screen<M>::kChunk);
   // Upper bound on the src tiles: every window contributes at most n / 128 + 1 of them.
   const int64_t tile_bound = plan.total / (2 * kTile) + plan.windows + 1;
-  similarity_kernel<M><<<detail::grid_for(tile_bound * plan.dst_split, kMaxSimilarityGrid), kThreads, 0, stream>>>(p);
+  const int64_t screen_items = std::max(tile_bound * plan.dst_split, plan.partial_capacity > 0 ? kPartialItems : 0);
+  screen_kernel<M><<<detail::grid_for(screen_items, kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
-  best_of_ranges_kernel<<<flat_grid(plan.total), 256, 0, stream>>>(p);
+  if (plan.partial_capacity > 0) {
+    reduce_partials_kernel<M><<<detail::grid_for(tile_bound, kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
+    LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  choose_kernel<M><<<detail::grid_for(ceil_div(plan.total, kChooseThreads / 32), kMaxGrid), kChooseThreads, 0,
+                     stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -629,33 +950,37 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   p.total = plan.total;
   p.L = plan.L;
   p.ratio = a.ratio;
-  p.tile_offsets = ws.tile_offsets;
+  p.tile_offsets = ws.offsets;
+  p.pair_offsets = ws.offsets + plan.windows + 1;
   p.norms = ws.norms;
   p.dst_split = plan.dst_split;
-  p.range_best = ws.range_best;
-  p.range_best_dst = ws.range_best_dst;
+  p.max_feature_split = plan.max_feature_split;
+  p.partial = ws.partial;
+  p.partial_capacity = plan.partial_capacity;
+  p.range_value = ws.range_value;
+  p.range_dst = ws.range_dst;
   p.keys = ws.keys;
   p.best_dst = ws.best_dst;
 
   // 1-4: tiles, norms, sort keys, best dst per src.
   window_tiles_kernel<<<flat_grid(plan.windows), 256, 0, stream>>>(a.window_offsets, plan.windows, a.ratio,
-                                                                   ws.window_tiles);
+                                                                   ws.window_counts);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
-  LIGHTKV_RETURN_IF_ERROR(detail::launch_exclusive_offsets(ws.window_tiles, plan.windows, 1, ws.tile_offsets, stream));
+  LIGHTKV_RETURN_IF_ERROR(detail::launch_exclusive_offsets(ws.window_counts, plan.windows, 2, ws.offsets, stream));
   init_slots_kernel<<<flat_grid(plan.total), 256, 0, stream>>>(p, ws.positions);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
   switch (a.metric.dtype) {
     case DType::Float32:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, ws, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, stream));
       break;
     case DType::Float16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, ws, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, stream));
       break;
     case DType::BFloat16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, ws, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, stream));
       break;
     case DType::Float64:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, ws, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, stream));
       break;
   }
 
@@ -685,8 +1010,7 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
                                                           ws.token_id, ws.sorted_token_id, plan.tokens, 0,
                                                           plan.end_bit, stream));
   // Empty bounds for any slot no token reaches (only with a wrong `kept`): copies nothing.
-  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.group_begin, 0, sizeof(int64_t) * plan.slots, stream));
-  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.group_end, 0, sizeof(int64_t) * plan.slots, stream));
+  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.group_begin, 0, 2 * sizeof(int64_t) * plan.slots, stream));
   group_bounds_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.sorted_slot_key, plan.tokens,
                                                                    static_cast<uint64_t>(plan.slots), ws.group_begin,
                                                                    ws.group_end);
@@ -704,31 +1028,28 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   vp.members = ws.sorted_token_id;
   vp.importance = a.importance;
   vp.sizes = a.sizes;
+  vp.sizes_out = a.sizes_out;
   for (int tensor = 0; tensor < 2; ++tensor) {
     const Tensor4& in = tensor == 0 ? a.k : a.v;
     const OutTensor4& out = tensor == 0 ? a.k_out : a.v_out;
-    vp.x = in.data;
-    vp.out = out.data;
+    vp.x[tensor] = in.data;
+    vp.out[tensor] = out.data;
     for (int i = 0; i < 4; ++i) {
-      vp.x_stride[i] = in.stride[i];
-      vp.out_stride[i] = out.stride[i];
-    }
-    vp.sizes_out = tensor == 0 ? a.sizes_out : nullptr;
-    switch (a.k.dtype) {
-      case DType::Float32:
-        LIGHTKV_RETURN_IF_ERROR(launch_values<float>(vp, plan.slots, stream));
-        break;
-      case DType::Float16:
-        LIGHTKV_RETURN_IF_ERROR(launch_values<__half>(vp, plan.slots, stream));
-        break;
-      case DType::BFloat16:
-        LIGHTKV_RETURN_IF_ERROR(launch_values<__nv_bfloat16>(vp, plan.slots, stream));
-        break;
-      case DType::Float64:
-        return cudaErrorInvalidValue;
+      vp.x_stride[tensor][i] = in.stride[i];
+      vp.out_stride[tensor][i] = out.stride[i];
     }
   }
-  return cudaSuccess;
+  switch (a.k.dtype) {
+    case DType::Float32:
+      return launch_values<float>(vp, plan.slots, stream);
+    case DType::Float16:
+      return launch_values<__half>(vp, plan.slots, stream);
+    case DType::BFloat16:
+      return launch_values<__nv_bfloat16>(vp, plan.slots, stream);
+    case DType::Float64:
+      break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace lightkv_cuda

@@ -3,8 +3,10 @@
 //
 // For one image and one KV head the logits form a (g * T_img) x N_img matrix: rows are the
 // (query head of the group, text token) pairs, columns the image's vision tokens. Both passes
-// compute 64 x 64 logit tiles with a 256-thread SIMT tile product (4 x 4 per thread, head dim in
-// chunks of 16 through shared memory, float32 accumulation):
+// compute 64 x 64 logit tiles with float32 accumulation, the head dim staged through shared
+// memory: on tensor cores (mma.sync m16n8k16, 8 warps of 16 x 32) for float16 / bfloat16, with
+// a SIMT tile product (4 x 4 per thread) for float32. Either way each thread then holds the
+// logits of rows ty + 16 i, columns tx + 16 j, which the passes reduce:
 //   pass 1 (row_stats_kernel): online softmax over column tiles -> per row (max, sum-exp); the
 //           vision tokens of an image may be cut into `nsplit` column ranges, each giving its own
 //           (max, sum) pair that pass 2 combines in split order.
@@ -28,7 +30,8 @@ using detail::to_float;
 
 constexpr int kTileRows = 64;  // (query head, text token) rows per tile
 constexpr int kTileCols = 64;  // vision tokens per tile
-constexpr int kChunkD = 16;    // head-dim slice staged in shared memory
+constexpr int kChunkD = 16;    // head-dim slice staged in shared memory (SIMT path)
+constexpr int kChunkMma = 32;  // head-dim slice staged in shared memory (tensor-core path)
 constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
 constexpr int kMicro = 4;
 constexpr int kSide = 16;
@@ -107,8 +110,17 @@ __global__ void image_info_kernel(const int64_t* __restrict__ raw, int64_t num_i
 static_assert(kTileRows == kTileCols, "tile_dot stages rows and columns with one index");
 
 struct TileSmem {
-  float q[kChunkD][kTileRows + 4];
-  float k[kChunkD][kTileCols + 4];
+  union {
+    struct {  // SIMT staging, transposed
+      float q[kChunkD][kTileRows + 4];
+      float k[kChunkD][kTileCols + 4];
+    } simt;
+    struct {  // tensor-core staging: raw 16-bit values, rows of 20 words (conflict-free fragments)
+      uint16_t q[kTileRows][kChunkMma + 8];
+      uint16_t k[kTileCols][kChunkMma + 8];
+    } mma;
+    float logits[kTileRows][kTileCols + 1];  // the finished tensor-core tile
+  };
   int64_t q_base[kTileRows];  // element offset of each row's query vector
   int64_t k_base[kTileCols];  // element offset of each column's key vector
   bool row_ok[kTileRows];     // row exists and its text token is counted
@@ -120,37 +132,91 @@ struct TileSmem {
 // Expects q_base/k_base/row_ok/col_ok to be visible to all threads; ends with a barrier.
 template <typename T>
 __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&acc)[kMicro][kMicro]) {
-  const T* __restrict__ text = static_cast<const T*>(p.text);
-  const T* __restrict__ k = static_cast<const T*>(p.k);
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  if constexpr (sizeof(T) == 2) {
+    // Warp w computes rows 16 (w / 2).., columns 32 (w % 2)..; fragments as in mma_m16n8k16.
+    const uint16_t* __restrict__ text = static_cast<const uint16_t*>(p.text);
+    const uint16_t* __restrict__ k = static_cast<const uint16_t*>(p.k);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = 16 * (warp / 2), col0 = 32 * (warp % 2), group = lane / 4, quad = lane % 4;
+    const int kk = threadIdx.x % kChunkMma;
+    float part[4][4];
 #pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-    for (int j = 0; j < kMicro; ++j) acc[i][j] = 0.f;
-  }
-  for (int64_t d0 = 0; d0 < p.D; d0 += kChunkD) {
-    for (int e = threadIdx.x; e < kTileRows * kChunkD; e += kThreads) {
-      const int row = e / kChunkD, kk = e % kChunkD;
+      for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
+    for (int64_t d0 = 0; d0 < p.D; d0 += kChunkMma) {
       const int64_t d = d0 + kk;
       const bool live = d < p.D;
-      sm.q[kk][row] = (live && sm.row_ok[row]) ? to_float(text[sm.q_base[row] + d * p.text_stride[3]]) : 0.f;
-      sm.k[kk][row] = (live && sm.col_ok[row]) ? to_float(k[sm.k_base[row] + d * p.k_stride[3]]) : 0.f;
-    }
-    __syncthreads();
+      __syncthreads();  // the previous chunk (or the previous tile's logits) is consumed
+      for (int row = threadIdx.x / kChunkMma; row < kTileRows; row += kThreads / kChunkMma) {
+        sm.mma.q[row][kk] = live && sm.row_ok[row] ? text[sm.q_base[row] + d * p.text_stride[3]] : uint16_t{0};
+        sm.mma.k[row][kk] = live && sm.col_ok[row] ? k[sm.k_base[row] + d * p.k_stride[3]] : uint16_t{0};
+      }
+      __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kChunkD; ++kk) {
-      float a[kMicro], b[kMicro];
+      for (int k0 = 0; k0 < kChunkMma; k0 += 16) {
+        const int r = row0 + group;
+        const uint32_t a[4] = {detail::load_pair(&sm.mma.q[r][k0 + 2 * quad]),
+                               detail::load_pair(&sm.mma.q[r + 8][k0 + 2 * quad]),
+                               detail::load_pair(&sm.mma.q[r][k0 + 8 + 2 * quad]),
+                               detail::load_pair(&sm.mma.q[r + 8][k0 + 8 + 2 * quad])};
 #pragma unroll
-      for (int i = 0; i < kMicro; ++i) a[i] = sm.q[kk][ty + kSide * i];
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) b[j] = sm.k[kk][tx + kSide * j];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        for (int nt = 0; nt < 4; ++nt) {
+          const int c = col0 + 8 * nt + group;
+          const uint32_t b[2] = {detail::load_pair(&sm.mma.k[c][k0 + 2 * quad]),
+                                 detail::load_pair(&sm.mma.k[c][k0 + 8 + 2 * quad])};
+          detail::mma_m16n8k16<T>(part[nt], a, b);
+        }
       }
     }
+    __syncthreads();  // every warp is done with the staging space the logits reuse
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int r = row0 + group, c = col0 + 8 * nt + 2 * quad;
+      sm.logits[r][c] = part[nt][0];
+      sm.logits[r][c + 1] = part[nt][1];
+      sm.logits[r + 8][c] = part[nt][2];
+      sm.logits[r + 8][c + 1] = part[nt][3];
+    }
     __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = sm.logits[ty + kSide * i][tx + kSide * j];
+    __syncthreads();  // the logits are read before the next tile stages over them
+  } else {
+    const T* __restrict__ text = static_cast<const T*>(p.text);
+    const T* __restrict__ k = static_cast<const T*>(p.k);
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = 0.f;
+    }
+    for (int64_t d0 = 0; d0 < p.D; d0 += kChunkD) {
+      for (int e = threadIdx.x; e < kTileRows * kChunkD; e += kThreads) {
+        const int row = e / kChunkD, kk = e % kChunkD;
+        const int64_t d = d0 + kk;
+        const bool live = d < p.D;
+        sm.simt.q[kk][row] = (live && sm.row_ok[row]) ? to_float(text[sm.q_base[row] + d * p.text_stride[3]]) : 0.f;
+        sm.simt.k[kk][row] = (live && sm.col_ok[row]) ? to_float(k[sm.k_base[row] + d * p.k_stride[3]]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kChunkD; ++kk) {
+        float a[kMicro], b[kMicro];
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i) a[i] = sm.simt.q[kk][ty + kSide * i];
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) b[j] = sm.simt.k[kk][tx + kSide * j];
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+          for (int j = 0; j < kMicro; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
   }
 }
 

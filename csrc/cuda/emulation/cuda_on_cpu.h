@@ -2,9 +2,10 @@
 // without a GPU (see run.sh). Every CUDA thread is an OS thread, __syncthreads is a std::barrier
 // over the block, warp shuffles go through a per-warp slot array, blocks run one after another
 // (so `__shared__` can be a function-local static), and the CUB algorithms are plain host
-// versions with the same results. Grid x is capped (kernels walk their work in grid-stride
-// loops, so a small grid must give the same answer). Built with -fsanitize=thread it also finds
-// shared-memory races (a missing __syncthreads).
+// versions with the same results. Tensor-core mma runs in its warp-shuffle form (common.cuh),
+// which checks the kernels' fragment layouts. Grid x is capped (kernels walk their work in
+// grid-stride loops, so a small grid must give the same answer). Built with -fsanitize=thread it
+// also finds shared-memory races (a missing __syncthreads).
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -36,6 +37,7 @@
 #define __launch_bounds__(...)
 using std::min;
 using std::max;
+using std::isfinite;
 
 namespace emu {
 inline thread_local dim3 tidx, bidx;
@@ -86,18 +88,22 @@ inline void launch(const char* name, dim3 grid, dim3 block, const std::function<
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int offset) {
+inline T __shfl_sync(unsigned, T v, int src_lane) {
   static_assert(sizeof(T) <= 8);
   const unsigned t = emu::tidx.x, w = t / 32, lane = t % 32;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   emu::warp_slots[w][lane] = bits;
   emu::warp_barriers[w]->arrive_and_wait();
-  uint64_t other = emu::warp_slots[w][lane ^ offset];
+  uint64_t other = emu::warp_slots[w][src_lane % 32];
   emu::warp_barriers[w]->arrive_and_wait();
   T out;
   std::memcpy(&out, &other, sizeof(T));
   return out;
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int offset) {
+  return __shfl_sync(mask, v, static_cast<int>(emu::tidx.x % 32) ^ offset);
 }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }

@@ -468,6 +468,9 @@ int main(int argc, char** argv) {
                               {{0, 10, 100, 3, 30}, {1, 0, 150, 0, 37}, {0, 120, 30, 0, 0}},
                               true, true, {0, 2, 1, 3}};
   run_score_case<float>(score_small, 1);
+  ScoreCase score_small_bf16 = score_small;  // the tensor-core path, with a head-dim tail
+  score_small_bf16.name = "bf16 gqa masked sizes";
+  run_score_case<__nv_bfloat16>(score_small_bf16, 5);
   run_score_case<__half>({"fp16 one image per row", 3, 1, 3, 49, 5, 64,
                           {{0, 0, 49, 0, 5}, {1, 0, 49, 0, 5}, {2, 0, 49, 0, 5}}, false, false, {0, 1, 2, 3}},
                          2);
@@ -490,6 +493,13 @@ int main(int argc, char** argv) {
   run_merge_case<__nv_bfloat16>({"bf16 one window 300", 1, 2, 300, 64, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 16);
   run_merge_case<float>({"fp32 ratio 0", 2, 2, 64, 16, {16, 16, 16, 16}, 0.0, false, {0, 1, 2, 3}, 0}, 14);
   run_merge_case<float>({"fp32 odd D scalar path", 1, 3, 99, 13, {33, 33, 33}, 0.9, false, {0, 1, 2, 3}, 5}, 15);
+  // Screening paths: one feature chunk with dst ranges (direct), LLaVA-like small windows with
+  // many features (partial sums over feature splits), and exact ties everywhere (every src falls
+  // back to the exact scan of all its dsts).
+  run_merge_case<__nv_bfloat16>({"bf16 dst ranges", 1, 1, 300, 32, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 17);
+  run_merge_case<__nv_bfloat16>({"bf16 feature splits", 2, 8, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6},
+                                18);
+  run_merge_case<__half>({"fp16 tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3}, 4000}, 19);
 
   if (g_failures != 0) {
     std::fprintf(stderr, "lightkv_cuda_selftest: %d check(s) failed\n", g_failures);
