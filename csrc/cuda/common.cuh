@@ -38,6 +38,17 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// Copies 16 bytes from `from` (global memory, 16-byte aligned) to `to`; zeros when not `live`.
+template <typename S>
+__device__ __forceinline__ void copy_16_bytes(bool live, const S* from, S* to) {
+  uint4 raw = make_uint4(0, 0, 0, 0);
+  if (live) raw = *reinterpret_cast<const uint4*>(from);
+  S values[16 / sizeof(S)];
+  memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(16 / sizeof(S)); ++i) to[i] = values[i];
+}
+
 // Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* at) { return *reinterpret_cast<const uint32_t*>(at); }
 

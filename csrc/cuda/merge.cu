@@ -102,6 +102,7 @@ struct Params {
   const double* norms;
   int64_t dst_split;
   int64_t feature_chunks;      // staged feature chunks of the whole metric
+  bool vector_stage;           // stage whole chunks with 16-byte loads (vector_staging)
   int64_t max_feature_split;   // shape-only bound; the split in use is feature_split() below
   void* partial;               // partial mode: (split, pair, kTile, kTile) dot tiles
   int64_t partial_capacity;    // elements of `partial`
@@ -294,15 +295,26 @@ __device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, i
 #pragma unroll
       for (int j = 0; j < 8; ++j) simt_acc[i][j] = Acc(0);
   }
-  FeatureCursor feature(p, f_begin + kk);
+  // Vector staging: thread t copies 16 bytes (element `vector_at` on) of rows t / kVectors + ...
+  constexpr int kPerVector = 16 / sizeof(S), kVectors = kChunk / kPerVector;
+  const int vector_at = kPerVector * (threadIdx.x % kVectors), vector_row0 = threadIdx.x / kVectors;
+  FeatureCursor feature(p, f_begin + (p.vector_stage ? 0 : kk));
   for (int64_t f0 = f_begin; f0 < f_end; f0 += kChunk, feature.advance(kChunk)) {
-    const bool live = f0 + kk < f_end;
-    const int64_t offset = live ? feature.offset() : 0;
     __syncthreads();  // the previous chunk (or the previous tile's epilogue) is done with the stage
+    if (p.vector_stage) {  // whole chunks inside one head, 16-byte aligned (see vector_staging)
+      const S* metric = static_cast<const S*>(p.metric) + feature.offset() + vector_at;
+      for (int row = vector_row0; row < kTile; row += kScreenThreads / kVectors) {
+        detail::copy_16_bytes(sm.src_ok[row], metric + sm.src_base[row], &sm.stage.src[row][vector_at]);
+        detail::copy_16_bytes(sm.dst_ok[row], metric + sm.dst_base[row], &sm.stage.dst[row][vector_at]);
+      }
+    } else {
+      const bool live = f0 + kk < f_end;
+      const int64_t offset = live ? feature.offset() : 0;
 #pragma unroll 4
-    for (int row = row0; row < kTile; row += kRowsPerPass) {
-      sm.stage.src[row][kk] = live && sm.src_ok[row] ? stage_value<M>(p, sm.src_base[row] + offset) : S(0);
-      sm.stage.dst[row][kk] = live && sm.dst_ok[row] ? stage_value<M>(p, sm.dst_base[row] + offset) : S(0);
+      for (int row = row0; row < kTile; row += kRowsPerPass) {
+        sm.stage.src[row][kk] = live && sm.src_ok[row] ? stage_value<M>(p, sm.src_base[row] + offset) : S(0);
+        sm.stage.dst[row][kk] = live && sm.dst_ok[row] ? stage_value<M>(p, sm.dst_base[row] + offset) : S(0);
+      }
     }
     __syncthreads();
     if constexpr (kTensorCores) {
@@ -891,6 +903,16 @@ double screen_eps(int64_t features, int64_t splits) {
   return static_cast<double>(features + splits + 64) * unit + 1e-12;
 }
 
+// 16-byte staging loads are safe when every chunk of features lies inside one head (C a
+// multiple of the chunk), channels are contiguous, and every row and head starts 16-byte aligned.
+template <typename M>
+bool vector_staging(const Params& p) {
+  constexpr int64_t kPerVector = 16 / sizeof(typename Screen<M>::Stage);
+  return reinterpret_cast<uintptr_t>(p.metric) % 16 == 0 && p.metric_stride[3] == 1 &&
+         p.metric_inner % Screen<M>::kChunk == 0 && p.metric_stride[0] % kPerVector == 0 &&
+         p.metric_stride[1] % kPerVector == 0 && p.metric_stride[2] % kPerVector == 0;
+}
+
 template <typename M>
 cudaError_t launch_matching(Params p, const Plan& plan, cudaStream_t stream) {
   norms_kernel<M><<<detail::grid_for(ceil_div(plan.tokens, 8), kMaxGrid), 256, 0, stream>>>(p, plan.tokens,
@@ -898,6 +920,7 @@ cudaError_t launch_matching(Params p, const Plan& plan, cudaStream_t stream) {
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
   p.eps = screen_eps<M>(plan.features, plan.max_feature_split);
   p.feature_chunks = ceil_div(plan.features, Screen<M>::kChunk);
+  p.vector_stage = vector_staging<M>(p);
   // Upper bound on the src tiles: every window contributes at most n / 128 + 1 of them.
   const int64_t tile_bound = plan.total / (2 * kTile) + plan.windows + 1;
   const int64_t screen_items = std::max(tile_bound * plan.dst_split, plan.partial_capacity > 0 ? kPartialItems : 0);

@@ -62,6 +62,7 @@ struct Params {
   float* partial;              // (H_kv * rsplit, B * L)
   int64_t rsplit;
   int64_t tokens;              // B * L
+  bool vector_stage;           // tensor-core path: stage the head dim with 16-byte loads
   float* importance;
 };
 
@@ -140,18 +141,27 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = 16 * (warp / 2), col0 = 32 * (warp % 2), group = lane / 4, quad = lane % 4;
     const int kk = threadIdx.x % kChunkMma;
+    const int vector_row = threadIdx.x / 4, vector_at = 8 * (threadIdx.x % 4);  // 16 bytes each
+    static_assert(kThreads / 4 == kTileRows, "one pass of 16-byte loads stages a chunk");
     float part[4][4];
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkMma) {
-      const int64_t d = d0 + kk;
-      const bool live = d < p.D;
       __syncthreads();  // the previous chunk (or the previous tile's logits) is consumed
-      for (int row = threadIdx.x / kChunkMma; row < kTileRows; row += kThreads / kChunkMma) {
-        sm.mma.q[row][kk] = live && sm.row_ok[row] ? text[sm.q_base[row] + d * p.text_stride[3]] : uint16_t{0};
-        sm.mma.k[row][kk] = live && sm.col_ok[row] ? k[sm.k_base[row] + d * p.k_stride[3]] : uint16_t{0};
+      if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of the chunk
+        detail::copy_16_bytes(sm.row_ok[vector_row], text + sm.q_base[vector_row] + d0 + vector_at,
+                              &sm.mma.q[vector_row][vector_at]);
+        detail::copy_16_bytes(sm.col_ok[vector_row], k + sm.k_base[vector_row] + d0 + vector_at,
+                              &sm.mma.k[vector_row][vector_at]);
+      } else {
+        const int64_t d = d0 + kk;
+        const bool live = d < p.D;
+        for (int row = threadIdx.x / kChunkMma; row < kTileRows; row += kThreads / kChunkMma) {
+          sm.mma.q[row][kk] = live && sm.row_ok[row] ? text[sm.q_base[row] + d * p.text_stride[3]] : uint16_t{0};
+          sm.mma.k[row][kk] = live && sm.col_ok[row] ? k[sm.k_base[row] + d * p.k_stride[3]] : uint16_t{0};
+        }
       }
       __syncthreads();
 #pragma unroll
@@ -440,6 +450,18 @@ struct Plan {
   int64_t B, H_kv, L, S, D, H_q, group, num_images, nsplit, rsplit, tokens;
 };
 
+// 16-byte staging loads (16-bit types only) need whole chunks of contiguous head dims, with
+// every row of k and text starting 16-byte aligned.
+bool vector_staging(const ScoreArgs& a) {
+  const bool sixteen_bit = a.k.dtype == DType::Float16 || a.k.dtype == DType::BFloat16;
+  bool ok = sixteen_bit && a.k.size[3] % kChunkMma == 0;
+  for (const Tensor4* t : {&a.k, &a.text}) {
+    ok = ok && reinterpret_cast<uintptr_t>(t->data) % 16 == 0 && t->stride[3] == 1 && t->stride[0] % 8 == 0 &&
+         t->stride[1] % 8 == 0 && t->stride[2] % 8 == 0;
+  }
+  return ok;
+}
+
 Plan make_plan(const ScoreArgs& a) {
   Plan plan{};
   plan.B = a.k.size[0];
@@ -558,6 +580,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.rsplit = plan.rsplit;
   p.tokens = plan.tokens;
   p.importance = a.importance;
+  p.vector_stage = vector_staging(a);
   switch (a.k.dtype) {
     case DType::Float32:
       return launch_passes<float>(p, plan, a, stream);

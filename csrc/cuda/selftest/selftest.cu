@@ -494,12 +494,13 @@ int main(int argc, char** argv) {
   run_merge_case<float>({"fp32 ratio 0", 2, 2, 64, 16, {16, 16, 16, 16}, 0.0, false, {0, 1, 2, 3}, 0}, 14);
   run_merge_case<float>({"fp32 odd D scalar path", 1, 3, 99, 13, {33, 33, 33}, 0.9, false, {0, 1, 2, 3}, 5}, 15);
   // Screening paths: one feature chunk with dst ranges (direct), LLaVA-like small windows with
-  // many features (partial sums over feature splits), and exact ties everywhere (every src falls
-  // back to the exact scan of all its dsts).
+  // many features (partial sums over feature splits), exact ties everywhere (every src falls
+  // back to the exact scan of all its dsts), and 16-byte staging of a float32 metric.
   run_merge_case<__nv_bfloat16>({"bf16 dst ranges", 1, 1, 300, 32, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 17);
   run_merge_case<__nv_bfloat16>({"bf16 feature splits", 2, 8, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6},
                                 18);
   run_merge_case<__half>({"fp16 tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3}, 4000}, 19);
+  run_merge_case<float>({"fp32 vector staging", 2, 2, 100, 32, {50, 50}, 0.5, false, {0, 1, 2, 3}, 4}, 20);
 
   if (g_failures != 0) {
     std::fprintf(stderr, "lightkv_cuda_selftest: %d check(s) failed\n", g_failures);
