@@ -461,6 +461,7 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     const int64_t src_tile = unit - p.tile_offsets[w];
     setup_side(p, start, 2 * kTile * src_tile, min(int64_t{kTile}, n_src - kTile * src_tile), sm.src_base,
                sm.src_norm, sm.src_ok);
+    __syncthreads();  // src_ok is read by write_list even when this dst range is empty
     const int64_t per_range = ceil_div(dst_tiles, p.dst_split);
     TopList<Acc> top;
     for (int64_t dst_tile = part * per_range; dst_tile < min(dst_tiles, (part + 1) * per_range); ++dst_tile) {

@@ -2,7 +2,8 @@
 # Check the CUDA kernels' logic on a machine without a GPU: translate csrc/cuda/*.cu to C++ over
 # cuda_on_cpu.h, then run (1) the self-test's small cases, (2) the same under ThreadSanitizer
 # (shared-memory races), (3) the public API over the emulated ops against lightkv_ext.reference.
-# Needs g++ >= 11 and the CUDA headers (no GPU, no nvcc run). About 15 minutes on 2 cores.
+# Needs g++ >= 11 and the CUDA headers (no GPU, no nvcc run). About an hour on 2 cores, most of it
+# under ThreadSanitizer.
 #   bash csrc/cuda/emulation/run.sh [BUILD_DIR]
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
