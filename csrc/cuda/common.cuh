@@ -116,6 +116,13 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Rows of a strided 4-D tensor can be read 16 bytes (`per_vector` elements) at a time: aligned
+// base, contiguous last dim, every other stride a multiple of `per_vector`.
+inline bool rows_16_byte_aligned(const void* data, const int64_t* stride, int64_t per_vector) {
+  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && stride[3] == 1 && stride[0] % per_vector == 0 &&
+         stride[1] % per_vector == 0 && stride[2] % per_vector == 0;
+}
+
 // Carves one caller-provided buffer into 256-byte aligned arrays. With a null base it only
 // counts bytes, so the size query and the launch share one layout description.
 class WorkspaceCarver {

@@ -245,13 +245,14 @@ struct ScreenSmem {
   bool dst_ok[kTile];
 };
 
-// Tile rows (srcs) or columns (dsts): element offsets of their metric rows, norms, liveness.
-// `first` is the window position of entry 0; `count` the live entries of the tile.
-__device__ __forceinline__ void setup_side(const Params& p, int64_t start, int64_t first_position, int64_t live,
+// Tile `tile` of the srcs (parity 0: window positions 0, 2, ...) or dsts (parity 1) of the window
+// at `start`, of which there are `count`: element offsets of their metric rows, norms, liveness.
+__device__ __forceinline__ void setup_side(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
                                            int64_t* base, double* norm, bool* ok) {
+  const int64_t live = min(int64_t{kTile}, count - kTile * tile);
   for (int local = threadIdx.x; local < kTile; local += blockDim.x) {
     const bool is_live = local < live;
-    const int64_t token = is_live ? p.window_tokens[start + first_position + 2 * local] : 0;
+    const int64_t token = is_live ? p.window_tokens[start + 2 * (kTile * tile + local) + parity] : 0;
     ok[local] = is_live;
     base[local] = token_base(p, token);
     norm[local] = is_live ? p.norms[token] : 0.0;
@@ -448,10 +449,8 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     if (partial) {
       const int64_t local = unit - p.pair_offsets[w];
       const int64_t src_tile = local / dst_tiles, dst_tile = local % dst_tiles;
-      setup_side(p, start, 2 * kTile * src_tile, min(int64_t{kTile}, n_src - kTile * src_tile), sm.src_base,
-                 sm.src_norm, sm.src_ok);
-      setup_side(p, start, 2 * kTile * dst_tile + 1, min(int64_t{kTile}, n_dst - kTile * dst_tile), sm.dst_base,
-                 sm.dst_norm, sm.dst_ok);
+      setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
+      setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
       const int64_t per_split = ceil_div(p.feature_chunks, split) * Screen<M>::kChunk;
       tile_dots<M>(p, sm, part * per_split, min(p.features, (part + 1) * per_split));
       Acc* out = static_cast<Acc*>(p.partial) + (part * p.pair_offsets[p.num_windows] + unit) * kTile * kTile;
@@ -459,15 +458,13 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
       continue;
     }
     const int64_t src_tile = unit - p.tile_offsets[w];
-    setup_side(p, start, 2 * kTile * src_tile, min(int64_t{kTile}, n_src - kTile * src_tile), sm.src_base,
-               sm.src_norm, sm.src_ok);
+    setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
     __syncthreads();  // src_ok is read by write_list even when this dst range is empty
     const int64_t per_range = ceil_div(dst_tiles, p.dst_split);
     TopList<Acc> top;
     for (int64_t dst_tile = part * per_range; dst_tile < min(dst_tiles, (part + 1) * per_range); ++dst_tile) {
       __syncthreads();  // the previous tile's epilogue is done with the dst side data
-      setup_side(p, start, 2 * kTile * dst_tile + 1, min(int64_t{kTile}, n_dst - kTile * dst_tile), sm.dst_base,
-                 sm.dst_norm, sm.dst_ok);
+      setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
       tile_dots<M>(p, sm, 0, p.features);
       keep_best<M>(sm, dst_tile, top);
     }
@@ -491,13 +488,11 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
     const int64_t n_src = (n + 1) / 2, n_dst = n / 2, dst_tiles = ceil_div(n_dst, kTile);
     const int64_t src_tile = tile - p.tile_offsets[w];
     __syncthreads();  // the previous item is done with the side data
-    setup_side(p, start, 2 * kTile * src_tile, min(int64_t{kTile}, n_src - kTile * src_tile), sm.src_base,
-               sm.src_norm, sm.src_ok);
+    setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
     TopList<Acc> top;
     for (int64_t dst_tile = 0; dst_tile < dst_tiles; ++dst_tile) {
       __syncthreads();  // the previous tile's epilogue is done with the tile and the dst side data
-      setup_side(p, start, 2 * kTile * dst_tile + 1, min(int64_t{kTile}, n_dst - kTile * dst_tile), sm.dst_base,
-                 sm.dst_norm, sm.dst_ok);
+      setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
       const int64_t pair = p.pair_offsets[w] + src_tile * dst_tiles + dst_tile;
       for (int e = threadIdx.x; e < kTile * kTile; e += kScreenThreads) {
         Acc sum = partial[pair * kTile * kTile + e];
@@ -760,19 +755,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
 }
 
 template <typename T>
-bool vector_ok(const void* data, const int64_t* stride, int64_t D, int vec) {
-  if (vec == 1) return true;
-  if (reinterpret_cast<uintptr_t>(data) % 16 != 0 || stride[3] != 1 || D % vec != 0) return false;
-  return stride[0] % vec == 0 && stride[1] % vec == 0 && stride[2] % vec == 0;
-}
-
-template <typename T>
 cudaError_t launch_values(ValueParams vp, int64_t slots, cudaStream_t stream) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));
-  bool vectorised = true;
+  bool vectorised = vp.D % kVec == 0;
   for (int tensor = 0; tensor < 2; ++tensor) {
-    vectorised = vectorised && vector_ok<T>(vp.x[tensor], vp.x_stride[tensor], vp.D, kVec) &&
-                 vector_ok<T>(vp.out[tensor], vp.out_stride[tensor], vp.D, kVec);
+    vectorised = vectorised && detail::rows_16_byte_aligned(vp.x[tensor], vp.x_stride[tensor], kVec) &&
+                 detail::rows_16_byte_aligned(vp.out[tensor], vp.out_stride[tensor], kVec);
   }
   const int vec = vectorised ? kVec : 1;
   const dim3 grid(detail::grid_for(slots, kMaxGrid),
@@ -908,16 +896,13 @@ double screen_eps(int64_t features, int64_t splits) {
 // multiple of the chunk), channels are contiguous, and every row and head starts 16-byte aligned.
 template <typename M>
 bool vector_staging(const Params& p) {
-  constexpr int64_t kPerVector = 16 / sizeof(typename Screen<M>::Stage);
-  return reinterpret_cast<uintptr_t>(p.metric) % 16 == 0 && p.metric_stride[3] == 1 &&
-         p.metric_inner % Screen<M>::kChunk == 0 && p.metric_stride[0] % kPerVector == 0 &&
-         p.metric_stride[1] % kPerVector == 0 && p.metric_stride[2] % kPerVector == 0;
+  return p.metric_inner % Screen<M>::kChunk == 0 &&
+         detail::rows_16_byte_aligned(p.metric, p.metric_stride, 16 / sizeof(typename Screen<M>::Stage));
 }
 
 template <typename M>
-cudaError_t launch_matching(Params p, const Plan& plan, cudaStream_t stream) {
-  norms_kernel<M><<<detail::grid_for(ceil_div(plan.tokens, 8), kMaxGrid), 256, 0, stream>>>(p, plan.tokens,
-                                                                                           const_cast<double*>(p.norms));
+cudaError_t launch_matching(Params p, const Plan& plan, double* norms, cudaStream_t stream) {
+  norms_kernel<M><<<detail::grid_for(ceil_div(plan.tokens, 8), kMaxGrid), 256, 0, stream>>>(p, plan.tokens, norms);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
   p.eps = screen_eps<M>(plan.features, plan.max_feature_split);
   p.feature_chunks = ceil_div(plan.features, Screen<M>::kChunk);
@@ -995,16 +980,16 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
   switch (a.metric.dtype) {
     case DType::Float32:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, ws.norms, stream));
       break;
     case DType::Float16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, ws.norms, stream));
       break;
     case DType::BFloat16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, ws.norms, stream));
       break;
     case DType::Float64:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, ws.norms, stream));
       break;
   }
 

@@ -454,12 +454,8 @@ struct Plan {
 // every row of k and text starting 16-byte aligned.
 bool vector_staging(const ScoreArgs& a) {
   const bool sixteen_bit = a.k.dtype == DType::Float16 || a.k.dtype == DType::BFloat16;
-  bool ok = sixteen_bit && a.k.size[3] % kChunkMma == 0;
-  for (const Tensor4* t : {&a.k, &a.text}) {
-    ok = ok && reinterpret_cast<uintptr_t>(t->data) % 16 == 0 && t->stride[3] == 1 && t->stride[0] % 8 == 0 &&
-         t->stride[1] % 8 == 0 && t->stride[2] % 8 == 0;
-  }
-  return ok;
+  return sixteen_bit && a.k.size[3] % kChunkMma == 0 && detail::rows_16_byte_aligned(a.k.data, a.k.stride, 8) &&
+         detail::rows_16_byte_aligned(a.text.data, a.text.stride, 8);
 }
 
 Plan make_plan(const ScoreArgs& a) {
