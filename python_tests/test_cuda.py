@@ -73,6 +73,9 @@ SHAPES = [
     pytest.param(2, 1, 2, (9, 11), 5, 40, (2, 2), 0.3, id="ratio-0.3-odd-D"),
     pytest.param(1, 2, 2, (16, 16), 9, 256, 1, 0.9, id="D256-one-window"),
     pytest.param(1, 2, 4, (8, 8), 5, 320, 2, 0.5, id="D320"),
+    # The longest rows one block groups, and one token row past it (the device-wide path).
+    pytest.param(2, 1, 2, (64, 64), 4, 16, 8, 0.5, id="rows-of-4096"),
+    pytest.param(2, 1, 2, (65, 64), 4, 16, 8, 0.5, id="rows-of-4160"),
 ]
 
 

@@ -1,6 +1,7 @@
 // Internal helpers shared by score.cu and merge.cu (not part of the public kernels.h).
 #pragma once
 
+#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -142,10 +143,28 @@ class WorkspaceCarver {
   size_t offset_ = 0;
 };
 
-// For `num_arrays` arrays of `n` counts (counts[a * n + i]) writes exclusive prefix sums
-// offsets[a * (n + 1) + i], i = 0..n (the last one is the total). One block per array.
-cudaError_t launch_exclusive_offsets(const int64_t* counts, int64_t n, int num_arrays,
-                                     int64_t* offsets, cudaStream_t stream);
+// out[i] = count(0) + ... + count(i - 1) for i = 0..n (out[n]: the total), by all kThreads
+// threads of one block, chunk after chunk with a running prefix. For per-image / per-window work
+// counts (thousands of entries at most in practice), so one block is enough.
+template <int kThreads, typename Count>
+__device__ void block_exclusive_offsets(const Count& count, int64_t n, int64_t* __restrict__ out) {
+  using BlockScan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ int64_t running;
+  if (threadIdx.x == 0) running = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < n; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    int64_t prefix = 0, chunk_total = 0;
+    BlockScan(scan_storage).ExclusiveSum(i < n ? count(i) : 0, prefix, chunk_total);
+    const int64_t start = running;
+    if (i < n) out[i] = start + prefix;
+    __syncthreads();  // everyone has read `running` and scan_storage before they change
+    if (threadIdx.x == 0) running = start + chunk_total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[n] = running;
+}
 
 // Index of the segment that holds `item`: the largest s with offsets[s] <= item, searching
 // offsets[0..n] (n + 1 entries, non-decreasing). Skips empty segments.

@@ -1,10 +1,9 @@
 // Segmented window merge (contract: `merge` in csrc/lightkv.cpp), all windows of all rows in
 // one pass of kernels:
-//   1. window_tiles_kernel + offsets scan: per window that merges anything, its 64-src tiles and
-//      its (64-src tile, 64-dst tile) pairs.
-//   2. norms_kernel: |metric| per token in float64 (one warp per token).
-//   3. init_slots_kernel: sort keys -inf, window position of every slot of window_tokens.
-//   4. Matching, exact to float64 but screened in fast arithmetic:
+//   1. prepare_kernel: per window that merges anything, exclusive offsets of its 64-src tiles
+//      and of its (64-src tile, 64-dst tile) pairs; |metric| per token in float64 (one warp per
+//      token); every token starts kept.
+//   2. Matching, exact to float64 but screened in fast arithmetic:
 //      a. screen_kernel: 64 x 64 tiles of src-dst dot products over the metric features, on
 //         tensor cores (mma.sync, float32 accumulation) for 16-bit metrics, float32 FMA for
 //         float32 and float64 FMA for float64 metrics. Every screened cosine is within `eps` of
@@ -16,23 +15,24 @@
 //      b. choose_kernel, one warp per src: the exact float64 cosine of every listed dst within
 //         2 eps of the best screened value (no other dst can be the exact best or tie it), or of
 //         every dst when the list cannot prove that (kTopK near-ties, non-finite values). The
-//         exact best (ties: lowest dst) gives the src's dst and its sort key, the float64 value.
-//   5. cub::DeviceSegmentedSort::StableSortPairsDescending per window: srcs by score, ties in
-//      window order (stable), dsts (-inf) last.
-//   6. select_kernel: the first r sorted entries of each window are merged: merged_into[src] = dst.
-//   7. kept flags -> cub::DeviceScan::ExclusiveSum -> output slot of every kept token; index,
-//      assignment and a (slot, token) key per token.
-//   8. cub::DeviceRadixSort::SortPairs on (slot, token): each group's members contiguous and in
-//      increasing token order; group_bounds_kernel finds each group's range.
-//   9. merge_values_kernel: one block per (output slot, element chunk, k or v): float32 weighted
+//         exact best (ties: lowest dst) gives the src's dst and its score, the float64 value.
+//   3. rank_select_kernel: each src's rank in its window (score descending, ties: lower
+//      position) by counting the srcs that beat it; the first r are merged: merged_into[src] = dst.
+//   4. Output slot of every kept token in its row, index, assignment, and the members of every
+//      group contiguous in token order: row_groups_kernel (a block scan and a block radix sort
+//      per row) for rows of at most kRowTokens tokens; else kept flags -> cub::DeviceScan ->
+//      slots_kernel -> cub::DeviceRadixSort on (slot, token) -> group_bounds_kernel.
+//   5. merge_values_kernel: one block per (output slot, element chunk, k or v): float32 weighted
 //      sum of the members in that fixed order; single-member groups are copied bitwise. 16-byte
 //      vectors where the layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
-// those of float64 arithmetic whichever path screened them.
+// those of float64 arithmetic whichever path screened them. A LLaVA-1.5 image takes 7
+// launches.
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
-#include <cub/device/device_segmented_sort.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -54,6 +54,11 @@ constexpr int kScreenThreads = 128;  // 4 warps, each owning a 32 x 32 quarter o
 constexpr int kTopK = 8;             // screened candidates kept per src
 constexpr int kMergeThreads = 128;
 constexpr int kChooseThreads = 256;  // one warp per src
+constexpr int kPrepareThreads = 256;
+constexpr int kRankThreads = 256;
+constexpr int kRowThreads = 512;
+constexpr int kRowItems = 8;
+constexpr int64_t kRowTokens = kRowThreads * kRowItems;  // rows up to this long: row_groups_kernel
 constexpr int64_t kMaxGrid = 1 << 20;
 constexpr int64_t kMaxScreenGrid = 1 << 16;
 constexpr int64_t kTargetScreenItems = 1024;  // dst ranges aim at this many work items
@@ -95,22 +100,25 @@ struct Params {
   const int64_t* window_offsets;
   int64_t num_windows;
   int64_t total;  // window tokens
+  int64_t tokens;  // B * L
   int64_t L;
   double ratio;
   const int64_t* tile_offsets;  // per window: 64-src tiles, exclusive offsets (num_windows + 1)
   const int64_t* pair_offsets;  // per window: (src tile, dst tile) pairs, exclusive offsets
-  const double* norms;
+  double* norms;
   int64_t dst_split;
   int64_t feature_chunks;      // staged feature chunks of the whole metric
   bool vector_stage;           // stage whole chunks with 16-byte loads (vector_staging)
+  bool vector_rows;            // lane_dot reads rows 16 bytes at a time (vector_rows)
   int64_t max_feature_split;   // shape-only bound; the split in use is feature_split() below
   void* partial;               // partial mode: (split, pair, kTile, kTile) dot tiles
   int64_t partial_capacity;    // elements of `partial`
   double eps;                  // bound on |screened cosine - exact cosine|
   double* range_value;         // (dst_split, total, kTopK): screened values, best first
   int32_t* range_dst;          // same layout: dst index j (position 2 j + 1), INT_MAX if none
-  double* keys;
-  int32_t* best_dst;
+  double* keys;                // per src slot of a merging window: the exact best similarity
+  int32_t* best_dst;           // and its dst's window position, -1 if none
+  int64_t* merged_into;        // per token: the token it is merged into, -1 if kept
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -121,19 +129,6 @@ __device__ __forceinline__ int64_t merge_count(double ratio, int64_t n) {
   return min(r, n / 2);
 }
 
-// counts[w]: 64-src tiles of window w; counts[num_windows + w]: its (src tile, dst tile) pairs.
-// A window that merges nothing needs no similarities at all (ratio 0, single tokens).
-__global__ void window_tiles_kernel(const int64_t* __restrict__ offsets, int64_t num_windows, double ratio,
-                                    int64_t* __restrict__ counts) {
-  for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; w < num_windows;
-       w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = offsets[w + 1] - offsets[w];
-    const bool merges = merge_count(ratio, n) > 0;
-    const int64_t src_tiles = merges ? ceil_div((n + 1) / 2, kTile) : 0;
-    counts[w] = src_tiles;
-    counts[num_windows + w] = src_tiles * ceil_div(n / 2, kTile);
-  }
-}
 
 // Walks features f = first, first + step, ... as (head g, channel c) element offsets without
 // divisions: offset() = g * stride[2] + c * stride[3].
@@ -158,32 +153,63 @@ __device__ __forceinline__ int64_t token_base(const Params& p, int64_t token) {
   return (token / p.L) * p.metric_stride[0] + (token % p.L) * p.metric_stride[1];
 }
 
+// This lane's share of the float64 dot product of two tokens' metric rows, in a fixed order:
+// 16-byte vectors v = lane, lane + 32, ... when p.vector_rows, else features f = lane, lane + 32, ...
 template <typename M>
-__global__ void norms_kernel(const Params p, int64_t tokens, double* __restrict__ norms) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = blockDim.x / 32;
+__device__ double lane_dot(const Params& p, int64_t a_base, int64_t b_base, int lane) {
   const M* __restrict__ metric = static_cast<const M*>(p.metric);
-  for (int64_t token = blockIdx.x * warps + threadIdx.x / 32; token < tokens;
-       token += static_cast<int64_t>(gridDim.x) * warps) {
-    const int64_t base = token_base(p, token);
-    double sum = 0.0;
+  double dot = 0.0;
+  if (p.vector_rows) {
+    constexpr int kPerVector = 16 / sizeof(M);
+    FeatureCursor feature(p, kPerVector * lane);
+    for (int64_t f = kPerVector * lane; f < p.features; f += 32 * kPerVector, feature.advance(32 * kPerVector)) {
+      const uint4 a_raw = *reinterpret_cast<const uint4*>(metric + a_base + feature.offset());
+      const uint4 b_raw = *reinterpret_cast<const uint4*>(metric + b_base + feature.offset());
+      M a[kPerVector], b[kPerVector];
+      memcpy(a, &a_raw, 16);
+      memcpy(b, &b_raw, 16);
+#pragma unroll
+      for (int i = 0; i < kPerVector; ++i) dot = fma(to_double(a[i]), to_double(b[i]), dot);
+    }
+  } else {
     FeatureCursor feature(p, lane);
     for (int64_t f = lane; f < p.features; f += 32, feature.advance(32)) {
-      const double x = to_double(metric[base + feature.offset()]);
-      sum = fma(x, x, sum);
+      dot = fma(to_double(metric[a_base + feature.offset()]), to_double(metric[b_base + feature.offset()]), dot);
     }
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) norms[token] = sqrt(sum);
   }
+  return dot;
 }
 
-__global__ void init_slots_kernel(const Params p, int32_t* __restrict__ positions) {
-  for (int64_t slot = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; slot < p.total;
-       slot += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = find_segment(p.window_offsets, p.num_windows, slot);
-    positions[slot] = static_cast<int32_t>(slot - p.window_offsets[w]);
-    p.keys[slot] = -INFINITY;
-    p.best_dst[slot] = -1;
+__device__ __forceinline__ double warp_sum(double x) {
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Blocks 0 and 1 first write the exclusive offsets of every window's 64-src tiles (block 0) and
+// of its (src tile, dst tile) pairs (block 1); a window that merges nothing (ratio 0, single
+// tokens) needs no similarities, so it has none. Then every block: |metric| per token in float64,
+// one warp per token, and the token starts kept.
+template <typename M>
+__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const Params p, int64_t* __restrict__ offsets) {
+  if (blockIdx.x < 2) {
+    const bool pairs = blockIdx.x == 1;
+    const auto count = [&](int64_t w) -> int64_t {
+      const int64_t n = p.window_offsets[w + 1] - p.window_offsets[w];
+      if (merge_count(p.ratio, n) == 0) return 0;
+      const int64_t src_tiles = ceil_div((n + 1) / 2, kTile);
+      return pairs ? src_tiles * ceil_div(n / 2, kTile) : src_tiles;
+    };
+    detail::block_exclusive_offsets<kPrepareThreads>(count, p.num_windows, offsets + blockIdx.x * (p.num_windows + 1));
+  }
+  const int lane = threadIdx.x % 32;
+  constexpr int64_t kWarps = kPrepareThreads / 32;
+  for (int64_t token = blockIdx.x * kWarps + threadIdx.x / 32; token < p.tokens; token += gridDim.x * kWarps) {
+    const int64_t base = token_base(p, token);
+    const double norm = sqrt(warp_sum(lane_dot<M>(p, base, base, lane)));
+    if (lane == 0) {
+      p.norms[token] = norm;
+      p.merged_into[token] = -1;  // until rank_select_kernel merges it
+    }
   }
 }
 
@@ -509,14 +535,7 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
 // Exact float64 cosine of two tokens' metrics, summed in a fixed order; the same in every lane.
 template <typename M>
 __device__ double exact_similarity(const Params& p, int64_t src_token, int64_t dst_token, int lane) {
-  const M* __restrict__ metric = static_cast<const M*>(p.metric);
-  const int64_t src_base = token_base(p, src_token), dst_base = token_base(p, dst_token);
-  double dot = 0.0;
-  FeatureCursor feature(p, lane);
-  for (int64_t f = lane; f < p.features; f += 32, feature.advance(32)) {
-    dot = fma(to_double(metric[src_base + feature.offset()]), to_double(metric[dst_base + feature.offset()]), dot);
-  }
-  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  const double dot = warp_sum(lane_dot<M>(p, token_base(p, src_token), token_base(p, dst_token), lane));
   return dot / (p.norms[src_token] * p.norms[dst_token] + 1e-8);
 }
 
@@ -559,24 +578,50 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
         }
       }
     }
-    if (lane != 0 || best_at == INT_MAX) continue;  // no comparable dst (NaN metric): keeps the -inf key
-    p.keys[slot] = best == 0.0 ? 0.0 : best;  // +0.0 for -0.0 so the radix sort sees one zero
-    p.best_dst[slot] = static_cast<int32_t>(2 * static_cast<int64_t>(best_at) + 1);
+    if (lane != 0) continue;
+    const bool found = best_at != INT_MAX;  // else no comparable dst (NaN metric): ranked last, never merged
+    p.keys[slot] = found ? best : -INFINITY;
+    p.best_dst[slot] = found ? static_cast<int32_t>(2 * static_cast<int64_t>(best_at) + 1) : -1;
   }
 }
 
-// The first r entries of every sorted window are the merged srcs.
-__global__ void select_kernel(const Params p, const int32_t* __restrict__ sorted_positions,
-                              int64_t* __restrict__ merged_into) {
-  for (int64_t slot = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; slot < p.total;
-       slot += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = find_segment(p.window_offsets, p.num_windows, slot);
-    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
-    if (slot - start >= merge_count(p.ratio, n)) continue;
-    const int64_t src_slot = start + sorted_positions[slot];
-    const int32_t dst_position = p.best_dst[src_slot];
-    if (dst_position < 0) continue;
-    merged_into[p.window_tokens[src_slot]] = p.window_tokens[start + dst_position];
+// Per 64-src tile of a merging window: each src's rank among the window's srcs (score
+// descending, ties: lower position first) is the number of srcs that beat it, counted by
+// kRankParts threads per src over shared-memory chunks of keys. The first r srcs with a dst are
+// merged. O(srcs^2) per window, spread over its tiles: cheap next to the similarities.
+__global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params p) {
+  constexpr int kRankParts = kRankThreads / kTile;
+  __shared__ double chunk_key[kRankThreads];
+  __shared__ int32_t beaten_by[kRankParts][kTile];
+  const int local = threadIdx.x % kTile, part = threadIdx.x / kTile;
+  for (int64_t tile = blockIdx.x; tile < p.tile_offsets[p.num_windows]; tile += gridDim.x) {
+    const int64_t w = find_segment(p.tile_offsets, p.num_windows, tile);
+    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start, srcs = (n + 1) / 2;
+    const int64_t i = (tile - p.tile_offsets[w]) * kTile + local;  // this thread's src
+    const double key = i < srcs ? p.keys[start + 2 * i] : 0.0;
+    int32_t count = 0;
+    for (int64_t chunk = 0; chunk < srcs; chunk += kRankThreads) {
+      const int64_t j = chunk + threadIdx.x;
+      chunk_key[threadIdx.x] = j < srcs ? p.keys[start + 2 * j] : 0.0;
+      __syncthreads();
+      const int64_t chunk_srcs = min(int64_t{kRankThreads}, srcs - chunk);
+      for (int64_t c = part; c < chunk_srcs; c += kRankParts) {
+        const double other = chunk_key[c];
+        count += other > key || (other == key && chunk + c < i) ? 1 : 0;
+      }
+      __syncthreads();  // the chunk is read before the next one replaces it
+    }
+    beaten_by[part][local] = count;
+    __syncthreads();
+    if (part == 0 && i < srcs) {
+      int64_t rank = 0;
+      for (int q = 0; q < kRankParts; ++q) rank += beaten_by[q][local];
+      const int32_t dst_position = p.best_dst[start + 2 * i];
+      if (rank < merge_count(p.ratio, n) && dst_position >= 0) {
+        p.merged_into[p.window_tokens[start + 2 * i]] = p.window_tokens[start + dst_position];
+      }
+    }
+    __syncthreads();  // beaten_by is read before the next tile writes it
   }
 }
 
@@ -616,6 +661,79 @@ __global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, in
     if (key >= slots) continue;
     if (j == 0 || sorted_slot[j - 1] != key) group_begin[key] = j;
     if (j + 1 == tokens || sorted_slot[j + 1] != key) group_end[key] = j + 1;
+  }
+}
+
+// Rows of at most kRowTokens tokens, one block each: what the general path gets from the
+// kept-flag scan, slots_kernel, the radix sort and group_bounds_kernel, in one launch. Thread t
+// holds tokens l = kRowItems t + i (CUB's blocked arrangement); the block scan numbers the kept
+// tokens, and a stable block radix sort on the slot groups the members in token order.
+__global__ void __launch_bounds__(kRowThreads)
+    row_groups_kernel(const int64_t* __restrict__ merged_into, int64_t rows, int64_t L, int64_t kept, int key_bits,
+                      int64_t* __restrict__ index, int64_t* __restrict__ assignment, int64_t* __restrict__ members,
+                      int64_t* __restrict__ group_begin, int64_t* __restrict__ group_end) {
+  using RowScan = cub::BlockScan<int32_t, kRowThreads>;
+  using RowSort = cub::BlockRadixSort<uint32_t, kRowThreads, kRowItems, uint32_t>;
+  __shared__ union {
+    typename RowScan::TempStorage scan;
+    typename RowSort::TempStorage sort;
+  } storage;
+  __shared__ uint32_t slot_of[kRowTokens];  // slot of each kept token by l, then the sorted slots
+  const uint32_t none = static_cast<uint32_t>(kept);  // slot key of padding and of slots >= kept
+  for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {
+    const int64_t row = b * L;
+    for (int64_t m = threadIdx.x; m < kept; m += kRowThreads) {  // empty unless a member says otherwise
+      group_begin[b * kept + m] = 0;
+      group_end[b * kept + m] = 0;
+    }
+    int32_t anchor[kRowItems];  // l of the kept token each token ends in
+    int32_t kept_here = 0;
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const int64_t l = kRowItems * static_cast<int64_t>(threadIdx.x) + i;
+      const int64_t into = l < L ? merged_into[row + l] : -1;
+      anchor[i] = static_cast<int32_t>(into < 0 ? l : into - row);
+      kept_here += l < L && anchor[i] == l ? 1 : 0;
+    }
+    int32_t next_slot = 0;
+    RowScan(storage.scan).ExclusiveSum(kept_here, next_slot);
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
+      if (l < L && anchor[i] == l) slot_of[l] = static_cast<uint32_t>(next_slot++);
+    }
+    __syncthreads();
+    uint32_t key[kRowItems], token[kRowItems];
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
+      token[i] = static_cast<uint32_t>(l);
+      key[i] = none;
+      if (l >= L) continue;
+      const uint32_t m = slot_of[anchor[i]];
+      assignment[row + l] = m;
+      if (m < none) {
+        key[i] = m;
+        if (anchor[i] == l) index[b * kept + m] = l;
+      }
+    }
+    __syncthreads();  // slot_of is read before it holds the sorted slots
+    RowSort(storage.sort).Sort(key, token, 0, key_bits);
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
+      slot_of[j] = key[i];
+      if (j < L) members[row + j] = row + token[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
+      if (j >= L || key[i] == none) continue;
+      if (j == 0 || slot_of[j - 1] != key[i]) group_begin[b * kept + key[i]] = row + j;
+      if (j + 1 == L || slot_of[j + 1] != key[i]) group_end[b * kept + key[i]] = row + j + 1;
+    }
+    __syncthreads();  // slot_of and the sort storage are free for the next row
   }
 }
 
@@ -780,8 +898,19 @@ struct Plan {
   int64_t max_feature_split;
   int64_t partial_capacity;  // elements of the partial-mode buffer
   size_t acc_bytes;          // bytes of a screened dot product
+  bool row_groups;           // rows short enough for row_groups_kernel
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
+  int row_key_bits;  // the same for row_groups_kernel's row-local slots
 };
+
+int bit_width(uint64_t x) {
+  int bits = 1;
+  while (bits < 64 && (x >> bits) != 0) ++bits;
+  return bits;
+}
+
+// Upper bound on the 64-src tiles: every window contributes at most n / 128 + 1 of them.
+int64_t tile_bound(const Plan& plan) { return plan.total / (2 * kTile) + plan.windows + 1; }
 
 Plan make_plan(const MergeArgs& a) {
   Plan plan{};
@@ -794,7 +923,7 @@ Plan make_plan(const MergeArgs& a) {
   plan.total = a.total_tokens;
   plan.windows = a.num_windows;
   plan.features = a.metric.size[2] * a.metric.size[3];
-  const int64_t src_tiles = plan.total / (2 * kTile) + plan.windows + 1;  // upper bound
+  const int64_t src_tiles = tile_bound(plan);
   const int64_t list_bytes = plan.total * kTopK * static_cast<int64_t>(sizeof(double) + sizeof(int32_t));
   plan.dst_split = std::max<int64_t>(1, std::min({ceil_div(kTargetScreenItems, src_tiles), kMaxDstSplit,
                                                   kMaxRangeListBytes / std::max<int64_t>(list_bytes, 1)}));
@@ -804,19 +933,16 @@ Plan make_plan(const MergeArgs& a) {
                                                                                     : Screen<float>::kChunk));
   // Partial mode can only pay off when the src tiles may be too few to fill the GPU.
   plan.partial_capacity = plan.max_feature_split >= 2 && src_tiles < kPartialItems ? kPartialItems * kTile * kTile : 0;
-  plan.end_bit = 1;
-  while (plan.end_bit < 64 && (static_cast<uint64_t>(plan.slots) >> plan.end_bit) != 0) ++plan.end_bit;
+  plan.row_groups = plan.L <= kRowTokens;
+  plan.end_bit = bit_width(static_cast<uint64_t>(plan.slots));
+  plan.row_key_bits = bit_width(static_cast<uint64_t>(a.kept));
   return plan;
 }
 
-struct Workspace {
-  int64_t* window_counts;
+struct Workspace {  // the general slot path's arrays are empty when plan.row_groups
   int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
   double* norms;
   double* keys;
-  double* sorted_keys;
-  int32_t* positions;
-  int32_t* sorted_positions;
   int32_t* best_dst;
   double* range_value;
   int32_t* range_dst;
@@ -836,40 +962,35 @@ struct Workspace {
 };
 
 cudaError_t cub_temp_bytes(const Plan& plan, cudaStream_t stream, size_t* bytes) {
-  size_t sort_bytes = 0, scan_bytes = 0, radix_bytes = 0;
-  LIGHTKV_RETURN_IF_ERROR(cub::DeviceSegmentedSort::StableSortPairsDescending(
-      nullptr, sort_bytes, static_cast<const double*>(nullptr), static_cast<double*>(nullptr),
-      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), plan.total, plan.windows,
-      static_cast<const int64_t*>(nullptr), static_cast<const int64_t*>(nullptr), stream));
+  *bytes = 0;
+  if (plan.row_groups) return cudaSuccess;
+  size_t scan_bytes = 0, radix_bytes = 0;
   LIGHTKV_RETURN_IF_ERROR(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const int64_t*>(nullptr),
                                                         static_cast<int64_t*>(nullptr), plan.tokens, stream));
   LIGHTKV_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(
       nullptr, radix_bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
       static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), plan.tokens, 0, plan.end_bit, stream));
-  *bytes = std::max({sort_bytes, scan_bytes, radix_bytes, size_t{1}});
+  *bytes = std::max(scan_bytes, radix_bytes);
   return cudaSuccess;
 }
 
 Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   detail::WorkspaceCarver carver(base);
   Workspace ws{};
-  ws.window_counts = carver.take<int64_t>(2 * plan.windows);
+  const int64_t general = plan.row_groups ? 0 : plan.tokens;
   ws.offsets = carver.take<int64_t>(2 * (plan.windows + 1));
   ws.norms = carver.take<double>(plan.tokens);
   ws.keys = carver.take<double>(plan.total);
-  ws.sorted_keys = carver.take<double>(plan.total);
-  ws.positions = carver.take<int32_t>(plan.total);
-  ws.sorted_positions = carver.take<int32_t>(plan.total);
   ws.best_dst = carver.take<int32_t>(plan.total);
   ws.range_value = carver.take<double>(plan.dst_split * plan.total * kTopK);
   ws.range_dst = carver.take<int32_t>(plan.dst_split * plan.total * kTopK);
   ws.partial = carver.take<char>(plan.partial_capacity * static_cast<int64_t>(plan.acc_bytes));
   ws.merged_into = carver.take<int64_t>(plan.tokens);
-  ws.kept_flags = carver.take<int64_t>(plan.tokens);
-  ws.kept_before = carver.take<int64_t>(plan.tokens);
-  ws.slot_key = carver.take<uint64_t>(plan.tokens);
-  ws.sorted_slot_key = carver.take<uint64_t>(plan.tokens);
-  ws.token_id = carver.take<int64_t>(plan.tokens);
+  ws.kept_flags = carver.take<int64_t>(general);
+  ws.kept_before = carver.take<int64_t>(general);
+  ws.slot_key = carver.take<uint64_t>(general);
+  ws.sorted_slot_key = carver.take<uint64_t>(general);
+  ws.token_id = carver.take<int64_t>(general);
   ws.sorted_token_id = carver.take<int64_t>(plan.tokens);
   ws.group_begin = carver.take<int64_t>(2 * plan.slots);  // then group_end: one memset clears both
   ws.group_end = ws.group_begin + plan.slots;
@@ -900,20 +1021,52 @@ bool vector_staging(const Params& p) {
          detail::rows_16_byte_aligned(p.metric, p.metric_stride, 16 / sizeof(typename Screen<M>::Stage));
 }
 
-template <typename M>
-cudaError_t launch_matching(Params p, const Plan& plan, double* norms, cudaStream_t stream) {
-  norms_kernel<M><<<detail::grid_for(ceil_div(plan.tokens, 8), kMaxGrid), 256, 0, stream>>>(p, plan.tokens, norms);
+// Step 4 for rows of any length: kept flags, their scan, slots_kernel, a radix sort on
+// (slot, token) and group_bounds_kernel.
+cudaError_t launch_general_groups(const Plan& plan, const Workspace& ws, const MergeArgs& a, cudaStream_t stream) {
+  kept_flags_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.merged_into, plan.tokens, ws.kept_flags);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  size_t temp_bytes = ws.cub_bytes;
+  LIGHTKV_RETURN_IF_ERROR(
+      cub::DeviceScan::ExclusiveSum(ws.cub_temp, temp_bytes, ws.kept_flags, ws.kept_before, plan.tokens, stream));
+  slots_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.merged_into, ws.kept_before, plan.tokens, plan.L,
+                                                            a.kept, a.index, a.assignment, ws.slot_key, ws.token_id);
+  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  if (plan.slots == 0) return cudaSuccess;
+  temp_bytes = ws.cub_bytes;
+  LIGHTKV_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(ws.cub_temp, temp_bytes, ws.slot_key, ws.sorted_slot_key,
+                                                          ws.token_id, ws.sorted_token_id, plan.tokens, 0,
+                                                          plan.end_bit, stream));
+  // Empty bounds for any slot no token reaches (only with a wrong `kept`): copies nothing.
+  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.group_begin, 0, 2 * sizeof(int64_t) * plan.slots, stream));
+  group_bounds_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.sorted_slot_key, plan.tokens,
+                                                                   static_cast<uint64_t>(plan.slots), ws.group_begin,
+                                                                   ws.group_end);
+  return cudaGetLastError();
+}
+
+// lane_dot's 16-byte loads are safe when no vector crosses a head (C a multiple of the vector)
+// and every row and head starts 16-byte aligned.
+template <typename M>
+bool vector_rows(const Params& p) {
+  return p.metric_inner % (16 / sizeof(M)) == 0 && detail::rows_16_byte_aligned(p.metric, p.metric_stride, 16 / sizeof(M));
+}
+
+template <typename M>
+cudaError_t launch_matching(Params p, const Plan& plan, int64_t* offsets, cudaStream_t stream) {
   p.eps = screen_eps<M>(plan.features, plan.max_feature_split);
   p.feature_chunks = ceil_div(plan.features, Screen<M>::kChunk);
   p.vector_stage = vector_staging<M>(p);
-  // Upper bound on the src tiles: every window contributes at most n / 128 + 1 of them.
-  const int64_t tile_bound = plan.total / (2 * kTile) + plan.windows + 1;
-  const int64_t screen_items = std::max(tile_bound * plan.dst_split, plan.partial_capacity > 0 ? kPartialItems : 0);
+  p.vector_rows = vector_rows<M>(p);
+  // At least 2 blocks: blocks 0 and 1 write the tile and pair offsets.
+  const int64_t prepare_blocks = std::max<int64_t>(2, ceil_div(plan.tokens, kPrepareThreads / 32));
+  prepare_kernel<M><<<detail::grid_for(prepare_blocks, kMaxGrid), kPrepareThreads, 0, stream>>>(p, offsets);
+  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  const int64_t screen_items = std::max(tile_bound(plan) * plan.dst_split, plan.partial_capacity > 0 ? kPartialItems : 0);
   screen_kernel<M><<<detail::grid_for(screen_items, kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
   if (plan.partial_capacity > 0) {
-    reduce_partials_kernel<M><<<detail::grid_for(tile_bound, kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
+    reduce_partials_kernel<M><<<detail::grid_for(tile_bound(plan), kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
     LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
   }
   choose_kernel<M><<<detail::grid_for(ceil_div(plan.total, kChooseThreads / 32), kMaxGrid), kChooseThreads, 0,
@@ -957,6 +1110,7 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   p.window_offsets = a.window_offsets;
   p.num_windows = plan.windows;
   p.total = plan.total;
+  p.tokens = plan.tokens;
   p.L = plan.L;
   p.ratio = a.ratio;
   p.tile_offsets = ws.offsets;
@@ -971,61 +1125,40 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   p.keys = ws.keys;
   p.best_dst = ws.best_dst;
 
-  // 1-4: tiles, norms, sort keys, best dst per src.
-  window_tiles_kernel<<<flat_grid(plan.windows), 256, 0, stream>>>(a.window_offsets, plan.windows, a.ratio,
-                                                                   ws.window_counts);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
-  LIGHTKV_RETURN_IF_ERROR(detail::launch_exclusive_offsets(ws.window_counts, plan.windows, 2, ws.offsets, stream));
-  init_slots_kernel<<<flat_grid(plan.total), 256, 0, stream>>>(p, ws.positions);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  p.merged_into = ws.merged_into;
+
+  // 1-2: tiles, norms, best dst and score per src.
   switch (a.metric.dtype) {
     case DType::Float32:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, ws.norms, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, ws.offsets, stream));
       break;
     case DType::Float16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, ws.norms, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, ws.offsets, stream));
       break;
     case DType::BFloat16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, ws.norms, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, ws.offsets, stream));
       break;
     case DType::Float64:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, ws.norms, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, ws.offsets, stream));
       break;
   }
 
-  // 5-6: rank srcs per window, mark the merged ones.
-  size_t temp_bytes = ws.cub_bytes;
-  LIGHTKV_RETURN_IF_ERROR(cub::DeviceSegmentedSort::StableSortPairsDescending(
-      ws.cub_temp, temp_bytes, ws.keys, ws.sorted_keys, ws.positions, ws.sorted_positions, plan.total, plan.windows,
-      a.window_offsets, a.window_offsets + 1, stream));
-  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.merged_into, 0xFF, sizeof(int64_t) * plan.tokens, stream));  // -1
-  select_kernel<<<flat_grid(plan.total), 256, 0, stream>>>(p, ws.sorted_positions, ws.merged_into);
+  // 3: rank srcs per window, mark the merged ones.
+  rank_select_kernel<<<detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, 0, stream>>>(p);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
 
-  // 7: output slots.
-  kept_flags_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.merged_into, plan.tokens, ws.kept_flags);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
-  temp_bytes = ws.cub_bytes;
-  LIGHTKV_RETURN_IF_ERROR(
-      cub::DeviceScan::ExclusiveSum(ws.cub_temp, temp_bytes, ws.kept_flags, ws.kept_before, plan.tokens, stream));
-  slots_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.merged_into, ws.kept_before, plan.tokens, plan.L,
-                                                            a.kept, a.index, a.assignment, ws.slot_key, ws.token_id);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  // 4: output slots, index, assignment; group members contiguous, in token order.
+  if (plan.row_groups) {
+    row_groups_kernel<<<detail::grid_for(plan.B, kMaxGrid), kRowThreads, 0, stream>>>(
+        ws.merged_into, plan.B, plan.L, a.kept, plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id,
+        ws.group_begin, ws.group_end);
+    LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  } else {
+    LIGHTKV_RETURN_IF_ERROR(launch_general_groups(plan, ws, a, stream));
+  }
   if (plan.slots == 0) return cudaSuccess;
 
-  // 8: group members contiguous, in token order.
-  temp_bytes = ws.cub_bytes;
-  LIGHTKV_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(ws.cub_temp, temp_bytes, ws.slot_key, ws.sorted_slot_key,
-                                                          ws.token_id, ws.sorted_token_id, plan.tokens, 0,
-                                                          plan.end_bit, stream));
-  // Empty bounds for any slot no token reaches (only with a wrong `kept`): copies nothing.
-  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.group_begin, 0, 2 * sizeof(int64_t) * plan.slots, stream));
-  group_bounds_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.sorted_slot_key, plan.tokens,
-                                                                   static_cast<uint64_t>(plan.slots), ws.group_begin,
-                                                                   ws.group_end);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
-
-  // 9: weighted merge of k and v straight into the outputs.
+  // 5: weighted merge of k and v straight into the outputs.
   ValueParams vp{};
   vp.H = plan.H;
   vp.D = plan.D;

@@ -37,6 +37,7 @@ constexpr int kMicro = 4;
 constexpr int kSide = 16;
 constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
 constexpr int64_t kMaxGrid = 16384;
+constexpr int kOffsetThreads = 512;
 
 // Sanitised image table columns.
 enum ImageField { kRow = 0, kVisStart, kVisLen, kTextStart, kTextLen, kImageFields };
@@ -70,42 +71,61 @@ __device__ __forceinline__ const int64_t* offsets_of(const Params& p, CountArray
   return p.offsets + static_cast<int64_t>(which) * (p.num_images + 1);
 }
 
-// One warp per image: validates the row against the tensor shapes (an invalid row becomes an
-// empty image so no kernel can read out of bounds), counts its tiles and its counted text.
-__global__ void image_info_kernel(const int64_t* __restrict__ raw, int64_t num_images, int64_t B,
-                                  int64_t L, int64_t S, int64_t group, const bool* __restrict__ mask,
-                                  int64_t mask_stride_b, int64_t mask_stride_s,
-                                  int64_t* __restrict__ images, int64_t* __restrict__ counts,
-                                  int64_t* __restrict__ text_counted) {
-  const int64_t warps_per_block = blockDim.x / 32;
-  const int lane = threadIdx.x % 32;
-  for (int64_t i = blockIdx.x * warps_per_block + threadIdx.x / 32; i < num_images;
-       i += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    int64_t row = raw[i * 5 + 0], vs = raw[i * 5 + 1], vl = raw[i * 5 + 2];
-    int64_t ts = raw[i * 5 + 3], tl = raw[i * 5 + 4];
-    const bool ok = row >= 0 && row < B && vs >= 0 && vl >= 0 && vs <= L && vl <= L - vs &&
-                    ts >= 0 && tl >= 0 && ts <= S && tl <= S - ts;
-    if (!ok) row = vs = vl = ts = tl = 0;
-    int64_t counted = 0;
-    for (int64_t t = lane; t < tl; t += 32) {
-      counted += (mask == nullptr || mask[row * mask_stride_b + (ts + t) * mask_stride_s]) ? 1 : 0;
-    }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      counted += __shfl_xor_sync(0xffffffffu, counted, offset);
-    }
-    if (lane == 0) {
-      int64_t* out = images + i * kImageFields;
-      out[kRow] = row;
-      out[kVisStart] = vs;
-      out[kVisLen] = vl;
-      out[kTextStart] = ts;
-      out[kTextLen] = tl;
-      counts[kRowTiles * num_images + i] = (group * tl + kTileRows - 1) / kTileRows;
-      counts[kColTiles * num_images + i] = (vl + kTileCols - 1) / kTileCols;
-      counts[kTextRows * num_images + i] = tl;
-      text_counted[i] = counted;
+struct Image {
+  int64_t row, vis_start, vis_len, text_start, text_len;
+};
+
+// Image i of the caller's table, checked against the tensor shapes: an invalid row becomes an
+// empty image, so no kernel can read out of bounds.
+__device__ __forceinline__ Image checked_image(const int64_t* __restrict__ raw, int64_t i, int64_t B, int64_t L,
+                                               int64_t S) {
+  const Image im{raw[i * 5 + 0], raw[i * 5 + 1], raw[i * 5 + 2], raw[i * 5 + 3], raw[i * 5 + 4]};
+  const bool ok = im.row >= 0 && im.row < B && im.vis_start >= 0 && im.vis_len >= 0 && im.vis_start <= L &&
+                  im.vis_len <= L - im.vis_start && im.text_start >= 0 && im.text_len >= 0 && im.text_start <= S &&
+                  im.text_len <= S - im.text_start;
+  return ok ? im : Image{0, 0, 0, 0, 0};
+}
+
+// Block `a` (one per CountArray) writes the exclusive offsets of that per-image count. Block 0
+// first writes the checked image table and, one warp per image, the counted text tokens.
+__global__ void __launch_bounds__(kOffsetThreads)
+    image_offsets_kernel(const int64_t* __restrict__ raw, int64_t num_images, int64_t B, int64_t L, int64_t S,
+                         int64_t group, const bool* __restrict__ mask, int64_t mask_stride_b, int64_t mask_stride_s,
+                         int64_t* __restrict__ images, int64_t* __restrict__ offsets,
+                         int64_t* __restrict__ text_counted) {
+  const int array = blockIdx.x;
+  if (array == 0) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t i = threadIdx.x / 32; i < num_images; i += kOffsetThreads / 32) {
+      const Image im = checked_image(raw, i, B, L, S);
+      int64_t counted = 0;
+      for (int64_t t = lane; t < im.text_len; t += 32) {
+        counted += (mask == nullptr || mask[im.row * mask_stride_b + (im.text_start + t) * mask_stride_s]) ? 1 : 0;
+      }
+      for (int offset = 16; offset > 0; offset /= 2) counted += __shfl_xor_sync(0xffffffffu, counted, offset);
+      if (lane == 0) {
+        int64_t* out = images + i * kImageFields;
+        out[kRow] = im.row;
+        out[kVisStart] = im.vis_start;
+        out[kVisLen] = im.vis_len;
+        out[kTextStart] = im.text_start;
+        out[kTextLen] = im.text_len;
+        text_counted[i] = counted;
+      }
     }
   }
+  const auto count = [&](int64_t i) -> int64_t {
+    const Image im = checked_image(raw, i, B, L, S);
+    switch (array) {
+      case kRowTiles:
+        return ceil_div(group * im.text_len, kTileRows);
+      case kColTiles:
+        return ceil_div(im.vis_len, kTileCols);
+      default:
+        return im.text_len;
+    }
+  };
+  detail::block_exclusive_offsets<kOffsetThreads>(count, num_images, offsets + array * (num_images + 1));
 }
 
 static_assert(kTileRows == kTileCols, "tile_dot stages rows and columns with one index");
@@ -286,6 +306,11 @@ __global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(const Params p) 
   const int64_t* row_tile_off = offsets_of(p, kRowTiles);
   const int64_t* text_off = offsets_of(p, kTextRows);
   const int64_t items = row_tile_off[p.num_images] * p.H_kv * p.nsplit;
+  // Tokens of no image score 0; finish_kernel writes the others (this saves a memset launch).
+  for (int64_t token = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; token < p.tokens;
+       token += static_cast<int64_t>(gridDim.x) * kThreads) {
+    p.importance[token] = 0.f;
+  }
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t tile = item / (p.H_kv * p.nsplit);
     const int64_t hk = (item / p.nsplit) % p.H_kv, split = item % p.nsplit;
@@ -484,7 +509,6 @@ Plan make_plan(const ScoreArgs& a) {
 
 struct Workspace {
   int64_t* images;
-  int64_t* counts;
   int64_t* offsets;
   int64_t* text_counted;
   float2* stats;
@@ -496,7 +520,6 @@ Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
   detail::WorkspaceCarver carver(base);
   Workspace ws{};
   ws.images = carver.take<int64_t>(plan.num_images * kImageFields);
-  ws.counts = carver.take<int64_t>(plan.num_images * kCountArrays);
   ws.offsets = carver.take<int64_t>((plan.num_images + 1) * kCountArrays);
   ws.text_counted = carver.take<int64_t>(plan.num_images);
   ws.stats = carver.take<float2>(a.text_capacity * plan.H_q * plan.nsplit);
@@ -533,18 +556,16 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
     return cudaErrorInvalidValue;
   }
   if (plan.tokens == 0) return cudaSuccess;
-  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(a.importance, 0, sizeof(float) * plan.tokens, stream));
-  if (plan.num_images == 0) return cudaSuccess;
+  if (plan.num_images == 0) return cudaMemsetAsync(a.importance, 0, sizeof(float) * plan.tokens, stream);
   // Round the base up to 256 bytes; the size query includes that slack.
   const uintptr_t aligned = (reinterpret_cast<uintptr_t>(workspace) + 255) & ~static_cast<uintptr_t>(255);
   const Workspace ws = carve(a, plan, reinterpret_cast<void*>(aligned));
   if (workspace == nullptr || workspace_bytes < ws.bytes) return cudaErrorInvalidValue;
 
-  image_info_kernel<<<detail::grid_for(ceil_div(plan.num_images, 8), 4096), 256, 0, stream>>>(
+  image_offsets_kernel<<<kCountArrays, kOffsetThreads, 0, stream>>>(
       a.images, plan.num_images, plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
-      a.text_mask_stride[1], ws.images, ws.counts, ws.text_counted);
+      a.text_mask_stride[1], ws.images, ws.offsets, ws.text_counted);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
-  LIGHTKV_RETURN_IF_ERROR(detail::launch_exclusive_offsets(ws.counts, plan.num_images, kCountArrays, ws.offsets, stream));
 
   Params p{};
   p.k = a.k.data;

@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <string_view>
 #include <thread>
 #include <vector>
 #include <cstdio>
@@ -48,9 +49,10 @@ inline std::vector<std::array<uint64_t, 32>> warp_slots;
 inline constexpr unsigned kGridCap = 3;
 
 // Runs `body` as every thread of every block. `name`: the kernel, whose grid x is capped unless
-// its blocks are not grid-stride (one block per array in exclusive_offsets_kernel).
+// its blocks are not grid-stride (one block per offsets array in the *_offsets_kernel ones).
 inline void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
-  const bool grid_stride = std::strcmp(name, "exclusive_offsets_kernel") != 0;
+  const std::string_view kernel(name), fixed_grid("_offsets_kernel");
+  const bool grid_stride = !kernel.ends_with(fixed_grid);
   if (grid_stride && grid.x > kGridCap) grid.x = kGridCap;
   gdim = grid;
   bdim = block;
@@ -125,6 +127,39 @@ struct BlockScan {
     aggregate = all;
     __syncthreads();
   }
+  void ExclusiveSum(T in, T& out) {
+    T aggregate;
+    ExclusiveSum(in, out, aggregate);
+  }
+};
+// Stable sort of N * I (key, value) items in CUB's blocked arrangement (thread t holds items
+// I t .. I t + I - 1) by bits [begin_bit, end_bit) of the key.
+template <typename K, int N, int I, typename V>
+struct BlockRadixSort {
+  struct TempStorage { K keys[N * I]; V values[N * I]; };
+  TempStorage& s;
+  explicit BlockRadixSort(TempStorage& st) : s(st) {}
+  void Sort(K (&keys)[I], V (&values)[I], int begin_bit, int end_bit) {
+    const unsigned t = emu::tidx.x;
+    for (int i = 0; i < I; ++i) { s.keys[t * I + i] = keys[i]; s.values[t * I + i] = values[i]; }
+    __syncthreads();
+    if (t == 0) {
+      const K mask = end_bit >= static_cast<int>(8 * sizeof(K)) ? ~K(0) : ((K(1) << end_bit) - 1);
+      std::vector<int> order(N * I);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+        return ((s.keys[a] & mask) >> begin_bit) < ((s.keys[b] & mask) >> begin_bit);
+      });
+      std::vector<K> k(N * I);
+      std::vector<V> v(N * I);
+      for (int j = 0; j < N * I; ++j) { k[j] = s.keys[order[j]]; v[j] = s.values[order[j]]; }
+      std::copy(k.begin(), k.end(), s.keys);
+      std::copy(v.begin(), v.end(), s.values);
+    }
+    __syncthreads();
+    for (int i = 0; i < I; ++i) { keys[i] = s.keys[t * I + i]; values[i] = s.values[t * I + i]; }
+    __syncthreads();
+  }
 };
 template <typename T, int N>
 struct BlockReduce {
@@ -138,21 +173,6 @@ struct BlockReduce {
     if (emu::tidx.x == 0) for (int i = 0; i < N; ++i) all += s.vals[i];
     __syncthreads();
     return emu::tidx.x == 0 ? all : T{};  // only thread 0's result is defined (poison the rest)
-  }
-};
-struct DeviceSegmentedSort {
-  template <typename K, typename V, typename O>
-  static cudaError_t StableSortPairsDescending(void* temp, size_t& bytes, const K* kin, K* kout, const V* vin, V* vout,
-                                               int64_t n, int64_t segs, O begin, O end, cudaStream_t = 0) {
-    if (!temp) { bytes = 16; return cudaSuccess; }
-    for (int64_t s = 0; s < segs; ++s) {
-      std::vector<int64_t> idx;
-      for (int64_t i = begin[s]; i < end[s]; ++i) idx.push_back(i);
-      std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return kin[a] > kin[b]; });
-      for (size_t j = 0; j < idx.size(); ++j) { kout[begin[s] + j] = kin[idx[j]]; vout[begin[s] + j] = vin[idx[j]]; }
-    }
-    (void)n;
-    return cudaSuccess;
   }
 };
 struct DeviceScan {

@@ -11,12 +11,14 @@ ROOT="$(cd "$HERE/../../.." && pwd)"
 BUILD="${1:-$ROOT/build/emulation}"
 CUDA_INCLUDE="${CUDA_HOME:-/usr/local/cuda}/include"
 mkdir -p "$BUILD"
-for source in common score merge; do
+for source in score merge; do
   python3 "$HERE/to_cpp.py" "$ROOT/csrc/cuda/$source.cu" "$BUILD/$source.cpp"
 done
+# The translated sources find this translated header next to them, before csrc/cuda's.
+python3 "$HERE/to_cpp.py" "$ROOT/csrc/cuda/common.cuh" "$BUILD/common.cuh"
 python3 "$HERE/to_cpp.py" "$ROOT/csrc/cuda/selftest/selftest.cu" "$BUILD/selftest.cpp"
 FLAGS=(-std=c++20 -O1 -g -pthread -ffp-contract=off -w -I"$HERE" -I"$ROOT/csrc/cuda" -I"$CUDA_INCLUDE")
-KERNELS=("$BUILD/common.cpp" "$BUILD/score.cpp" "$BUILD/merge.cpp" "$HERE/runtime_on_cpu.cpp")
+KERNELS=("$BUILD/score.cpp" "$BUILD/merge.cpp" "$HERE/runtime_on_cpu.cpp")
 
 echo "== self-test (small cases) on the CPU emulator"
 g++ "${FLAGS[@]}" "${KERNELS[@]}" "$BUILD/selftest.cpp" -o "$BUILD/selftest"
