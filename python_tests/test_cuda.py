@@ -176,6 +176,20 @@ def test_bitwise_deterministic_across_runs(dtype):
         assert_bitwise_equal(run, runs[0])
 
 
+def test_llava_compress_launches_eleven_kernels():
+    """4 scoring and 7 merging kernels for a LLaVA-1.5 image: at 576 tokens launches cost as much
+    as the bytes, so a new one should be a deliberate choice (csrc/cuda/score.cu, merge.cu)."""
+    k, v, text = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=20)
+    kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
+    lightkv_ext.compress(k, v, text, **kwargs)  # builds and caches the window layout
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        lightkv_ext.compress(k, v, text, **kwargs)
+        torch.cuda.synchronize()
+    kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    assert len([name for name in kernels if "lightkv_cuda" in name]) == 11, kernels
+
+
 def test_inputs_are_not_modified():
     k, v, text = make_inputs(2, 2, 4, 64, 6, 32, torch.bfloat16, seed=10)
     mask = random_mask(2, 6, seed=11)

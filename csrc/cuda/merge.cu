@@ -103,8 +103,8 @@ struct Params {
   int64_t tokens;  // B * L
   int64_t L;
   double ratio;
-  const int64_t* tile_offsets;  // per window: 64-src tiles, exclusive offsets (num_windows + 1)
-  const int64_t* pair_offsets;  // per window: (src tile, dst tile) pairs, exclusive offsets
+  int64_t* tile_offsets;  // per window: 64-src tiles, exclusive offsets (num_windows + 1)
+  int64_t* pair_offsets;  // per window: (src tile, dst tile) pairs, exclusive offsets
   double* norms;
   int64_t dst_split;
   int64_t feature_chunks;      // staged feature chunks of the whole metric
@@ -190,7 +190,7 @@ __device__ __forceinline__ double warp_sum(double x) {
 // tokens) needs no similarities, so it has none. Then every block: |metric| per token in float64,
 // one warp per token, and the token starts kept.
 template <typename M>
-__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const Params p, int64_t* __restrict__ offsets) {
+__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const Params p) {
   if (blockIdx.x < 2) {
     const bool pairs = blockIdx.x == 1;
     const auto count = [&](int64_t w) -> int64_t {
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const Params p
       const int64_t src_tiles = ceil_div((n + 1) / 2, kTile);
       return pairs ? src_tiles * ceil_div(n / 2, kTile) : src_tiles;
     };
-    detail::block_exclusive_offsets<kPrepareThreads>(count, p.num_windows, offsets + blockIdx.x * (p.num_windows + 1));
+    detail::block_exclusive_offsets<kPrepareThreads>(count, p.num_windows, pairs ? p.pair_offsets : p.tile_offsets);
   }
   const int lane = threadIdx.x % 32;
   constexpr int64_t kWarps = kPrepareThreads / 32;
@@ -1053,14 +1053,14 @@ bool vector_rows(const Params& p) {
 }
 
 template <typename M>
-cudaError_t launch_matching(Params p, const Plan& plan, int64_t* offsets, cudaStream_t stream) {
+cudaError_t launch_matching(Params p, const Plan& plan, cudaStream_t stream) {
   p.eps = screen_eps<M>(plan.features, plan.max_feature_split);
   p.feature_chunks = ceil_div(plan.features, Screen<M>::kChunk);
   p.vector_stage = vector_staging<M>(p);
   p.vector_rows = vector_rows<M>(p);
   // At least 2 blocks: blocks 0 and 1 write the tile and pair offsets.
   const int64_t prepare_blocks = std::max<int64_t>(2, ceil_div(plan.tokens, kPrepareThreads / 32));
-  prepare_kernel<M><<<detail::grid_for(prepare_blocks, kMaxGrid), kPrepareThreads, 0, stream>>>(p, offsets);
+  prepare_kernel<M><<<detail::grid_for(prepare_blocks, kMaxGrid), kPrepareThreads, 0, stream>>>(p);
   LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
   const int64_t screen_items = std::max(tile_bound(plan) * plan.dst_split, plan.partial_capacity > 0 ? kPartialItems : 0);
   screen_kernel<M><<<detail::grid_for(screen_items, kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
@@ -1130,16 +1130,16 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   // 1-2: tiles, norms, best dst and score per src.
   switch (a.metric.dtype) {
     case DType::Float32:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, ws.offsets, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, stream));
       break;
     case DType::Float16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, ws.offsets, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, stream));
       break;
     case DType::BFloat16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, ws.offsets, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, stream));
       break;
     case DType::Float64:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, ws.offsets, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, stream));
       break;
   }
 
