@@ -992,7 +992,7 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   ws.sorted_slot_key = carver.take<uint64_t>(general);
   ws.token_id = carver.take<int64_t>(general);
   ws.sorted_token_id = carver.take<int64_t>(plan.tokens);
-  ws.group_begin = carver.take<int64_t>(2 * plan.slots);  // then group_end: one memset clears both
+  ws.group_begin = carver.take<int64_t>(2 * plan.slots);  // then group_end (one memset clears both)
   ws.group_end = ws.group_begin + plan.slots;
   ws.cub_temp = carver.take<char>(static_cast<int64_t>(cub_bytes));
   ws.cub_bytes = cub_bytes;
