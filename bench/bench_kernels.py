@@ -9,7 +9,9 @@ Achieved bandwidth counts the bytes the op must move: K and V read, compressed K
 text queries read. On CUDA `copy_roofline` is a device copy of the K/V bytes (read K and V,
 write the compressed K and V), the floor any implementation of the op pays, and
 `lightkv_ext_graph` replays the dense `compress` call captured in a CUDA graph: its GPU time
-without the Python and launch overhead that `lightkv_ext` (an eager call) includes.
+without the Python and launch overhead that `lightkv_ext` (an eager call) includes;
+`lightkv_ext_graph_unchained` is the same with kernel chaining (programmatic dependent launch)
+turned off (LIGHTKV_PDL=0), which shows what chaining saves.
 """
 from __future__ import annotations
 
@@ -199,6 +201,7 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
             candidates.append(("lightkv_ext_graph", None, "compress_varlen cannot be captured in a CUDA graph"))
         else:
             candidates.append(("lightkv_ext_graph", graph_call(extension_fn, device), ""))
+            candidates.append(("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""))
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
     rows = []
@@ -208,7 +211,7 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
             rows.append(dict(row, status="skipped", reason=reason))
             continue
         try:
-            checked = backend in ("reference_compiled", "lightkv_ext", "lightkv_ext_graph")
+            checked = backend.startswith("lightkv_ext") or backend == "reference_compiled"
             row["matches_reference"] = matches(expected, fn(), dtype) if checked else None
             timing = time_on(device, fn, quick=quick)
         except Exception as error:  # a backend that fails is reported, the others still run
@@ -256,6 +259,23 @@ def graph_call(fn: Callable, device: torch.device) -> Callable:
         return captured["outputs"]
 
     return replay
+
+
+def unchained(fn: Callable) -> Callable:
+    """fn with the extension's kernel chaining turned off while it launches (LIGHTKV_PDL=0)."""
+
+    def call():
+        previous = os.environ.get("LIGHTKV_PDL")
+        os.environ["LIGHTKV_PDL"] = "0"
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["LIGHTKV_PDL"]
+            else:
+                os.environ["LIGHTKV_PDL"] = previous
+
+    return call
 
 
 def copy_roofline_call(kv_bytes: int, device: torch.device) -> Callable:

@@ -176,6 +176,37 @@ def test_bitwise_deterministic_across_runs(dtype):
         assert_bitwise_equal(run, runs[0])
 
 
+@pytest.mark.parametrize("grid", [(24, 24), (65, 64)], ids=["row-groups", "general-groups"])
+def test_chained_launches_match_plain_launches(grid, monkeypatch):
+    """Kernel chaining (programmatic dependent launch, LIGHTKV_PDL) only moves launches earlier;
+    the results must be bitwise those of plain stream order."""
+    k, v, text = make_inputs(2, 4, 8, grid[0] * grid[1], 16, 64, torch.bfloat16, seed=21)
+    kwargs = dict(ratio=0.5, windows=4, grid=grid)
+    chained = lightkv_ext.compress(k, v, text, **kwargs)
+    monkeypatch.setenv("LIGHTKV_PDL", "0")
+    plain = lightkv_ext.compress(k, v, text, **kwargs)
+    assert_bitwise_equal(chained, plain)
+
+
+def test_compress_replays_from_a_cuda_graph():
+    """No host synchronisation inside compress: it can be captured once and replayed on new inputs."""
+    static = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=22)
+    kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: builds the window layout, loads the kernels
+        lightkv_ext.compress(*static, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lightkv_ext.compress(*static, **kwargs)
+    fresh = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=23)
+    for buffer, value in zip(static, fresh):
+        buffer.copy_(value)
+    graph.replay()
+    assert_bitwise_equal(captured, lightkv_ext.compress(*fresh, **kwargs))
+
+
 def test_llava_compress_launches_eleven_kernels():
     """4 scoring and 7 merging kernels for a LLaVA-1.5 image: at 576 tokens launches cost as much
     as the bytes, so a new one should be a deliberate choice (csrc/cuda/score.cu, merge.cu)."""

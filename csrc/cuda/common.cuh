@@ -8,10 +8,19 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
+
+// Returns from the enclosing host function on the first CUDA error.
+#define LIGHTKV_RETURN_IF_ERROR(expr)       \
+  do {                                      \
+    const cudaError_t lightkv_err_ = (expr); \
+    if (lightkv_err_ != cudaSuccess) return lightkv_err_; \
+  } while (0)
 
 namespace lightkv_cuda {
 namespace detail {
@@ -181,18 +190,66 @@ __device__ __forceinline__ int64_t find_segment(const int64_t* offsets, int64_t 
   return lo;
 }
 
+// Kernel chaining (programmatic dependent launch, compute capability 9.0 and later). A compress
+// is a chain of small dependent kernels (11 for a LLaVA-1.5 image), so the gap between one
+// kernel's end and the next one's start weighs as much as the work. KernelLauncher lets each
+// kernel launch while the previous one in the stream still runs; the new kernel's blocks wait
+// here, already resident, until that kernel has finished and its writes are visible. Every
+// kernel of this library calls this first, unconditionally, before it touches global memory:
+// it then sees what plain stream order would show it, and since no kernel can finish before its
+// predecessor, the order holds along the whole chain (and for kernels launched without chaining,
+// which never start early). After the wait the kernel lets its own successor launch.
+__device__ __forceinline__ void await_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Grid size for a grid-stride loop over at most `items` work items.
 inline unsigned int grid_for(int64_t items, int64_t cap) {
   const int64_t g = items < 1 ? 1 : (items < cap ? items : cap);
   return static_cast<unsigned int>(g);
 }
 
+#ifndef LIGHTKV_CUDA_EMULATION  // the CPU emulation brings its own launcher
+// Launches kernels on one stream, chained (see await_previous_kernel) when the code that runs
+// was compiled for compute capability 9.0 or later (PTX of an older target, compiled just in
+// time for a newer GPU, lacks the wait), unless the environment sets LIGHTKV_PDL=0 (for A/B
+// timing and debugging). `probe`: any kernel of the calling file (all share its build targets).
+class KernelLauncher {
+ public:
+  template <typename... Params>
+  static cudaError_t create(cudaStream_t stream, void (*probe)(Params...), KernelLauncher* out) {
+    cudaFuncAttributes attributes{};
+    LIGHTKV_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, probe));
+    const char* knob = std::getenv("LIGHTKV_PDL");
+    out->stream_ = stream;
+    out->chained_ = attributes.ptxVersion >= 90 && !(knob != nullptr && std::strcmp(knob, "0") == 0);
+    return cudaSuccess;
+  }
+
+  // kernel<<<grid, block, 0, stream>>>(args...), returning the launch's error.
+  template <typename... Params, typename... Args>
+  cudaError_t operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
+    cudaLaunchAttribute chained{};
+    chained.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    chained.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = 0;
+    config.stream = stream_;
+    config.attrs = &chained;
+    config.numAttrs = chained_ ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  bool chained_ = false;
+};
+#endif
+
 }  // namespace detail
 }  // namespace lightkv_cuda
-
-// Returns from the enclosing host function on the first CUDA error.
-#define LIGHTKV_RETURN_IF_ERROR(expr)       \
-  do {                                      \
-    const cudaError_t lightkv_err_ = (expr); \
-    if (lightkv_err_ != cudaSuccess) return lightkv_err_; \
-  } while (0)

@@ -191,6 +191,7 @@ __device__ __forceinline__ double warp_sum(double x) {
 // one warp per token, and the token starts kept.
 template <typename M>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const Params p) {
+  detail::await_previous_kernel();
   if (blockIdx.x < 2) {
     const bool pairs = blockIdx.x == 1;
     const auto count = [&](int64_t w) -> int64_t {
@@ -461,6 +462,7 @@ __device__ __forceinline__ int64_t feature_split(const Params& p) {
 // Partial mode: item (tile pair, feature split) writes its partial dot tile.
 template <typename M>
 __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) {
+  detail::await_previous_kernel();
   using Acc = typename Screen<M>::Acc;
   __shared__ ScreenSmem<M> sm;
   const int64_t split = feature_split(p);
@@ -502,6 +504,7 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
 // order, then the best per src as in direct mode (dst range 0).
 template <typename M>
 __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const Params p) {
+  detail::await_previous_kernel();
   using Acc = typename Screen<M>::Acc;
   __shared__ ScreenSmem<M> sm;
   const int64_t split = feature_split(p);
@@ -542,6 +545,7 @@ __device__ double exact_similarity(const Params& p, int64_t src_token, int64_t d
 // One warp per src of a merging window: its best dst by exact float64 cosine (see 4b above).
 template <typename M>
 __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) {
+  detail::await_previous_kernel();
   const int lane = threadIdx.x % 32;
   const int64_t warps = kChooseThreads / 32;
   const int64_t ranges = feature_split(p) > 1 ? 1 : p.dst_split;
@@ -590,6 +594,7 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
 // kRankParts threads per src over shared-memory chunks of keys. The first r srcs with a dst are
 // merged. O(srcs^2) per window, spread over its tiles: cheap next to the similarities.
 __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params p) {
+  detail::await_previous_kernel();
   constexpr int kRankParts = kRankThreads / kTile;
   __shared__ double chunk_key[kRankThreads];
   __shared__ int32_t beaten_by[kRankParts][kTile];
@@ -627,6 +632,7 @@ __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params 
 
 __global__ void kept_flags_kernel(const int64_t* __restrict__ merged_into, int64_t tokens,
                                   int64_t* __restrict__ flags) {
+  detail::await_previous_kernel();
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < tokens;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     flags[g] = merged_into[g] < 0 ? 1 : 0;
@@ -639,6 +645,7 @@ __global__ void slots_kernel(const int64_t* __restrict__ merged_into, const int6
                              int64_t tokens, int64_t L, int64_t kept, int64_t* __restrict__ index,
                              int64_t* __restrict__ assignment, uint64_t* __restrict__ slot_key,
                              int64_t* __restrict__ token_id) {
+  detail::await_previous_kernel();
   const int64_t rows = tokens / L;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < tokens;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -655,6 +662,7 @@ __global__ void slots_kernel(const int64_t* __restrict__ merged_into, const int6
 
 __global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, int64_t tokens, uint64_t slots,
                                     int64_t* __restrict__ group_begin, int64_t* __restrict__ group_end) {
+  detail::await_previous_kernel();
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < tokens;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint64_t key = sorted_slot[j];
@@ -672,6 +680,7 @@ __global__ void __launch_bounds__(kRowThreads)
     row_groups_kernel(const int64_t* __restrict__ merged_into, int64_t rows, int64_t L, int64_t kept, int key_bits,
                       int64_t* __restrict__ index, int64_t* __restrict__ assignment, int64_t* __restrict__ members,
                       int64_t* __restrict__ group_begin, int64_t* __restrict__ group_end) {
+  detail::await_previous_kernel();
   using RowScan = cub::BlockScan<int32_t, kRowThreads>;
   using RowSort = cub::BlockRadixSort<uint32_t, kRowThreads, kRowItems, uint32_t>;
   __shared__ union {
@@ -784,6 +793,7 @@ struct ValueParams {  // k (blockIdx.z == 0) and v (blockIdx.z == 1)
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const ValueParams p) {
+  detail::await_previous_kernel();
   using WeightReduce = cub::BlockReduce<float, kMergeThreads>;
   using SizeReduce = cub::BlockReduce<int64_t, kMergeThreads>;
   __shared__ typename WeightReduce::TempStorage weight_storage;
@@ -873,7 +883,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
 }
 
 template <typename T>
-cudaError_t launch_values(ValueParams vp, int64_t slots, cudaStream_t stream) {
+cudaError_t launch_values(const ValueParams& vp, int64_t slots, const detail::KernelLauncher& launch) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));
   bool vectorised = vp.D % kVec == 0;
   for (int tensor = 0; tensor < 2; ++tensor) {
@@ -884,12 +894,8 @@ cudaError_t launch_values(ValueParams vp, int64_t slots, cudaStream_t stream) {
   const dim3 grid(detail::grid_for(slots, kMaxGrid),
                   static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads)), 2);
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
-  if (vectorised) {
-    merge_values_kernel<T, kVec><<<grid, kMergeThreads, 0, stream>>>(vp);
-  } else {
-    merge_values_kernel<T, 1><<<grid, kMergeThreads, 0, stream>>>(vp);
-  }
-  return cudaGetLastError();
+  return vectorised ? launch(merge_values_kernel<T, kVec>, grid, kMergeThreads, vp)
+                    : launch(merge_values_kernel<T, 1>, grid, kMergeThreads, vp);
 }
 
 struct Plan {
@@ -1023,15 +1029,15 @@ bool vector_staging(const Params& p) {
 
 // Step 4 for rows of any length: kept flags, their scan, slots_kernel, a radix sort on
 // (slot, token) and group_bounds_kernel.
-cudaError_t launch_general_groups(const Plan& plan, const Workspace& ws, const MergeArgs& a, cudaStream_t stream) {
-  kept_flags_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.merged_into, plan.tokens, ws.kept_flags);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+cudaError_t launch_general_groups(const Plan& plan, const Workspace& ws, const MergeArgs& a,
+                                  const detail::KernelLauncher& launch, cudaStream_t stream) {
+  LIGHTKV_RETURN_IF_ERROR(
+      launch(kept_flags_kernel, flat_grid(plan.tokens), 256, ws.merged_into, plan.tokens, ws.kept_flags));
   size_t temp_bytes = ws.cub_bytes;
   LIGHTKV_RETURN_IF_ERROR(
       cub::DeviceScan::ExclusiveSum(ws.cub_temp, temp_bytes, ws.kept_flags, ws.kept_before, plan.tokens, stream));
-  slots_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.merged_into, ws.kept_before, plan.tokens, plan.L,
-                                                            a.kept, a.index, a.assignment, ws.slot_key, ws.token_id);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  LIGHTKV_RETURN_IF_ERROR(launch(slots_kernel, flat_grid(plan.tokens), 256, ws.merged_into, ws.kept_before,
+                                 plan.tokens, plan.L, a.kept, a.index, a.assignment, ws.slot_key, ws.token_id));
   if (plan.slots == 0) return cudaSuccess;
   temp_bytes = ws.cub_bytes;
   LIGHTKV_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(ws.cub_temp, temp_bytes, ws.slot_key, ws.sorted_slot_key,
@@ -1039,10 +1045,8 @@ cudaError_t launch_general_groups(const Plan& plan, const Workspace& ws, const M
                                                           plan.end_bit, stream));
   // Empty bounds for any slot no token reaches (only with a wrong `kept`): copies nothing.
   LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.group_begin, 0, 2 * sizeof(int64_t) * plan.slots, stream));
-  group_bounds_kernel<<<flat_grid(plan.tokens), 256, 0, stream>>>(ws.sorted_slot_key, plan.tokens,
-                                                                   static_cast<uint64_t>(plan.slots), ws.group_begin,
-                                                                   ws.group_end);
-  return cudaGetLastError();
+  return launch(group_bounds_kernel, flat_grid(plan.tokens), 256, ws.sorted_slot_key, plan.tokens,
+                static_cast<uint64_t>(plan.slots), ws.group_begin, ws.group_end);
 }
 
 // lane_dot's 16-byte loads are safe when no vector crosses a head (C a multiple of the vector)
@@ -1053,25 +1057,22 @@ bool vector_rows(const Params& p) {
 }
 
 template <typename M>
-cudaError_t launch_matching(Params p, const Plan& plan, cudaStream_t stream) {
+cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLauncher& launch) {
   p.eps = screen_eps<M>(plan.features, plan.max_feature_split);
   p.feature_chunks = ceil_div(plan.features, Screen<M>::kChunk);
   p.vector_stage = vector_staging<M>(p);
   p.vector_rows = vector_rows<M>(p);
   // At least 2 blocks: blocks 0 and 1 write the tile and pair offsets.
   const int64_t prepare_blocks = std::max<int64_t>(2, ceil_div(plan.tokens, kPrepareThreads / 32));
-  prepare_kernel<M><<<detail::grid_for(prepare_blocks, kMaxGrid), kPrepareThreads, 0, stream>>>(p);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  LIGHTKV_RETURN_IF_ERROR(launch(prepare_kernel<M>, detail::grid_for(prepare_blocks, kMaxGrid), kPrepareThreads, p));
   const int64_t screen_items = std::max(tile_bound(plan) * plan.dst_split, plan.partial_capacity > 0 ? kPartialItems : 0);
-  screen_kernel<M><<<detail::grid_for(screen_items, kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  LIGHTKV_RETURN_IF_ERROR(launch(screen_kernel<M>, detail::grid_for(screen_items, kMaxScreenGrid), kScreenThreads, p));
   if (plan.partial_capacity > 0) {
-    reduce_partials_kernel<M><<<detail::grid_for(tile_bound(plan), kMaxScreenGrid), kScreenThreads, 0, stream>>>(p);
-    LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+    LIGHTKV_RETURN_IF_ERROR(
+        launch(reduce_partials_kernel<M>, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kScreenThreads, p));
   }
-  choose_kernel<M><<<detail::grid_for(ceil_div(plan.total, kChooseThreads / 32), kMaxGrid), kChooseThreads, 0,
-                     stream>>>(p);
-  return cudaGetLastError();
+  return launch(choose_kernel<M>, detail::grid_for(ceil_div(plan.total, kChooseThreads / 32), kMaxGrid),
+                kChooseThreads, p);
 }
 
 }  // namespace
@@ -1127,34 +1128,35 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
 
   p.merged_into = ws.merged_into;
 
+  detail::KernelLauncher launch;
+  LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, rank_select_kernel, &launch));
   // 1-2: tiles, norms, best dst and score per src.
   switch (a.metric.dtype) {
     case DType::Float32:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, launch));
       break;
     case DType::Float16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, launch));
       break;
     case DType::BFloat16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, launch));
       break;
     case DType::Float64:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, stream));
+      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, launch));
       break;
   }
 
   // 3: rank srcs per window, mark the merged ones.
-  rank_select_kernel<<<detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, 0, stream>>>(p);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  LIGHTKV_RETURN_IF_ERROR(
+      launch(rank_select_kernel, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, p));
 
   // 4: output slots, index, assignment; group members contiguous, in token order.
   if (plan.row_groups) {
-    row_groups_kernel<<<detail::grid_for(plan.B, kMaxGrid), kRowThreads, 0, stream>>>(
-        ws.merged_into, plan.B, plan.L, a.kept, plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id,
-        ws.group_begin, ws.group_end);
-    LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+    LIGHTKV_RETURN_IF_ERROR(launch(row_groups_kernel, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into,
+                                   plan.B, plan.L, a.kept, plan.row_key_bits, a.index, a.assignment,
+                                   ws.sorted_token_id, ws.group_begin, ws.group_end));
   } else {
-    LIGHTKV_RETURN_IF_ERROR(launch_general_groups(plan, ws, a, stream));
+    LIGHTKV_RETURN_IF_ERROR(launch_general_groups(plan, ws, a, launch, stream));
   }
   if (plan.slots == 0) return cudaSuccess;
 
@@ -1183,11 +1185,11 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   }
   switch (a.k.dtype) {
     case DType::Float32:
-      return launch_values<float>(vp, plan.slots, stream);
+      return launch_values<float>(vp, plan.slots, launch);
     case DType::Float16:
-      return launch_values<__half>(vp, plan.slots, stream);
+      return launch_values<__half>(vp, plan.slots, launch);
     case DType::BFloat16:
-      return launch_values<__nv_bfloat16>(vp, plan.slots, stream);
+      return launch_values<__nv_bfloat16>(vp, plan.slots, launch);
     case DType::Float64:
       break;
   }

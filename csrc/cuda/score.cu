@@ -93,6 +93,7 @@ __global__ void __launch_bounds__(kOffsetThreads)
                          int64_t group, const bool* __restrict__ mask, int64_t mask_stride_b, int64_t mask_stride_s,
                          int64_t* __restrict__ images, int64_t* __restrict__ offsets,
                          int64_t* __restrict__ text_counted) {
+  detail::await_previous_kernel();
   const int array = blockIdx.x;
   if (array == 0) {
     const int lane = threadIdx.x % 32;
@@ -301,6 +302,7 @@ __device__ __forceinline__ float half_warp_sum(float v) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(const Params p) {
+  detail::await_previous_kernel();
   __shared__ TileSmem sm;
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
   const int64_t* row_tile_off = offsets_of(p, kRowTiles);
@@ -376,6 +378,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(const Params p) 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) column_mass_kernel(const Params p) {
+  detail::await_previous_kernel();
   __shared__ TileSmem sm;
   __shared__ float row_max[kTileRows];
   __shared__ float row_inv_sum[kTileRows];
@@ -449,6 +452,7 @@ __global__ void __launch_bounds__(kThreads) column_mass_kernel(const Params p) {
 
 // importance of every token of every image: partials summed in (hk, range) order.
 __global__ void __launch_bounds__(kTileCols) finish_kernel(const Params p) {
+  detail::await_previous_kernel();
   const int64_t* col_tile_off = offsets_of(p, kColTiles);
   const int64_t items = col_tile_off[p.num_images];
   const int64_t parts = p.H_kv * p.rsplit;
@@ -529,16 +533,14 @@ Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
 }
 
 template <typename T>
-cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a, cudaStream_t stream) {
+cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a, const detail::KernelLauncher& launch) {
   const int64_t row_items = (ceil_div(plan.group * a.text_capacity, kTileRows) + plan.num_images) *
                             plan.H_kv * plan.nsplit;
-  row_stats_kernel<T><<<detail::grid_for(row_items, kMaxGrid), kThreads, 0, stream>>>(p);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  LIGHTKV_RETURN_IF_ERROR(launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), kThreads, p));
   const int64_t col_tiles = ceil_div(plan.tokens, kTileCols) + plan.num_images;
-  column_mass_kernel<T><<<detail::grid_for(col_tiles * plan.H_kv * plan.rsplit, kMaxGrid), kThreads, 0, stream>>>(p);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
-  finish_kernel<<<detail::grid_for(col_tiles, kMaxGrid), kTileCols, 0, stream>>>(p);
-  return cudaGetLastError();
+  LIGHTKV_RETURN_IF_ERROR(
+      launch(column_mass_kernel<T>, detail::grid_for(col_tiles * plan.H_kv * plan.rsplit, kMaxGrid), kThreads, p));
+  return launch(finish_kernel, detail::grid_for(col_tiles, kMaxGrid), kTileCols, p);
 }
 
 }  // namespace
@@ -562,10 +564,11 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   const Workspace ws = carve(a, plan, reinterpret_cast<void*>(aligned));
   if (workspace == nullptr || workspace_bytes < ws.bytes) return cudaErrorInvalidValue;
 
-  image_offsets_kernel<<<kCountArrays, kOffsetThreads, 0, stream>>>(
-      a.images, plan.num_images, plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
-      a.text_mask_stride[1], ws.images, ws.offsets, ws.text_counted);
-  LIGHTKV_RETURN_IF_ERROR(cudaGetLastError());
+  detail::KernelLauncher launch;
+  LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, image_offsets_kernel, &launch));
+  LIGHTKV_RETURN_IF_ERROR(launch(image_offsets_kernel, kCountArrays, kOffsetThreads, a.images, plan.num_images,
+                                 plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
+                                 a.text_mask_stride[1], ws.images, ws.offsets, ws.text_counted));
 
   Params p{};
   p.k = a.k.data;
@@ -600,11 +603,11 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.vector_stage = vector_staging(a);
   switch (a.k.dtype) {
     case DType::Float32:
-      return launch_passes<float>(p, plan, a, stream);
+      return launch_passes<float>(p, plan, a, launch);
     case DType::Float16:
-      return launch_passes<__half>(p, plan, a, stream);
+      return launch_passes<__half>(p, plan, a, launch);
     case DType::BFloat16:
-      return launch_passes<__nv_bfloat16>(p, plan, a, stream);
+      return launch_passes<__nv_bfloat16>(p, plan, a, launch);
     default:
       return cudaErrorInvalidValue;
   }

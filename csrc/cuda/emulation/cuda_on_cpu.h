@@ -1,11 +1,12 @@
 // CPU emulation of the CUDA subset the lightkv kernels use, to check their logic on machines
 // without a GPU (see run.sh). Every CUDA thread is an OS thread, __syncthreads is a std::barrier
-// over the block, warp shuffles go through a per-warp slot array, blocks run one after another
-// (so `__shared__` can be a function-local static), and the CUB algorithms are plain host
-// versions with the same results. Tensor-core mma runs in its warp-shuffle form (common.cuh),
-// which checks the kernels' fragment layouts. Grid x is capped (kernels walk their work in
-// grid-stride loops, so a small grid must give the same answer). Built with -fsanitize=thread it
-// also finds shared-memory races (a missing __syncthreads).
+// over the block, warp shuffles go through a per-warp slot array, blocks and kernels run one
+// after another (so `__shared__` can be a function-local static, and kernel chaining is moot),
+// and the CUB algorithms are plain host versions with the same results. Tensor-core mma runs in
+// its warp-shuffle form (common.cuh), which checks the kernels' fragment layouts. Grid x is
+// capped (kernels walk their work in grid-stride loops, so a small grid must give the same
+// answer). Built with -fsanitize=thread it also finds shared-memory races (a missing
+// __syncthreads).
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -18,7 +19,6 @@
 #include <functional>
 #include <memory>
 #include <numeric>
-#include <string_view>
 #include <thread>
 #include <vector>
 #include <cstdio>
@@ -46,14 +46,13 @@ inline dim3 bdim, gdim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline std::vector<std::array<uint64_t, 32>> warp_slots;
+// Grids of up to kGridCap blocks run whole: kernels whose blocks have fixed roles use no more
+// (image_offsets_kernel: one block per count array; prepare_kernel: two offsets blocks).
 inline constexpr unsigned kGridCap = 3;
 
-// Runs `body` as every thread of every block. `name`: the kernel, whose grid x is capped unless
-// its blocks are not grid-stride (one block per offsets array in the *_offsets_kernel ones).
-inline void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
-  const std::string_view kernel(name), fixed_grid("_offsets_kernel");
-  const bool grid_stride = !kernel.ends_with(fixed_grid);
-  if (grid_stride && grid.x > kGridCap) grid.x = kGridCap;
+// Runs `body` as every thread of every block.
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  if (grid.x > kGridCap) grid.x = kGridCap;
   gdim = grid;
   bdim = block;
   const unsigned n = block.x * block.y * block.z;
@@ -81,6 +80,21 @@ inline void launch(const char* name, dim3 grid, dim3 block, const std::function<
       }
 }
 }  // namespace emu
+
+// common.cuh's launcher, run in order on the emulator.
+#define LIGHTKV_CUDA_EMULATION 1
+namespace lightkv_cuda::detail {
+class KernelLauncher {
+ public:
+  template <typename... Params>
+  static cudaError_t create(cudaStream_t, void (*)(Params...), KernelLauncher*) { return cudaSuccess; }
+  template <typename... Params, typename... Args>
+  cudaError_t operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
+    emu::launch(grid, block, [&] { kernel(args...); });
+    return cudaSuccess;
+  }
+};
+}  // namespace lightkv_cuda::detail
 
 #define threadIdx emu::tidx
 #define blockIdx emu::bidx
