@@ -198,10 +198,11 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
     candidates.append(("lightkv_ext", extension_fn, ""))
     if device.type == "cuda":
         if p.varlen:  # compress_varlen reads its offsets on the host: not capturable
-            candidates.append(("lightkv_ext_graph", None, "compress_varlen cannot be captured in a CUDA graph"))
+            reason = "compress_varlen cannot be captured in a CUDA graph"
+            candidates += [("lightkv_ext_graph", None, reason), ("lightkv_ext_graph_unchained", None, reason)]
         else:
-            candidates.append(("lightkv_ext_graph", graph_call(extension_fn, device), ""))
-            candidates.append(("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""))
+            candidates += [("lightkv_ext_graph", graph_call(extension_fn, device), ""),
+                           ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), "")]
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
     rows = []

@@ -4,8 +4,8 @@
 # Run from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
 # All steps log to $OUT/gpu_check.log; a failing step does not stop the later ones; the summary
 # ($OUT/summary.txt) lists each step's result and the script exits non-zero if any step failed.
-# The benchmark tables go to $OUT/bench_gpu.md, their rows to bench_gpu*.json. Six files in all
-# (the device tool returns at most eight).
+# The benchmark tables go to $OUT/bench_gpu.md, their rows to bench_gpu*.json, the per-kernel
+# times to kernel_breakdown.md/json. Eight files in all (the device tool returns at most eight).
 set -uo pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -42,14 +42,15 @@ rm -f "$CMAKE_LOG.rc"
 (cmake -S . -B build-gpu -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-gpu >"$CMAKE_LOG" 2>&1
  echo $? >"$CMAKE_LOG.rc") >"$CMAKE_LOG.configure" 2>&1 &
 step build_extension 180 "$PYTHON -m pip install --no-build-isolation --no-deps -e . -v 2>&1 | tail -n 60"
-step cmake_selftest 70 "while [ ! -f '$CMAKE_LOG.rc' ]; do sleep 1; done; cat '$CMAKE_LOG.configure' '$CMAKE_LOG' | tail -n 20; [ \"\$(cat '$CMAKE_LOG.rc')\" = 0 ] && ./build-gpu/lightkv_cuda_selftest"
-step pytest_cuda 100 "$PYTHON -m pytest -q --maxfail=5 -p no:cacheprovider python_tests/test_cuda.py"
+step cmake_selftest 60 "while [ ! -f '$CMAKE_LOG.rc' ]; do sleep 1; done; cat '$CMAKE_LOG.configure' '$CMAKE_LOG' | tail -n 20; [ \"\$(cat '$CMAKE_LOG.rc')\" = 0 ] && ./build-gpu/lightkv_cuda_selftest"
+step pytest_gpu 100 "$PYTHON -m pytest -q --maxfail=5 -p no:cacheprovider -m gpu python_tests/test_cuda.py python_tests/test_bench.py"
 # Sanitizers on the self-test's small cases (every kernel, every dtype, tails and empty windows).
 step memcheck 40 "'$SANITIZER' --tool memcheck --leak-check full --error-exitcode 1 ./build-gpu/lightkv_cuda_selftest --small"
 step racecheck 40 "'$SANITIZER' --tool racecheck --error-exitcode 1 ./build-gpu/lightkv_cuda_selftest --small"
 # The issue-3 targets first (LLaVA-1.5 at batch 1 and 32, a 16k-token image), then the packed presets.
 step bench_targets 80 "$BENCH --presets llava15 qwen25vl --batches 1 32 --json '$OUT/bench_gpu.json' --plot '$OUT/bench_gpu.png' | tee '$OUT/bench_gpu.md'"
-step bench_large 50 "$BENCH --presets video16k llava_next video --json '$OUT/bench_gpu_large.json' | tee -a '$OUT/bench_gpu.md'"
+step bench_large 40 "$BENCH --presets video16k llava_next video --json '$OUT/bench_gpu_large.json' | tee -a '$OUT/bench_gpu.md'"
+step kernel_breakdown 20 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
 
 echo "=== summary" | tee "$OUT/summary.txt"
 printf '%s\n' "${SUMMARY[@]}" | tee -a "$OUT/summary.txt"

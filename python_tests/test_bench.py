@@ -16,7 +16,8 @@ def bench_modules():
     """Import the scripts as modules; they import their shared helpers as `_timing`."""
     sys.path.insert(0, str(BENCH_DIR))
     try:
-        yield {name: importlib.import_module(name) for name in ("_timing", "bench_kernels", "bench_quality")}
+        yield {name: importlib.import_module(name)
+               for name in ("_timing", "bench_kernels", "bench_quality", "kernel_breakdown")}
     finally:
         sys.path.remove(str(BENCH_DIR))
 
@@ -84,13 +85,44 @@ def test_kernel_bench_cpu(bench_modules, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernel_bench_cuda(bench_modules, tmp_path):
     data = run_kernel_bench(bench_modules, tmp_path, "cuda")
-    check_kernel_rows(data, ["reference", "reference_compiled", "lightkv_ext", "copy_roofline"])
+    check_kernel_rows(data, ["reference", "reference_compiled", "lightkv_ext", "lightkv_ext_graph",
+                             "lightkv_ext_graph_unchained", "copy_roofline"])
     for row in data["rows"]:
         assert row["dtype"] == "float16"
         if row["backend"] == "copy_roofline":
             assert row["roofline_fraction"] == 1.0
         elif row["status"] == "ok":
             assert row["roofline_fraction"] > 0
+        if row["backend"].startswith("lightkv_ext_graph"):  # only the dense path can be captured
+            assert (row["status"] == "ok") == (row["preset"] == "tiny"), row
+            assert row["status"] != "ok" or row["matches_reference"] is True
+
+
+def test_kernel_breakdown_cpu(bench_modules, tmp_path):
+    breakdown = bench_modules["kernel_breakdown"]
+    json_path = tmp_path / "breakdown.json"
+    result = breakdown.main(["--cases", "tiny:1", "tiny_varlen:2", "--device", "cpu", "--calls", "2",
+                             "--json", str(json_path)])
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
+    assert [(case["preset"], case["batch"], case["vision_tokens"]) for case in result["cases"]] == [
+        ("tiny", 1, 64), ("tiny_varlen", 2, 248)]
+    for case in result["cases"]:  # dense and varlen alike: one score and one merge per call
+        rows = {row["name"]: row for row in case["rows"]}
+        assert set(rows) == {"lightkv::score", "lightkv::merge"}
+        assert all(row["count_per_call"] == 1.0 and row["us_per_call"] > 0 for row in rows.values())
+        assert math.isclose(sum(row["share"] for row in rows.values()), 1.0)
+
+
+def test_kernel_breakdown_names_and_cases(bench_modules):
+    breakdown = bench_modules["kernel_breakdown"]
+    signature = ("void lightkv_cuda::(anonymous namespace)::merge_values_kernel<__nv_bfloat16, 8>"
+                 "(lightkv_cuda::(anonymous namespace)::ValueParams)")
+    assert breakdown.short_name(signature) == "merge_values_kernel"
+    assert breakdown.short_name("Memset (Device)") == "Memset (Device)"
+    assert breakdown.parse_case("llava15:32") == ("llava15", 32)
+    for bad in ("llava15", "nope:1", "llava15:0", "llava15:x"):
+        with pytest.raises(Exception, match="PRESET:BATCH"):
+            breakdown.parse_case(bad)
 
 
 def test_quality_bench(bench_modules, tmp_path):

@@ -1,0 +1,116 @@
+"""Where the time of one compress stage goes: per kernel on CUDA, per op on CPU (torch.profiler).
+
+    python bench/kernel_breakdown.py [--cases llava15:1 llava15:32 video16k:1] [--device cpu|cuda]
+                                     [--dtype bfloat16] [--calls 5] [--json PATH]
+
+Each case (a bench_kernels.py preset and a batch size) runs the extension's compress (dense or
+varlen) `--calls` times under the profiler after one warm-up call. On CUDA every kernel of the
+call is listed, the extension's and torch's (allocations, copies); kernel chaining is turned off
+(LIGHTKV_PDL=0), since a chained kernel's span would include its wait for the one before it.
+On CPU the rows are the extension's ops. Times are sums over the calls divided by their number;
+share = a row's time / the case's total.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import lightkv_ext
+from _timing import format_number, markdown_table, run_metadata, write_json
+from bench_kernels import PRESETS, dense_call, make_case, unchained, varlen_call
+
+DEFAULT_CASES = ("llava15:1", "llava15:32", "qwen25vl:1", "video16k:1")
+
+
+def short_name(name: str) -> str:
+    """The function name of a demangled kernel signature ('void ns::f<T>(Params)' -> 'f')."""
+    match = re.search(r"(\w+)(?:<.*>)?\(", name)
+    return match.group(1) if match else name
+
+
+def parse_case(text: str) -> Tuple[str, int]:
+    name, _, batch = text.partition(":")
+    if name not in PRESETS or not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"expected PRESET:BATCH with PRESET in {sorted(PRESETS)}, got {text!r}")
+    return name, int(batch)
+
+
+def profile_rows(fn, device: torch.device, calls: int) -> List[dict]:
+    """Per kernel (CUDA) or lightkv op (CPU): launches (calls) and microseconds per call, and share."""
+    on_cuda = device.type == "cuda"
+    fn()
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as profiler:
+        for _ in range(calls):
+            fn()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+    time_us, counts = collections.Counter(), collections.Counter()
+    for event in profiler.events():
+        if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not on_cuda and not event.name.startswith("lightkv::"):
+            continue
+        name = short_name(event.name) if on_cuda else event.name
+        time_us[name] += event.time_range.elapsed_us() / calls
+        counts[name] += 1
+    total = sum(time_us.values())
+    return [{"name": name, "count_per_call": counts[name] / calls, "us_per_call": us,
+             "share": us / total if total > 0 else 0.0} for name, us in time_us.most_common()]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES],
+                        metavar="PRESET:BATCH")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--calls", type=int, default=5, help="profiled calls per case (default 5)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows and run metadata as JSON")
+    args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch reports no CUDA device")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    metadata = run_metadata(device)
+    print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
+          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining off\n")
+    cases = []
+    for name, batch in args.cases:
+        case = make_case(PRESETS[name], batch, dtype, device)
+        call = varlen_call(case) if case.preset.varlen else dense_call(lightkv_ext.compress, case)
+        rows = profile_rows(unchained(call), device, args.calls)
+        cases.append({"preset": name, "batch": batch, "vision_tokens": case.vision_tokens, "rows": rows})
+        total = sum(row["us_per_call"] for row in rows)
+        print(f"### {name}, batch {batch} ({case.vision_tokens} vision tokens): {total:.1f} µs per call\n")
+        on_cuda = device.type == "cuda"
+        print(markdown_table(["kernel" if on_cuda else "op", "launches" if on_cuda else "calls", "µs per call",
+                              "share"],
+                             [[row["name"], format_number(row["count_per_call"], 1),
+                               format_number(row["us_per_call"]), f"{100 * row['share']:.1f}%"] for row in rows]))
+        print()
+        del case
+        print(f"done: {name} batch {batch}", file=sys.stderr, flush=True)
+    result = dict(metadata, dtype=str(dtype).replace("torch.", ""), calls=args.calls, cases=cases)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
