@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -351,12 +352,30 @@ def plot(rows: Sequence[dict], path: str, device_name: str) -> bool:
     return save_figure(pyplot, figure, path)
 
 
+def replot(json_paths: Sequence[str], plot_path: Optional[str]) -> dict:
+    """The plot of earlier runs' rows (all of one device), e.g. of results fetched from a GPU machine."""
+    if not plot_path:
+        raise SystemExit("--replot needs --plot PATH")
+    runs = []
+    for path in json_paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    devices = sorted({run["device"] for run in runs})
+    if len(devices) != 1:
+        raise SystemExit(f"--replot: the files come from different devices: {devices}")
+    rows = [row for run in runs for row in run["rows"]]
+    plot(rows, plot_path, devices[0])
+    return dict(runs[0], rows=rows)
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 only, short repetition budgets, no torch.compile (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="write the rows and run metadata as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of time vs tokens per backend")
+    parser.add_argument("--replot", nargs="+", metavar="JSON",
+                        help="measure nothing: plot the rows of these --json files to --plot")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=list(DEFAULT_PRESETS))
     parser.add_argument("--batches", nargs="+", type=int,
@@ -378,6 +397,8 @@ def batches_for(preset: Preset, args: argparse.Namespace, device: torch.device) 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.plot)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch reports no CUDA device")

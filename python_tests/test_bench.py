@@ -81,6 +81,26 @@ def test_kernel_bench_cpu(bench_modules, tmp_path):
         assert row["dtype"] == "float32" and row["roofline_fraction"] is None
 
 
+def test_replot_draws_saved_rows_without_measuring(bench_modules, tmp_path):
+    bench = bench_modules["bench_kernels"]
+    saved = {"device": "cpu", "rows": [
+        {"preset": "tiny", "backend": backend, "vision_tokens": tokens, "median_us": us, "status": "ok"}
+        for backend, tokens, us in [("reference", 64, 90.0), ("reference", 128, 170.0), ("lightkv_ext", 64, 9.0)]]}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(dict(saved, rows=saved["rows"][:2])))
+    second.write_text(json.dumps(dict(saved, rows=saved["rows"][2:])))
+    plot_path = tmp_path / "replot.png"
+    result = bench.main(["--replot", str(first), str(second), "--plot", str(plot_path)])
+    assert result["rows"] == saved["rows"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert is_png(plot_path)
+    with pytest.raises(SystemExit, match="--plot"):
+        bench.main(["--replot", str(first)])
+    second.write_text(json.dumps(dict(saved, device="other")))
+    with pytest.raises(SystemExit, match="different devices"):
+        bench.main(["--replot", str(first), str(second), "--plot", str(plot_path)])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernel_bench_cuda(bench_modules, tmp_path):
