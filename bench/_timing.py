@@ -23,6 +23,7 @@ class Timing:
     p20_us: float
     p80_us: float
     repetitions: int
+    host_us: Optional[float] = None  # CUDA: host time to issue one call (median), which can exceed the GPU time
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -79,7 +80,9 @@ def time_cuda(fn: Callable[[], object], *, device: torch.device, warmup: int = 3
     """CUDA-event time of fn on the current stream, with L2 flushed before every repetition.
 
     The flush is a write of a buffer larger than L2, enqueued before the start event, so each
-    repetition reads its inputs from HBM as a first call inside a model would.
+    repetition reads its inputs from HBM as a first call inside a model would. Between the flush
+    and the start event the GPU spins for longer than the host takes to issue fn, so the events
+    time the GPU work of fn, not the host's launches (which Timing.host_us reports).
     """
     flush = torch.empty(l2_flush_bytes(device), dtype=torch.uint8, device=device)
     torch.cuda.synchronize(device)
@@ -88,16 +91,28 @@ def time_cuda(fn: Callable[[], object], *, device: torch.device, warmup: int = 3
         fn()
     torch.cuda.synchronize(device)
     estimate_s = (time.perf_counter() - start) / max(warmup, 1)
+    host_samples = []
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        host_samples.append(time.perf_counter() - start)
+    torch.cuda.synchronize(device)
+    host_s = quantile(host_samples, 0.5)
+    # Cycles at up to 2 GHz, twice the host time, capped at about 2 ms.
+    hold_cycles = min(int(4e9 * host_s) + 100_000, 4_000_000)
     repetitions = _repetitions_for(estimate_s, budget_s, min_reps, max_reps)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repetitions)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repetitions)]
     for start_event, end_event in zip(starts, ends):
         flush.zero_()
+        torch.cuda._sleep(hold_cycles)
         start_event.record()
         fn()
         end_event.record()
     torch.cuda.synchronize(device)
-    return summarize([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+    timing = summarize([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+    return dataclasses.replace(timing, host_us=host_s * 1e6)
 
 
 def time_on(device: torch.device, fn: Callable[[], object], *, quick: bool) -> Timing:

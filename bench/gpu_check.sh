@@ -3,6 +3,7 @@
 # limit, cut to what is left of GPU_CHECK_BUDGET_S (default 570 s), so the whole script fits one
 # 600 s device call even when steps hang; a step with no time left is reported as skipped.
 # Run from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
+# GPU_CHECK_STEPS="env build_extension ..." runs only the named steps (default: all).
 # All steps log to $OUT/gpu_check.log; a failing step does not stop the later ones; the summary
 # ($OUT/summary.txt) lists each step's result and the script exits non-zero if any step failed.
 # The benchmark tables go to $OUT/bench_gpu.md, their rows to bench_gpu*.json (plot them with
@@ -26,6 +27,10 @@ step() {
   local name="$1" limit="$2"
   shift 2
   local start=$SECONDS left=$((BUDGET_S - SECONDS - 12))
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+    SUMMARY+=("SKIP  $name (not in GPU_CHECK_STEPS)")
+    return
+  fi
   if [ "$left" -lt 5 ]; then
     SUMMARY+=("SKIP  $name (no time left of ${BUDGET_S} s)")
     FAILED=1

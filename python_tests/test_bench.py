@@ -109,6 +109,8 @@ def test_kernel_bench_cuda(bench_modules, tmp_path):
                              "lightkv_ext_graph_unchained", "copy_roofline"])
     for row in data["rows"]:
         assert row["dtype"] == "float16"
+        if row["status"] == "ok":
+            assert row["host_us"] > 0
         if row["backend"] == "copy_roofline":
             assert row["roofline_fraction"] == 1.0
         elif row["status"] == "ok":

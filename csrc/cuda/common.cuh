@@ -59,6 +59,11 @@ __device__ __forceinline__ void copy_16_bytes(bool live, const S* from, S* to) {
   for (int i = 0; i < static_cast<int>(16 / sizeof(S)); ++i) to[i] = values[i];
 }
 
+// The same into a 16-byte aligned `to` (shared-memory rows padded to a multiple of 16 bytes): one store.
+__device__ __forceinline__ void copy_16_bytes_aligned(bool live, const void* from, void* to) {
+  *reinterpret_cast<uint4*>(to) = live ? *reinterpret_cast<const uint4*>(from) : make_uint4(0, 0, 0, 0);
+}
+
 // Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* at) { return *reinterpret_cast<const uint32_t*>(at); }
 

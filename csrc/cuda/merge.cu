@@ -22,9 +22,9 @@
 //      group contiguous in token order: row_groups_kernel (a block scan and a block radix sort
 //      per row) for rows of at most kRowTokens tokens; else kept flags -> cub::DeviceScan ->
 //      slots_kernel -> cub::DeviceRadixSort on (slot, token) -> group_bounds_kernel.
-//   5. merge_values_kernel: one block per (output slot, element chunk, k or v): float32 weighted
-//      sum of the members in that fixed order; single-member groups are copied bitwise. 16-byte
-//      vectors where the layout allows.
+//   5. merge_values_kernel: one block per (output slot, element chunk, k or v), 2 vectors per
+//      thread: float32 weighted sum of the members in that fixed order; single-member groups are
+//      copied bitwise. 16-byte vectors where the layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
 // those of float64 arithmetic whichever path screened them. A LLaVA-1.5 image takes 7
 // launches.
@@ -53,12 +53,13 @@ constexpr int kTile = 64;            // srcs and dsts per screened tile
 constexpr int kScreenThreads = 128;  // 4 warps, each owning a 32 x 32 quarter of the tile
 constexpr int kTopK = 8;             // screened candidates kept per src
 constexpr int kMergeThreads = 128;
+constexpr int kMergeVectors = 2;     // vectors of one slot per merge thread: their loads are in flight together
 constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int kPrepareThreads = 256;
 constexpr int kRankThreads = 256;
 constexpr int kRowThreads = 512;
-constexpr int kRowItems = 8;
-constexpr int64_t kRowTokens = kRowThreads * kRowItems;  // rows up to this long: row_groups_kernel
+constexpr int kRowItemsMax = 8;  // tokens per thread of row_groups_kernel: 2 for rows up to 1024, else 8
+constexpr int64_t kRowTokens = kRowThreads * kRowItemsMax;  // rows up to this long: row_groups_kernel
 constexpr int64_t kMaxGrid = 1 << 20;
 constexpr int64_t kMaxScreenGrid = 1 << 16;
 constexpr int64_t kTargetScreenItems = 1024;  // dst ranges aim at this many work items
@@ -73,8 +74,8 @@ template <typename M>
 struct Screen {
   using Stage = uint16_t;
   using Acc = float;
-  static constexpr int kChunk = 32;  // features staged per step
-  static constexpr int kPad = 8;     // row stride of 20 words: conflict-free fragment loads
+  static constexpr int kChunk = 128;  // features staged per step: one memory round trip each
+  static constexpr int kPad = 8;      // row stride of 68 words: conflict-free fragment loads
 };
 template <>
 struct Screen<float> {
@@ -161,15 +162,29 @@ __device__ double lane_dot(const Params& p, int64_t a_base, int64_t b_base, int 
   double dot = 0.0;
   if (p.vector_rows) {
     constexpr int kPerVector = 16 / sizeof(M);
-    FeatureCursor feature(p, kPerVector * lane);
-    for (int64_t f = kPerVector * lane; f < p.features; f += 32 * kPerVector, feature.advance(32 * kPerVector)) {
-      const uint4 a_raw = *reinterpret_cast<const uint4*>(metric + a_base + feature.offset());
-      const uint4 b_raw = *reinterpret_cast<const uint4*>(metric + b_base + feature.offset());
-      M a[kPerVector], b[kPerVector];
-      memcpy(a, &a_raw, 16);
-      memcpy(b, &b_raw, 16);
+    constexpr int64_t kStep = 32 * kPerVector;  // features per warp-wide step
+    constexpr int kInFlight = 8;                // steps whose loads are issued before their FMAs
+    for (int64_t f0 = kPerVector * lane; f0 < p.features; f0 += kInFlight * kStep) {
+      uint4 a_raw[kInFlight], b_raw[kInFlight];
 #pragma unroll
-      for (int i = 0; i < kPerVector; ++i) dot = fma(to_double(a[i]), to_double(b[i]), dot);
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t f = f0 + u * kStep;
+        a_raw[u] = b_raw[u] = make_uint4(0, 0, 0, 0);
+        if (f < p.features) {
+          const int64_t offset = (f / p.metric_inner) * p.metric_stride[2] + (f % p.metric_inner) * p.metric_stride[3];
+          a_raw[u] = *reinterpret_cast<const uint4*>(metric + a_base + offset);
+          b_raw[u] = *reinterpret_cast<const uint4*>(metric + b_base + offset);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        if (f0 + u * kStep >= p.features) break;
+        M a[kPerVector], b[kPerVector];
+        memcpy(a, &a_raw[u], 16);
+        memcpy(b, &b_raw[u], 16);
+#pragma unroll
+        for (int i = 0; i < kPerVector; ++i) dot = fma(to_double(a[i]), to_double(b[i]), dot);
+      }
     }
   } else {
     FeatureCursor feature(p, lane);
@@ -259,8 +274,8 @@ struct ScreenSmem {
   static constexpr int kRow = Screen<M>::kChunk + Screen<M>::kPad;
   union {
     struct {
-      S src[kTile][kRow];
-      S dst[kTile][kRow];
+      alignas(16) S src[kTile][kRow];
+      alignas(16) S dst[kTile][kRow];
     } stage;
     Acc dot[kTile][kTile + 1];  // the finished tile; reuses the staging space
   };
@@ -274,8 +289,9 @@ struct ScreenSmem {
 
 // Tile `tile` of the srcs (parity 0: window positions 0, 2, ...) or dsts (parity 1) of the window
 // at `start`, of which there are `count`: element offsets of their metric rows, norms, liveness.
-__device__ __forceinline__ void setup_side(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
-                                           int64_t* base, double* norm, bool* ok) {
+// Returns how many of the tile's kTile slots are live.
+__device__ __forceinline__ int setup_side(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
+                                          int64_t* base, double* norm, bool* ok) {
   const int64_t live = min(int64_t{kTile}, count - kTile * tile);
   for (int local = threadIdx.x; local < kTile; local += blockDim.x) {
     const bool is_live = local < live;
@@ -284,6 +300,7 @@ __device__ __forceinline__ void setup_side(const Params& p, int64_t start, int p
     base[local] = token_base(p, token);
     norm[local] = is_live ? p.norms[token] : 0.0;
   }
+  return static_cast<int>(live);
 }
 
 template <typename M>
@@ -323,17 +340,26 @@ __device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, i
 #pragma unroll
       for (int j = 0; j < 8; ++j) simt_acc[i][j] = Acc(0);
   }
-  // Vector staging: thread t copies 16 bytes (element `vector_at` on) of rows t / kVectors + ...
+  // Vector staging: thread t copies the 16 bytes at chunk element `vector_at` of rows
+  // t / kVectors + ...; a vector never crosses a head (see vector_staging).
   constexpr int kPerVector = 16 / sizeof(S), kVectors = kChunk / kPerVector;
   const int vector_at = kPerVector * (threadIdx.x % kVectors), vector_row0 = threadIdx.x / kVectors;
-  FeatureCursor feature(p, f_begin + (p.vector_stage ? 0 : kk));
-  for (int64_t f0 = f_begin; f0 < f_end; f0 += kChunk, feature.advance(kChunk)) {
+  FeatureCursor feature(p, f_begin + kk);
+  for (int64_t f0 = f_begin; f0 < f_end; f0 += kChunk, feature.advance(p.vector_stage ? 0 : kChunk)) {
     __syncthreads();  // the previous chunk (or the previous tile's epilogue) is done with the stage
-    if (p.vector_stage) {  // whole chunks inside one head, 16-byte aligned (see vector_staging)
-      const S* metric = static_cast<const S*>(p.metric) + feature.offset() + vector_at;
+    if (p.vector_stage) {
+      const int64_t f = f0 + vector_at;
+      const bool in_range = f < f_end;
+      const S* metric = static_cast<const S*>(p.metric) +
+                        (in_range ? (f / p.metric_inner) * p.metric_stride[2] + (f % p.metric_inner) * p.metric_stride[3] : 0);
       for (int row = vector_row0; row < kTile; row += kScreenThreads / kVectors) {
-        detail::copy_16_bytes(sm.src_ok[row], metric + sm.src_base[row], &sm.stage.src[row][vector_at]);
-        detail::copy_16_bytes(sm.dst_ok[row], metric + sm.dst_base[row], &sm.stage.dst[row][vector_at]);
+        if constexpr (kTensorCores) {  // rows padded to a multiple of 16 bytes
+          detail::copy_16_bytes_aligned(in_range && sm.src_ok[row], metric + sm.src_base[row], &sm.stage.src[row][vector_at]);
+          detail::copy_16_bytes_aligned(in_range && sm.dst_ok[row], metric + sm.dst_base[row], &sm.stage.dst[row][vector_at]);
+        } else {
+          detail::copy_16_bytes(in_range && sm.src_ok[row], metric + sm.src_base[row], &sm.stage.src[row][vector_at]);
+          detail::copy_16_bytes(in_range && sm.dst_ok[row], metric + sm.dst_base[row], &sm.stage.dst[row][vector_at]);
+        }
       }
     } else {
       const bool live = f0 + kk < f_end;
@@ -348,6 +374,7 @@ __device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, i
     if constexpr (kTensorCores) {
 #pragma unroll
       for (int k0 = 0; k0 < kChunk; k0 += 16) {
+        if (f0 + k0 >= f_end) break;  // the zero-filled tail of the last chunk
         uint32_t a[2][4], b[4][2];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
@@ -477,12 +504,16 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     if (partial) {
       const int64_t local = unit - p.pair_offsets[w];
       const int64_t src_tile = local / dst_tiles, dst_tile = local % dst_tiles;
-      setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
-      setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+      const int src_live = setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
+      const int dst_live = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
       const int64_t per_split = ceil_div(p.feature_chunks, split) * Screen<M>::kChunk;
       tile_dots<M>(p, sm, part * per_split, min(p.features, (part + 1) * per_split));
+      // Only the live corner: small windows fill a few hundred of the tile's 4096 entries.
       Acc* out = static_cast<Acc*>(p.partial) + (part * p.pair_offsets[p.num_windows] + unit) * kTile * kTile;
-      for (int e = threadIdx.x; e < kTile * kTile; e += kScreenThreads) out[e] = sm.dot[e / kTile][e % kTile];
+      for (int e = threadIdx.x; e < src_live * dst_live; e += kScreenThreads) {
+        const int r = e / dst_live, c = e % dst_live;
+        out[r * kTile + c] = sm.dot[r][c];
+      }
       continue;
     }
     const int64_t src_tile = unit - p.tile_offsets[w];
@@ -517,16 +548,19 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
     const int64_t n_src = (n + 1) / 2, n_dst = n / 2, dst_tiles = ceil_div(n_dst, kTile);
     const int64_t src_tile = tile - p.tile_offsets[w];
     __syncthreads();  // the previous item is done with the side data
-    setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
+    const int src_live = setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
     TopList<Acc> top;
     for (int64_t dst_tile = 0; dst_tile < dst_tiles; ++dst_tile) {
       __syncthreads();  // the previous tile's epilogue is done with the tile and the dst side data
-      setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+      const int dst_live = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
       const int64_t pair = p.pair_offsets[w] + src_tile * dst_tiles + dst_tile;
-      for (int e = threadIdx.x; e < kTile * kTile; e += kScreenThreads) {
-        Acc sum = partial[pair * kTile * kTile + e];
-        for (int64_t s = 1; s < split; ++s) sum += partial[(s * pairs + pair) * kTile * kTile + e];
-        sm.dot[e / kTile][e % kTile] = sum;
+      for (int e = threadIdx.x; e < src_live * dst_live; e += kScreenThreads) {  // the live corner
+        const int r = e / dst_live, c = e % dst_live;
+        const Acc* at = partial + pair * kTile * kTile + r * kTile + c;
+        Acc sum = at[0];
+#pragma unroll 8
+        for (int64_t s = 1; s < split; ++s) sum += at[s * pairs * kTile * kTile];  // loads independent
+        sm.dot[r][c] = sum;
       }
       __syncthreads();
       keep_best<M>(sm, dst_tile, top);
@@ -672,10 +706,11 @@ __global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, in
   }
 }
 
-// Rows of at most kRowTokens tokens, one block each: what the general path gets from the
-// kept-flag scan, slots_kernel, the radix sort and group_bounds_kernel, in one launch. Thread t
-// holds tokens l = kRowItems t + i (CUB's blocked arrangement); the block scan numbers the kept
-// tokens, and a stable block radix sort on the slot groups the members in token order.
+// Rows of at most kRowThreads * kRowItems tokens, one block each: what the general path gets
+// from the kept-flag scan, slots_kernel, the radix sort and group_bounds_kernel, in one launch.
+// Thread t holds tokens l = kRowItems t + i (CUB's blocked arrangement); the block scan numbers
+// the kept tokens, and a stable block radix sort on the slot groups the members in token order.
+template <int kRowItems>
 __global__ void __launch_bounds__(kRowThreads)
     row_groups_kernel(const int64_t* __restrict__ merged_into, int64_t rows, int64_t L, int64_t kept, int key_bits,
                       int64_t* __restrict__ index, int64_t* __restrict__ assignment, int64_t* __restrict__ members,
@@ -687,7 +722,7 @@ __global__ void __launch_bounds__(kRowThreads)
     typename RowScan::TempStorage scan;
     typename RowSort::TempStorage sort;
   } storage;
-  __shared__ uint32_t slot_of[kRowTokens];  // slot of each kept token by l, then the sorted slots
+  __shared__ uint32_t slot_of[kRowThreads * kRowItems];  // slot of each kept token by l, then the sorted slots
   const uint32_t none = static_cast<uint32_t>(kept);  // slot key of padding and of slots >= kept
   for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {
     const int64_t row = b * L;
@@ -810,26 +845,44 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
   const int64_t* out_stride = p.out_stride[tensor];
   const bool writes_sizes = tensor == 0 && blockIdx.y == 0 && threadIdx.x == 0;
   const int64_t vectors_per_head = p.D / VEC;
-  const int64_t e = static_cast<int64_t>(blockIdx.y) * kMergeThreads + threadIdx.x;
-  const bool live = e < p.H * vectors_per_head;
-  const int64_t h = live ? e / vectors_per_head : 0;
-  const int64_t d = live ? (e % vectors_per_head) * VEC : 0;
+  // This thread's kMergeVectors vectors e = (blockIdx.y kMergeVectors + i) kMergeThreads + threadIdx.x:
+  // element offsets in x (less the token) and in out (less the slot).
+  bool live[kMergeVectors];
+  int64_t x_at[kMergeVectors], out_at[kMergeVectors];
+#pragma unroll
+  for (int i = 0; i < kMergeVectors; ++i) {
+    const int64_t e = (static_cast<int64_t>(blockIdx.y) * kMergeVectors + i) * kMergeThreads + threadIdx.x;
+    live[i] = e < p.H * vectors_per_head;
+    const int64_t h = live[i] ? e / vectors_per_head : 0, d = live[i] ? (e % vectors_per_head) * VEC : 0;
+    x_at[i] = h * x_stride[1] + d * x_stride[3];
+    out_at[i] = h * out_stride[1] + d * out_stride[3];
+  }
 
   for (int64_t slot = blockIdx.x; slot < p.slots; slot += gridDim.x) {
     const int64_t begin = p.group_begin[slot], end = p.group_end[slot];
     if (end <= begin) continue;  // no member (only with a wrong `kept`): leave the slot alone
     const int64_t b = slot / p.kept, m = slot % p.kept;
-    T* out_at = out + b * out_stride[0] + h * out_stride[1] + m * out_stride[2] + d * out_stride[3];
-    const int64_t x_head = b * x_stride[0] + h * x_stride[1] + d * x_stride[3];
+    T* out_slot = out + b * out_stride[0] + m * out_stride[2];
+    const T* x_row = x + b * x_stride[0];
     if (end - begin == 1) {  // kept token without merged srcs: bitwise copy
-      const int64_t l = p.members[begin] - b * p.L;
-      if (live) store_vec<T, VEC>(out_at, load_vec<T, VEC>(x + x_head + l * x_stride[2]));
+      const T* x_token = x_row + (p.members[begin] - b * p.L) * x_stride[2];
+      Vec<T, VEC> value[kMergeVectors];
+#pragma unroll
+      for (int i = 0; i < kMergeVectors; ++i) {
+        if (live[i]) value[i] = load_vec<T, VEC>(x_token + x_at[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < kMergeVectors; ++i) {
+        if (live[i]) store_vec<T, VEC>(out_slot + out_at[i], value[i]);
+      }
       if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
       continue;
     }
-    float weighted[VEC], plain[VEC];
+    float weighted[kMergeVectors][VEC], plain[kMergeVectors][VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) weighted[i] = plain[i] = 0.f;
+    for (int i = 0; i < kMergeVectors; ++i)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) weighted[i][k] = plain[i][k] = 0.f;
     if (threadIdx.x == 0) {
       weight_total = 0.f;
       size_total = 0;
@@ -853,29 +906,37 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       }
       __syncthreads();
       const int count = static_cast<int>(min(static_cast<int64_t>(kMergeThreads), end - chunk));
-      if (live) {
-        for (int i = 0; i < count; ++i) {
-          const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + member_l[i] * x_stride[2]);
-          const float wi = member_w[i];
+      for (int member = 0; member < count; ++member) {
+        const T* x_token = x_row + member_l[member] * x_stride[2];
+        const float wi = member_w[member];
+        Vec<T, VEC> value[kMergeVectors];
+#pragma unroll
+        for (int i = 0; i < kMergeVectors; ++i) {
+          if (live[i]) value[i] = load_vec<T, VEC>(x_token + x_at[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < kMergeVectors; ++i) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const float xv = to_float(value.v[k]);
-            weighted[k] = fmaf(wi, xv, weighted[k]);
-            plain[k] += xv;
+            const float xv = live[i] ? to_float(value[i].v[k]) : 0.f;
+            weighted[i][k] = fmaf(wi, xv, weighted[i][k]);
+            plain[i][k] += xv;
           }
         }
       }
       __syncthreads();  // members of this chunk (and the reduce storage) are free again
     }
     const float total = weight_total;
-    if (live) {
+    const float members = static_cast<float>(end - begin);
+#pragma unroll
+    for (int i = 0; i < kMergeVectors; ++i) {
+      if (!live[i]) continue;
       Vec<T, VEC> result;
-      const float members = static_cast<float>(end - begin);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        result.v[k] = detail::from_float<T>(total == 0.f ? plain[k] / members : weighted[k] / total);
+        result.v[k] = detail::from_float<T>(total == 0.f ? plain[i][k] / members : weighted[i][k] / total);
       }
-      store_vec<T, VEC>(out_at, result);
+      store_vec<T, VEC>(out_slot + out_at[i], result);
     }
     if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
     __syncthreads();  // weight_total / size_total are read before the next slot resets them
@@ -892,7 +953,7 @@ cudaError_t launch_values(const ValueParams& vp, int64_t slots, const detail::Ke
   }
   const int vec = vectorised ? kVec : 1;
   const dim3 grid(detail::grid_for(slots, kMaxGrid),
-                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads)), 2);
+                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads * kMergeVectors)), 2);
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   return vectorised ? launch(merge_values_kernel<T, kVec>, grid, kMergeThreads, vp)
                     : launch(merge_values_kernel<T, 1>, grid, kMergeThreads, vp);
@@ -1019,12 +1080,12 @@ double screen_eps(int64_t features, int64_t splits) {
   return static_cast<double>(features + splits + 64) * unit + 1e-12;
 }
 
-// 16-byte staging loads are safe when every chunk of features lies inside one head (C a
-// multiple of the chunk), channels are contiguous, and every row and head starts 16-byte aligned.
+// 16-byte staging loads are safe when no vector crosses a head (C a multiple of the vector),
+// channels are contiguous, and every row and head starts 16-byte aligned.
 template <typename M>
 bool vector_staging(const Params& p) {
-  return p.metric_inner % Screen<M>::kChunk == 0 &&
-         detail::rows_16_byte_aligned(p.metric, p.metric_stride, 16 / sizeof(typename Screen<M>::Stage));
+  constexpr int64_t kPerVector = 16 / sizeof(typename Screen<M>::Stage);
+  return p.metric_inner % kPerVector == 0 && detail::rows_16_byte_aligned(p.metric, p.metric_stride, kPerVector);
 }
 
 // Step 4 for rows of any length: kept flags, their scan, slots_kernel, a radix sort on
@@ -1152,7 +1213,8 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
 
   // 4: output slots, index, assignment; group members contiguous, in token order.
   if (plan.row_groups) {
-    LIGHTKV_RETURN_IF_ERROR(launch(row_groups_kernel, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into,
+    const auto row_groups = plan.L <= kRowThreads * 2 ? row_groups_kernel<2> : row_groups_kernel<kRowItemsMax>;
+    LIGHTKV_RETURN_IF_ERROR(launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into,
                                    plan.B, plan.L, a.kept, plan.row_key_bits, a.index, a.assignment,
                                    ws.sorted_token_id, ws.group_begin, ws.group_end));
   } else {

@@ -4,8 +4,9 @@
 // For one image and one KV head the logits form a (g * T_img) x N_img matrix: rows are the
 // (query head of the group, text token) pairs, columns the image's vision tokens. Both passes
 // compute 64 x 64 logit tiles with float32 accumulation, the head dim staged through shared
-// memory: on tensor cores (mma.sync m16n8k16, 8 warps of 16 x 32) for float16 / bfloat16, with
-// a SIMT tile product (4 x 4 per thread) for float32. Either way each thread then holds the
+// memory: on tensor cores (mma.sync m16n8k16, 8 warps of 16 x 32) for float16 / bfloat16, 128
+// head dims per staging step (the whole head in the hot case, so one memory round trip per
+// tile), with a SIMT tile product (4 x 4 per thread) for float32. Either way each thread then holds the
 // logits of rows ty + 16 i, columns tx + 16 j, which the passes reduce:
 //   pass 1 (row_stats_kernel): online softmax over column tiles -> per row (max, sum-exp); the
 //           vision tokens of an image may be cut into `nsplit` column ranges, each giving its own
@@ -31,7 +32,7 @@ using detail::to_float;
 constexpr int kTileRows = 64;  // (query head, text token) rows per tile
 constexpr int kTileCols = 64;  // vision tokens per tile
 constexpr int kChunkD = 16;    // head-dim slice staged in shared memory (SIMT path)
-constexpr int kChunkMma = 32;  // head-dim slice staged in shared memory (tensor-core path)
+constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tensor-core path)
 constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
 constexpr int kMicro = 4;
 constexpr int kSide = 16;
@@ -63,7 +64,7 @@ struct Params {
   float* partial;              // (H_kv * rsplit, B * L)
   int64_t rsplit;
   int64_t tokens;              // B * L
-  bool vector_stage;           // tensor-core path: stage the head dim with 16-byte loads
+  bool vector_stage;           // tensor-core path: stage the head dim with 16-byte loads (vector_staging)
   float* importance;
 };
 
@@ -137,9 +138,9 @@ struct TileSmem {
       float q[kChunkD][kTileRows + 4];
       float k[kChunkD][kTileCols + 4];
     } simt;
-    struct {  // tensor-core staging: raw 16-bit values, rows of 20 words (conflict-free fragments)
-      uint16_t q[kTileRows][kChunkMma + 8];
-      uint16_t k[kTileCols][kChunkMma + 8];
+    struct {  // tensor-core staging: raw 16-bit values, rows of 68 words (conflict-free fragments)
+      alignas(16) uint16_t q[kTileRows][kChunkMma + 8];
+      alignas(16) uint16_t k[kTileCols][kChunkMma + 8];
     } mma;
     float logits[kTileRows][kTileCols + 1];  // the finished tensor-core tile
   };
@@ -162,8 +163,7 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = 16 * (warp / 2), col0 = 32 * (warp % 2), group = lane / 4, quad = lane % 4;
     const int kk = threadIdx.x % kChunkMma;
-    const int vector_row = threadIdx.x / 4, vector_at = 8 * (threadIdx.x % 4);  // 16 bytes each
-    static_assert(kThreads / 4 == kTileRows, "one pass of 16-byte loads stages a chunk");
+    constexpr int kVectors = kChunkMma / 8;  // 16-byte vectors per staged row
     float part[4][4];
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
@@ -171,11 +171,13 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&
       for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkMma) {
       __syncthreads();  // the previous chunk (or the previous tile's logits) is consumed
-      if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of the chunk
-        detail::copy_16_bytes(sm.row_ok[vector_row], text + sm.q_base[vector_row] + d0 + vector_at,
-                              &sm.mma.q[vector_row][vector_at]);
-        detail::copy_16_bytes(sm.col_ok[vector_row], k + sm.k_base[vector_row] + d0 + vector_at,
-                              &sm.mma.k[vector_row][vector_at]);
+      if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of 8
+        for (int v = threadIdx.x; v < kTileRows * kVectors; v += kThreads) {
+          const int row = v / kVectors, at = 8 * (v % kVectors);
+          const bool in_head = d0 + at < p.D;
+          detail::copy_16_bytes_aligned(in_head && sm.row_ok[row], text + sm.q_base[row] + d0 + at, &sm.mma.q[row][at]);
+          detail::copy_16_bytes_aligned(in_head && sm.col_ok[row], k + sm.k_base[row] + d0 + at, &sm.mma.k[row][at]);
+        }
       } else {
         const int64_t d = d0 + kk;
         const bool live = d < p.D;
@@ -187,6 +189,7 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&
       __syncthreads();
 #pragma unroll
       for (int k0 = 0; k0 < kChunkMma; k0 += 16) {
+        if (d0 + k0 >= p.D) break;  // the zero-filled tail of a short head
         const int r = row0 + group;
         const uint32_t a[4] = {detail::load_pair(&sm.mma.q[r][k0 + 2 * quad]),
                                detail::load_pair(&sm.mma.q[r + 8][k0 + 2 * quad]),
@@ -479,11 +482,11 @@ struct Plan {
   int64_t B, H_kv, L, S, D, H_q, group, num_images, nsplit, rsplit, tokens;
 };
 
-// 16-byte staging loads (16-bit types only) need whole chunks of contiguous head dims, with
-// every row of k and text starting 16-byte aligned.
+// 16-byte staging loads (16-bit types only) need contiguous head dims, a multiple of 8 of them,
+// with every row of k and text starting 16-byte aligned.
 bool vector_staging(const ScoreArgs& a) {
   const bool sixteen_bit = a.k.dtype == DType::Float16 || a.k.dtype == DType::BFloat16;
-  return sixteen_bit && a.k.size[3] % kChunkMma == 0 && detail::rows_16_byte_aligned(a.k.data, a.k.stride, 8) &&
+  return sixteen_bit && a.k.size[3] % 8 == 0 && detail::rows_16_byte_aligned(a.k.data, a.k.stride, 8) &&
          detail::rows_16_byte_aligned(a.text.data, a.text.stride, 8);
 }
 
