@@ -22,9 +22,9 @@
 //      group contiguous in token order: row_groups_kernel (a block scan and a block radix sort
 //      per row) for rows of at most kRowTokens tokens; else kept flags -> cub::DeviceScan ->
 //      slots_kernel -> cub::DeviceRadixSort on (slot, token) -> group_bounds_kernel.
-//   5. merge_values_kernel: one block per (output slot, element chunk, k or v), 2 vectors per
-//      thread: float32 weighted sum of the members in that fixed order; single-member groups are
-//      copied bitwise. 16-byte vectors where the layout allows.
+//   5. merge_values_kernel: one block per (output slot, element chunk, k or v): float32 weighted
+//      sum of the members in that fixed order; single-member groups are copied bitwise. 16-byte
+//      vectors where the layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
 // those of float64 arithmetic whichever path screened them. A LLaVA-1.5 image takes 7
 // launches.
@@ -53,7 +53,6 @@ constexpr int kTile = 64;            // srcs and dsts per screened tile
 constexpr int kScreenThreads = 128;  // 4 warps, each owning a 32 x 32 quarter of the tile
 constexpr int kTopK = 8;             // screened candidates kept per src
 constexpr int kMergeThreads = 128;
-constexpr int kMergeVectors = 2;     // vectors of one slot per merge thread: their loads are in flight together
 constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int kPrepareThreads = 256;
 constexpr int kRankThreads = 256;
@@ -67,6 +66,7 @@ constexpr int64_t kMaxDstSplit = 64;
 constexpr int64_t kMaxRangeListBytes = int64_t{256} << 20;
 constexpr int64_t kPartialItems = 512;   // partial mode: at most this many (tile pair, split) items
 constexpr int64_t kMaxFeatureSplit = 32;
+constexpr int64_t kMinSplitChunks = 4;  // feature chunks per split at least: fewer would not pay for the sums
 
 // Per metric dtype: how screened tiles are staged and accumulated. 16-bit metrics stay as raw
 // bits for the tensor cores; wider ones are staged in their own type.
@@ -163,17 +163,17 @@ __device__ double lane_dot(const Params& p, int64_t a_base, int64_t b_base, int 
   if (p.vector_rows) {
     constexpr int kPerVector = 16 / sizeof(M);
     constexpr int64_t kStep = 32 * kPerVector;  // features per warp-wide step
-    constexpr int kInFlight = 8;                // steps whose loads are issued before their FMAs
+    constexpr int kInFlight = 4;                // steps whose loads are issued before their FMAs
+    FeatureCursor feature(p, kPerVector * lane);
     for (int64_t f0 = kPerVector * lane; f0 < p.features; f0 += kInFlight * kStep) {
       uint4 a_raw[kInFlight], b_raw[kInFlight];
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
-        const int64_t f = f0 + u * kStep;
         a_raw[u] = b_raw[u] = make_uint4(0, 0, 0, 0);
-        if (f < p.features) {
-          const int64_t offset = (f / p.metric_inner) * p.metric_stride[2] + (f % p.metric_inner) * p.metric_stride[3];
-          a_raw[u] = *reinterpret_cast<const uint4*>(metric + a_base + offset);
-          b_raw[u] = *reinterpret_cast<const uint4*>(metric + b_base + offset);
+        if (f0 + u * kStep < p.features) {
+          a_raw[u] = *reinterpret_cast<const uint4*>(metric + a_base + feature.offset());
+          b_raw[u] = *reinterpret_cast<const uint4*>(metric + b_base + feature.offset());
+          feature.advance(kStep);
         }
       }
 #pragma unroll
@@ -480,7 +480,8 @@ __device__ __forceinline__ void write_list(const Params& p, const ScreenSmem<M>&
 __device__ __forceinline__ int64_t feature_split(const Params& p) {
   const int64_t pairs = p.pair_offsets[p.num_windows];
   if (pairs == 0 || p.max_feature_split < 2) return 1;
-  const int64_t split = min(p.max_feature_split, min(kPartialItems, p.partial_capacity / (kTile * kTile)) / pairs);
+  const int64_t split = min(min(p.max_feature_split, p.feature_chunks / kMinSplitChunks),
+                            min(kPartialItems, p.partial_capacity / (kTile * kTile)) / pairs);
   if (split < 2) return 1;
   return ceil_div(p.feature_chunks, ceil_div(p.feature_chunks, split));  // no empty split
 }
@@ -845,44 +846,26 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
   const int64_t* out_stride = p.out_stride[tensor];
   const bool writes_sizes = tensor == 0 && blockIdx.y == 0 && threadIdx.x == 0;
   const int64_t vectors_per_head = p.D / VEC;
-  // This thread's kMergeVectors vectors e = (blockIdx.y kMergeVectors + i) kMergeThreads + threadIdx.x:
-  // element offsets in x (less the token) and in out (less the slot).
-  bool live[kMergeVectors];
-  int64_t x_at[kMergeVectors], out_at[kMergeVectors];
-#pragma unroll
-  for (int i = 0; i < kMergeVectors; ++i) {
-    const int64_t e = (static_cast<int64_t>(blockIdx.y) * kMergeVectors + i) * kMergeThreads + threadIdx.x;
-    live[i] = e < p.H * vectors_per_head;
-    const int64_t h = live[i] ? e / vectors_per_head : 0, d = live[i] ? (e % vectors_per_head) * VEC : 0;
-    x_at[i] = h * x_stride[1] + d * x_stride[3];
-    out_at[i] = h * out_stride[1] + d * out_stride[3];
-  }
+  const int64_t e = static_cast<int64_t>(blockIdx.y) * kMergeThreads + threadIdx.x;
+  const bool live = e < p.H * vectors_per_head;
+  const int64_t h = live ? e / vectors_per_head : 0;
+  const int64_t d = live ? (e % vectors_per_head) * VEC : 0;
 
   for (int64_t slot = blockIdx.x; slot < p.slots; slot += gridDim.x) {
     const int64_t begin = p.group_begin[slot], end = p.group_end[slot];
     if (end <= begin) continue;  // no member (only with a wrong `kept`): leave the slot alone
     const int64_t b = slot / p.kept, m = slot % p.kept;
-    T* out_slot = out + b * out_stride[0] + m * out_stride[2];
-    const T* x_row = x + b * x_stride[0];
+    T* out_at = out + b * out_stride[0] + h * out_stride[1] + m * out_stride[2] + d * out_stride[3];
+    const int64_t x_head = b * x_stride[0] + h * x_stride[1] + d * x_stride[3];
     if (end - begin == 1) {  // kept token without merged srcs: bitwise copy
-      const T* x_token = x_row + (p.members[begin] - b * p.L) * x_stride[2];
-      Vec<T, VEC> value[kMergeVectors];
-#pragma unroll
-      for (int i = 0; i < kMergeVectors; ++i) {
-        if (live[i]) value[i] = load_vec<T, VEC>(x_token + x_at[i]);
-      }
-#pragma unroll
-      for (int i = 0; i < kMergeVectors; ++i) {
-        if (live[i]) store_vec<T, VEC>(out_slot + out_at[i], value[i]);
-      }
+      const int64_t l = p.members[begin] - b * p.L;
+      if (live) store_vec<T, VEC>(out_at, load_vec<T, VEC>(x + x_head + l * x_stride[2]));
       if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
       continue;
     }
-    float weighted[kMergeVectors][VEC], plain[kMergeVectors][VEC];
+    float weighted[VEC], plain[VEC];
 #pragma unroll
-    for (int i = 0; i < kMergeVectors; ++i)
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) weighted[i][k] = plain[i][k] = 0.f;
+    for (int i = 0; i < VEC; ++i) weighted[i] = plain[i] = 0.f;
     if (threadIdx.x == 0) {
       weight_total = 0.f;
       size_total = 0;
@@ -906,37 +889,29 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       }
       __syncthreads();
       const int count = static_cast<int>(min(static_cast<int64_t>(kMergeThreads), end - chunk));
-      for (int member = 0; member < count; ++member) {
-        const T* x_token = x_row + member_l[member] * x_stride[2];
-        const float wi = member_w[member];
-        Vec<T, VEC> value[kMergeVectors];
-#pragma unroll
-        for (int i = 0; i < kMergeVectors; ++i) {
-          if (live[i]) value[i] = load_vec<T, VEC>(x_token + x_at[i]);
-        }
-#pragma unroll
-        for (int i = 0; i < kMergeVectors; ++i) {
+      if (live) {
+        for (int i = 0; i < count; ++i) {
+          const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + member_l[i] * x_stride[2]);
+          const float wi = member_w[i];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const float xv = live[i] ? to_float(value[i].v[k]) : 0.f;
-            weighted[i][k] = fmaf(wi, xv, weighted[i][k]);
-            plain[i][k] += xv;
+            const float xv = to_float(value.v[k]);
+            weighted[k] = fmaf(wi, xv, weighted[k]);
+            plain[k] += xv;
           }
         }
       }
       __syncthreads();  // members of this chunk (and the reduce storage) are free again
     }
     const float total = weight_total;
-    const float members = static_cast<float>(end - begin);
-#pragma unroll
-    for (int i = 0; i < kMergeVectors; ++i) {
-      if (!live[i]) continue;
+    if (live) {
       Vec<T, VEC> result;
+      const float members = static_cast<float>(end - begin);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        result.v[k] = detail::from_float<T>(total == 0.f ? plain[i][k] / members : weighted[i][k] / total);
+        result.v[k] = detail::from_float<T>(total == 0.f ? plain[k] / members : weighted[k] / total);
       }
-      store_vec<T, VEC>(out_slot + out_at[i], result);
+      store_vec<T, VEC>(out_at, result);
     }
     if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
     __syncthreads();  // weight_total / size_total are read before the next slot resets them
@@ -953,7 +928,7 @@ cudaError_t launch_values(const ValueParams& vp, int64_t slots, const detail::Ke
   }
   const int vec = vectorised ? kVec : 1;
   const dim3 grid(detail::grid_for(slots, kMaxGrid),
-                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads * kMergeVectors)), 2);
+                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads)), 2);
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   return vectorised ? launch(merge_values_kernel<T, kVec>, grid, kMergeThreads, vp)
                     : launch(merge_values_kernel<T, 1>, grid, kMergeThreads, vp);

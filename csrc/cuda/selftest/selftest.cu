@@ -497,7 +497,7 @@ int main(int argc, char** argv) {
   // many features (partial sums over feature splits), exact ties everywhere (every src falls
   // back to the exact scan of all its dsts), and 16-byte staging of a float32 metric.
   run_merge_case<__nv_bfloat16>({"bf16 dst ranges", 1, 1, 300, 32, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 17);
-  run_merge_case<__nv_bfloat16>({"bf16 feature splits", 2, 8, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6},
+  run_merge_case<__nv_bfloat16>({"bf16 feature splits", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6},
                                 18);
   run_merge_case<__half>({"fp16 tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3}, 4000}, 19);
   run_merge_case<float>({"fp32 vector staging", 2, 2, 100, 32, {50, 50}, 0.5, false, {0, 1, 2, 3}, 4}, 20);
