@@ -115,9 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "merge", "k");
   const lightkv_cuda::DType metric_dtype = kernel_dtype(metric, true, "merge", "metric");
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
-  TORCH_CHECK(tokens < INT32_MAX, "lightkv::merge: at most ", INT32_MAX - 1, " tokens per row, got ", tokens);
+  TORCH_CHECK(tokens < INT32_MAX, "lightkv::merge: at most ", lightkv::text_of(int64_t{INT32_MAX} - 1),
+              " tokens per row, got ", lightkv::text_of(tokens));
   TORCH_CHECK(batch * tokens == 0 || window_offsets.size(0) >= 2,
-              "lightkv::merge: window_offsets must describe at least one window for ", batch * tokens, " tokens");
+              "lightkv::merge: window_offsets must describe at least one window for ",
+              lightkv::text_of(batch * tokens), " tokens");
 
   const c10::cuda::CUDAGuard device_guard(device);
   const auto index_options = k.options().dtype(at::kLong);
