@@ -330,7 +330,7 @@ def plot(rows: Sequence[dict], path: str, device_name: str) -> bool:
         return False
     figure, axes = pyplot.subplots(figsize=(8, 5.5))
     # Colour = backend, marker = preset; a line joins one preset's batch sizes (its scaling).
-    backends = list(dict.fromkeys(row["backend"] for row in rows))
+    backends = list(dict.fromkeys(row["backend"] for row in rows if row["status"] == "ok"))
     presets = list(dict.fromkeys(row["preset"] for row in rows))
     colors = {backend: f"C{i}" for i, backend in enumerate(backends)}
     markers = {preset: "osD^vP*X"[i % 8] for i, preset in enumerate(presets)}
