@@ -81,28 +81,28 @@ int64_t merge_count(double ratio, int64_t window_len) {
 void check_windows(const int64_t* window_tokens, const int64_t* window_offsets, int64_t windows,
                    int64_t batch, int64_t tokens) {
   const int64_t total = batch * tokens;
-  TORCH_CHECK(window_offsets[0] == 0, "lightkv::merge: window_offsets[0] must be 0, got ",
-              window_offsets[0]);
-  TORCH_CHECK(window_offsets[windows] == total, "lightkv::merge: window_offsets[-1] must be ",
-              total, " (B * L), got ", window_offsets[windows]);
+  LIGHTKV_CHECK(window_offsets[0] == 0, "lightkv::merge: window_offsets[0] must be 0, got ",
+                window_offsets[0]);
+  LIGHTKV_CHECK(window_offsets[windows] == total, "lightkv::merge: window_offsets[-1] must be ",
+                total, " (B * L), got ", window_offsets[windows]);
   std::vector<uint8_t> seen(static_cast<size_t>(total), 0);
   for (int64_t w = 0; w < windows; ++w) {
     const int64_t begin = window_offsets[w], end = window_offsets[w + 1];
-    TORCH_CHECK(begin <= end, "lightkv::merge: window_offsets must be non-decreasing, window ", w,
-                " has offsets ", begin, " > ", end);
+    LIGHTKV_CHECK(begin <= end, "lightkv::merge: window_offsets must be non-decreasing, window ", w,
+                  " has offsets ", begin, " > ", end);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t token = window_tokens[p];
-      TORCH_CHECK(token >= 0 && token < total, "lightkv::merge: window_tokens[", p, "] = ", token,
-                  " is outside [0, ", total, ")");
-      TORCH_CHECK(!seen[static_cast<size_t>(token)], "lightkv::merge: token ", token,
-                  " appears more than once in window_tokens");
+      LIGHTKV_CHECK(token >= 0 && token < total, "lightkv::merge: window_tokens[", p, "] = ", token,
+                    " is outside [0, ", total, ")");
+      LIGHTKV_CHECK(!seen[static_cast<size_t>(token)], "lightkv::merge: token ", token,
+                    " appears more than once in window_tokens");
       seen[static_cast<size_t>(token)] = 1;
       if (p > begin) {
         const int64_t previous = window_tokens[p - 1];
-        TORCH_CHECK(token / tokens == previous / tokens, "lightkv::merge: window ", w,
-                    " mixes batch rows ", previous / tokens, " and ", token / tokens);
-        TORCH_CHECK(token > previous, "lightkv::merge: window ", w,
-                    " must list its tokens in increasing l, got ", previous, " then ", token);
+        LIGHTKV_CHECK(token / tokens == previous / tokens, "lightkv::merge: window ", w,
+                      " mixes batch rows ", previous / tokens, " and ", token / tokens);
+        LIGHTKV_CHECK(token > previous, "lightkv::merge: window ", w,
+                      " must list its tokens in increasing l, got ", previous, " then ", token);
       }
     }
   }
@@ -221,9 +221,9 @@ void match_windows(const at::Tensor& metric, const int64_t* window_tokens,
         const double src_norm = window_norms[2 * i];
         auto similarity = [&](int64_t j, double dot) {
           const double value = dot / (src_norm * window_norms[2 * j + 1] + 1e-8);
-          TORCH_CHECK(!std::isnan(value), "lightkv::merge: metric must be finite; the "
-                      "similarity of tokens ", window[2 * i], " and ", window[2 * j + 1],
-                      " is NaN");
+          LIGHTKV_CHECK(!std::isnan(value), "lightkv::merge: metric must be finite; the "
+                        "similarity of tokens ", window[2 * i], " and ", window[2 * j + 1],
+                        " is NaN");
           return value;
         };
         double best_score = 0.0;
@@ -338,15 +338,15 @@ Groups assign_slots(const std::vector<int64_t>& merge_target, const at::Tensor& 
       int64_t slots = 0;
       for (int64_t l = 0; l < tokens; ++l) {
         if (row_target[l] != kNotMerged) continue;
-        TORCH_CHECK(slots < kept, "lightkv::merge: batch row ", b, " keeps more than kept = ",
-                    kept, " tokens");
+        LIGHTKV_CHECK(slots < kept, "lightkv::merge: batch row ", b, " keeps more than kept = ",
+                      kept, " tokens");
         row_assignment[l] = slots;
         row_index[slots] = l;
         row_count[slots] = 1;
         ++slots;
       }
-      TORCH_CHECK(slots == kept, "lightkv::merge: batch row ", b, " keeps ", slots,
-                  " tokens, expected kept = ", kept);
+      LIGHTKV_CHECK(slots == kept, "lightkv::merge: batch row ", b, " keeps ", slots,
+                    " tokens, expected kept = ", kept);
       for (int64_t l = 0; l < tokens; ++l) {
         if (row_target[l] == kNotMerged) continue;
         // A merge target is always a dst, and dsts are never merged, so its slot is set.
@@ -369,8 +369,8 @@ Groups assign_slots(const std::vector<int64_t>& merge_target, const at::Tensor& 
         if (row_target[l] != kNotMerged) groups.members[static_cast<size_t>(cursor[slot]++)] = l;
       }
       for (int64_t m = 0; m < kept; ++m) {
-        TORCH_CHECK(size_sums[m] <= std::numeric_limits<int32_t>::max(),
-                    "lightkv::merge: merged size ", size_sums[m], " does not fit in int32");
+        LIGHTKV_CHECK(size_sums[m] <= std::numeric_limits<int32_t>::max(),
+                      "lightkv::merge: merged size ", size_sums[m], " does not fit in int32");
         sizes_out_data[b * kept + m] = static_cast<int32_t>(size_sums[m]);
       }
     }
@@ -447,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
     const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
     const at::Tensor& window_offsets, double ratio, int64_t kept, bool token_major) {
-  TORCH_CHECK(k.device().is_cpu(), "lightkv::merge: k must be a CPU tensor, got ", k.device());
+  LIGHTKV_CHECK(k.device().is_cpu(), "lightkv::merge: k must be a CPU tensor, got ", k.device());
   lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept);
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
 
@@ -456,10 +456,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t l = 0; l < tokens; ++l) {
       const float weight = weight_rows[b][l];
-      TORCH_CHECK(std::isfinite(weight) && weight >= 0.f, "lightkv::merge: importance must be "
-                  "finite and non-negative, got ", weight, " at (", b, ", ", l, ")");
-      TORCH_CHECK(size_rows[b][l] >= 1, "lightkv::merge: sizes must be >= 1, got ",
-                  size_rows[b][l], " at (", b, ", ", l, ")");
+      LIGHTKV_CHECK(std::isfinite(weight) && weight >= 0.f, "lightkv::merge: importance must be "
+                    "finite and non-negative, got ", weight, " at (", b, ", ", l, ")");
+      LIGHTKV_CHECK(size_rows[b][l] >= 1, "lightkv::merge: sizes must be >= 1, got ",
+                    size_rows[b][l], " at (", b, ", ", l, ")");
     }
   }
   const at::Tensor tokens_list = window_tokens.contiguous();

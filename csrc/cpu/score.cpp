@@ -41,19 +41,19 @@ ImageSet read_images(const at::Tensor& images, const std::optional<at::Tensor>& 
   for (int64_t i = 0; i < images.size(0); ++i) {
     Image image{rows[i][0], rows[i][1], rows[i][2], {}, result.partial_len};
     const int64_t text_start = rows[i][3], text_len = rows[i][4];
-    TORCH_CHECK(image.batch_row >= 0 && image.batch_row < batch, "lightkv::score: images[", i,
-                "] batch_row ", image.batch_row, " is outside [0, ", batch, ")");
-    TORCH_CHECK(image.vis_start >= 0 && image.vis_len >= 0 &&
-                    image.vis_len <= tokens - image.vis_start,
-                "lightkv::score: images[", i, "] vision tokens [", image.vis_start, ", ",
-                image.vis_start, " + ", image.vis_len, ") are outside [0, ", tokens, ")");
-    TORCH_CHECK(text_start >= 0 && text_len >= 0 && text_len <= text_tokens - text_start,
-                "lightkv::score: images[", i, "] text tokens [", text_start, ", ", text_start,
-                " + ", text_len, ") are outside [0, ", text_tokens, ")");
+    LIGHTKV_CHECK(image.batch_row >= 0 && image.batch_row < batch, "lightkv::score: images[", i,
+                  "] batch_row ", image.batch_row, " is outside [0, ", batch, ")");
+    LIGHTKV_CHECK(image.vis_start >= 0 && image.vis_len >= 0 &&
+                      image.vis_len <= tokens - image.vis_start,
+                  "lightkv::score: images[", i, "] vision tokens [", image.vis_start, ", ",
+                  image.vis_start, " + ", image.vis_len, ") are outside [0, ", tokens, ")");
+    LIGHTKV_CHECK(text_start >= 0 && text_len >= 0 && text_len <= text_tokens - text_start,
+                  "lightkv::score: images[", i, "] text tokens [", text_start, ", ", text_start,
+                  " + ", text_len, ") are outside [0, ", text_tokens, ")");
     for (int64_t l = image.vis_start; l < image.vis_start + image.vis_len; ++l) {
       auto& flag = covered[static_cast<size_t>(image.batch_row * tokens + l)];
-      TORCH_CHECK(flag == 0, "lightkv::score: images overlap at batch row ", image.batch_row,
-                  ", token ", l, " (images[", i, "])");
+      LIGHTKV_CHECK(flag == 0, "lightkv::score: images overlap at batch row ", image.batch_row,
+                    ", token ", l, " (images[", i, "])");
       flag = 1;
     }
     for (int64_t s = text_start; s < text_start + text_len; ++s) {
@@ -204,7 +204,7 @@ void score_kernel(const at::Tensor& k, const at::Tensor& text, const ImageSet& i
 at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                      const std::optional<at::Tensor>& text_mask,
                      const std::optional<at::Tensor>& sizes, double scale) {
-  TORCH_CHECK(k.device().is_cpu(), "lightkv::score: k must be a CPU tensor, got ", k.device());
+  LIGHTKV_CHECK(k.device().is_cpu(), "lightkv::score: k must be a CPU tensor, got ", k.device());
   lightkv::check_score_args(k, text, images, text_mask, sizes, scale);
   const int64_t batch = k.size(0), kv_heads = k.size(1), tokens = k.size(2);
   const int64_t text_tokens = text.size(2);
@@ -212,8 +212,8 @@ at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tens
     const auto sizes_rows = sizes->accessor<int32_t, 2>();
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t l = 0; l < tokens; ++l) {
-        TORCH_CHECK(sizes_rows[b][l] >= 1, "lightkv::score: sizes must be >= 1, got ",
-                    sizes_rows[b][l], " at (", b, ", ", l, ")");
+        LIGHTKV_CHECK(sizes_rows[b][l] >= 1, "lightkv::score: sizes must be >= 1, got ",
+                      sizes_rows[b][l], " at (", b, ", ", l, ")");
       }
     }
   }

@@ -27,8 +27,8 @@ lightkv_cuda::DType kernel_dtype(const at::Tensor& t, bool allow_double, const c
   const at::ScalarType type = t.scalar_type();
   const bool supported = type == at::kFloat || type == at::kHalf || type == at::kBFloat16 ||
                          (allow_double && type == at::kDouble);
-  TORCH_CHECK(supported, "lightkv::", op, ": ", name, " must be float32, float16 or bfloat16",
-              allow_double ? " or float64" : "", ", got ", type);
+  LIGHTKV_CHECK(supported, "lightkv::", op, ": ", name, " must be float32, float16 or bfloat16",
+                allow_double ? " or float64" : "", ", got ", type);
   if (type == at::kHalf) return lightkv_cuda::DType::Float16;
   if (type == at::kBFloat16) return lightkv_cuda::DType::BFloat16;
   if (type == at::kDouble) return lightkv_cuda::DType::Float64;
@@ -64,7 +64,7 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                       const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
                       double scale) {
-  TORCH_CHECK(k.is_cuda(), "lightkv::score: k must be a CUDA tensor, got device ", k.device());
+  LIGHTKV_CHECK(k.is_cuda(), "lightkv::score: k must be a CUDA tensor, got device ", k.device());
   lightkv::check_score_args(k, text, images, text_mask, sizes, scale);
   const at::Device device = k.device();
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "score", "k");
@@ -109,17 +109,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric, const at::Tensor& importance,
     const at::Tensor& sizes, const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio,
     int64_t kept, bool token_major) {
-  TORCH_CHECK(k.is_cuda(), "lightkv::merge: k must be a CUDA tensor, got device ", k.device());
+  LIGHTKV_CHECK(k.is_cuda(), "lightkv::merge: k must be a CUDA tensor, got device ", k.device());
   lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept);
   const at::Device device = k.device();
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "merge", "k");
   const lightkv_cuda::DType metric_dtype = kernel_dtype(metric, true, "merge", "metric");
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
-  TORCH_CHECK(tokens < INT32_MAX, "lightkv::merge: at most ", lightkv::text_of(int64_t{INT32_MAX} - 1),
-              " tokens per row, got ", lightkv::text_of(tokens));
-  TORCH_CHECK(batch * tokens == 0 || window_offsets.size(0) >= 2,
-              "lightkv::merge: window_offsets must describe at least one window for ",
-              lightkv::text_of(batch * tokens), " tokens");
+  LIGHTKV_CHECK(tokens < INT32_MAX, "lightkv::merge: at most ", INT32_MAX - 1, " tokens per row, got ", tokens);
+  LIGHTKV_CHECK(batch * tokens == 0 || window_offsets.size(0) >= 2,
+                "lightkv::merge: window_offsets must describe at least one window for ", batch * tokens, " tokens");
 
   const c10::cuda::CUDAGuard device_guard(device);
   const auto index_options = k.options().dtype(at::kLong);
@@ -157,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
   args.assignment = assignment.data_ptr<int64_t>();
   if (batch * tokens > 0) {
     const size_t bytes = lightkv_cuda::merge_workspace_size(args);
-    TORCH_CHECK(bytes > 0, "lightkv::merge: could not size the CUDA workspace");
+    LIGHTKV_CHECK(bytes > 0, "lightkv::merge: could not size the CUDA workspace");
     at::Tensor scratch = workspace(bytes, k);
     C10_CUDA_CHECK(lightkv_cuda::launch_merge(args, scratch.data_ptr(), bytes,
                                               c10::cuda::getCurrentCUDAStream().stream()));
