@@ -22,7 +22,8 @@
 //   importance_i = sum_h sum_t p / (H_q * T_img), T_img the counted text tokens of the image;
 //   T_img == 0 gives 1 / vis_len. Tokens of no image get 0. Accumulation in float32.
 //
-// merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, token_major)
+// merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
+//       token_major)
 //   -> (k_out, v_out, sizes_out, index, assignment)
 //   k, v:           (B, H_kv, L, D), same shape and dtype (any strides).
 //   metric:         (B, L, G, C) any float dtype, any strides; the similarity vector of token
@@ -38,6 +39,11 @@
 //                   computed in double.
 //   kept:           M, the number of kept tokens per batch row (same for every row; the caller
 //                   derives it from the window sizes).
+//   max_window:     the largest window's token count, or any larger bound (like flash-attn's
+//                   max_seqlen, so that the CUDA backend picks its kernels without reading the
+//                   offsets back). The CPU backend raises when a window is larger; the CUDA
+//                   backend cannot check without a sync and leaves such a window unmerged when
+//                   the bound is at most 64.
 //   token_major:    when true k_out / v_out are allocated (B, M, H, D) contiguous and returned as
 //                   the (B, H, M, D) permuted view (for the packed API); else (B, H, M, D)
 //                   contiguous.
@@ -67,6 +73,6 @@ TORCH_LIBRARY(lightkv, m) {
   m.def("score(Tensor k, Tensor text, Tensor images, Tensor? text_mask, Tensor? sizes, "
         "float scale) -> Tensor");
   m.def("merge(Tensor k, Tensor v, Tensor metric, Tensor importance, Tensor sizes, "
-        "Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, "
+        "Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, int max_window, "
         "bool token_major) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

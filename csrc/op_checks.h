@@ -104,7 +104,7 @@ inline void check_score_args(const at::Tensor& k, const at::Tensor& text, const 
 // lightkv::merge (contract in csrc/lightkv.cpp).
 inline void check_merge_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
                              const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
-                             const at::Tensor& window_offsets, double ratio, int64_t kept) {
+                             const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window) {
   constexpr const char* op = "merge";
   check_same_device(v, k, op, "v");
   check_same_device(metric, k, op, "metric");
@@ -136,6 +136,7 @@ inline void check_merge_args(const at::Tensor& k, const at::Tensor& v, const at:
   LIGHTKV_CHECK(ratio >= 0.0 && ratio < 1.0, "lightkv::merge: ratio must be in [0, 1), got ", ratio);
   LIGHTKV_CHECK(kept >= 0 && kept <= tokens, "lightkv::merge: kept must be in [0, L = ", tokens, "], got ",
                 kept);
+  LIGHTKV_CHECK(max_window >= 0, "lightkv::merge: max_window must be >= 0, got ", max_window);
 }
 
 }  // namespace lightkv

@@ -88,7 +88,8 @@ def compress(k, v, text_emb, *, ratio=0.5, windows=1, grid=None, text_mask=None,
     metric = k.permute(0, 2, 1, 3) if metric is None else metric.unsqueeze(2)
     token_sizes = args.sizes if args.sizes is not None else _unit_sizes((B, N), k.device)
     k_out, v_out, sizes_out, index, assignment = ops.merge(
-        k, v, metric, importance, token_sizes, layout.tokens, layout.offsets, args.ratio, kept, False)
+        k, v, metric, importance, token_sizes, layout.tokens, layout.offsets, args.ratio, kept, layout.max_window,
+        False)
     return Compressed(k_out, v_out, sizes_out, index, assignment, importance)
 
 
@@ -125,7 +126,7 @@ def compress_varlen(k, v, text_emb, cu_seqlens, grids, *, cu_seqlens_text=None, 
     token_sizes = args.sizes if args.sizes is not None else _unit_sizes((k.shape[0],), device)
     k_out, v_out, sizes_out, index, assignment = ops.merge(
         keys, values, metric, importance[None], token_sizes[None], layout.tokens, layout.offsets,
-        args.ratio, sum(layout.kept), True)
+        args.ratio, sum(layout.kept), layout.max_window, True)
 
     kept = torch.tensor(layout.kept, device=device)
     cu_out = torch.zeros(len(kept) + 1, dtype=torch.int32, device=device)

@@ -18,7 +18,8 @@ def _score_fake(k, text, images, text_mask, sizes, scale):
 
 
 @torch.library.register_fake("lightkv::merge")
-def _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, token_major):
+def _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
+                token_major):
     B, H, L, D = k.shape
     if token_major:
         k_out = k.new_empty((B, kept, H, D)).permute(0, 2, 1, 3)

@@ -47,13 +47,14 @@ class WindowLayout:
     ``tokens`` holds flat token ids (``row * L + l``; for B dense rows of N tokens that is the
     concatenation of B images) grouped by window, raster order inside a window; window ``i`` is
     ``tokens[offsets[i]:offsets[i + 1]]``. ``kept`` lists, per image, how many tokens survive at
-    ``ratio``.
+    ``ratio``; ``max_window`` is the largest window's token count.
     """
 
-    def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, kept: Sequence[int]):
+    def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor, kept: Sequence[int], max_window: int):
         self.tokens = tokens
         self.offsets = offsets
         self.kept = list(kept)
+        self.max_window = max_window
 
 
 def _layout(labels: torch.Tensor, counts: Sequence[Sequence[int]], ratio: float) -> WindowLayout:
@@ -64,7 +65,7 @@ def _layout(labels: torch.Tensor, counts: Sequence[Sequence[int]], ratio: float)
     offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
     torch.cumsum(sizes, 0, out=offsets[1:])
     kept = [sum(n - merge_count(n, ratio) for n in image) for image in counts]
-    return WindowLayout(tokens, offsets.to(labels.device), kept)
+    return WindowLayout(tokens, offsets.to(labels.device), kept, max((n for image in counts for n in image), default=0))
 
 
 @functools.lru_cache(maxsize=64)

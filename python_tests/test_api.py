@@ -172,7 +172,7 @@ def test_native_ops_compile_without_graph_breaks():
     def both(k, v, q):
         importance = ops.score(k, q, images, None, None, 0.25)
         return ops.merge(k, v, k.permute(0, 2, 1, 3), importance, ones, layout.tokens, layout.offsets,
-                         0.5, layout.kept[0], False)
+                         0.5, layout.kept[0], layout.max_window, False)
 
     eager = both(k, v, q)
     compiled = torch.compile(both, fullgraph=True)(k, v, q)

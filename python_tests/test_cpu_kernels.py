@@ -42,7 +42,8 @@ def band(coord, extent, parts):
 
 
 def window_csr(positions, grid, windows, ratio):
-    """(window_tokens, window_offsets, kept per row) of dense rows, as lightkv::merge takes them."""
+    """(window_tokens, window_offsets, kept per row, largest window) of dense rows, as lightkv::merge
+    takes them."""
     B, N = positions.shape
     (h, w), (ph, pw) = grid, windows
     labels = band(positions // w, h, ph) * pw + band(positions % w, w, pw)
@@ -52,7 +53,7 @@ def window_csr(positions, grid, windows, ratio):
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     per_row = counts.reshape(B, ph * pw).tolist()
     kept = [sum(n - merge_count(n, ratio) for n in row) for row in per_row]
-    return tokens, offsets, kept
+    return tokens, offsets, kept, int(counts.max())
 
 
 def pair(windows):
@@ -75,10 +76,10 @@ def native_compress(k, v, text, *, ratio=0.5, windows=1, grid=None, text_mask=No
     metric4 = k.permute(0, 2, 1, 3) if metric is None else metric.unsqueeze(2)
     sizes = torch.ones(B, N, dtype=torch.int32) if sizes is None else sizes
     positions = torch.arange(N).expand(B, N) if positions is None else positions
-    tokens, offsets, kept = window_csr(positions, grid, pair(windows), ratio)
+    tokens, offsets, kept, max_window = window_csr(positions, grid, pair(windows), ratio)
     assert len(set(kept)) == 1
     k_out, v_out, sizes_out, index, assignment = merge_op(
-        k, v, metric4, importance, sizes, tokens, offsets, ratio, kept[0], token_major)
+        k, v, metric4, importance, sizes, tokens, offsets, ratio, kept[0], max_window, token_major)
     return dict(k=k_out, v=v_out, sizes=sizes_out, index=index, assignment=assignment,
                 importance=importance)
 
@@ -236,16 +237,17 @@ def test_packed_merge_matches_per_image_reference():
     packed_k = torch.randn(sum(lens), H, D, generator=gen)
     packed_v = torch.randn(sum(lens), H, D, generator=gen)
     importance = torch.rand(1, sum(lens), generator=gen)
-    all_tokens, all_offsets, kept_total = [], [torch.zeros(1, dtype=torch.long)], 0
+    all_tokens, all_offsets, kept_total, max_window = [], [torch.zeros(1, dtype=torch.long)], 0, 0
     for start, n, grid, win in zip(starts, lens, grids, windows):
-        tokens, offsets, kept = window_csr(torch.arange(n)[None], grid, win, ratio)
+        tokens, offsets, kept, largest = window_csr(torch.arange(n)[None], grid, win, ratio)
         all_tokens.append(tokens + start)
         all_offsets.append(offsets[1:] + all_offsets[-1][-1])
         kept_total += kept[0]
+        max_window = max(max_window, largest)
     k4, v4 = packed_k.permute(1, 0, 2).unsqueeze(0), packed_v.permute(1, 0, 2).unsqueeze(0)
     k_out, v_out, sizes, index, assignment = merge_op(
         k4, v4, packed_k.unsqueeze(0), importance, torch.ones(1, sum(lens), dtype=torch.int32),
-        torch.cat(all_tokens), torch.cat(all_offsets), ratio, kept_total, True)
+        torch.cat(all_tokens), torch.cat(all_offsets), ratio, kept_total, max_window, True)
     # token_major: (B, M, H, D) storage seen as (B, H, M, D)
     assert k_out.shape == (1, H, kept_total, D) and k_out.permute(0, 2, 1, 3).is_contiguous()
     slot = 0
@@ -340,7 +342,7 @@ def test_zero_weight_group_uses_equal_weights():
     importance = torch.tensor([[0.0, 0.0, 1.0, 3.0]])
     tokens, offsets = torch.arange(4), torch.tensor([0, 2, 4])
     k_out, v_out, sizes, index, assignment = merge_op(
-        k, v, metric, importance, torch.ones(1, 4, dtype=torch.int32), tokens, offsets, 0.5, 2, False)
+        k, v, metric, importance, torch.ones(1, 4, dtype=torch.int32), tokens, offsets, 0.5, 2, 2, False)
     assert torch.equal(index, torch.tensor([[1, 3]]))
     assert torch.equal(assignment, torch.tensor([[0, 0, 1, 1]]))
     assert torch.equal(sizes, torch.tensor([[2, 2]], dtype=torch.int32))
@@ -354,7 +356,7 @@ def test_ties_go_to_lowest_dst_and_lowest_src():
     metric = torch.ones(1, 5, 1, 3)
     tokens, offsets = torch.arange(5), torch.tensor([0, 5])
     _, _, sizes, index, assignment = merge_op(
-        k, k, metric, torch.ones(1, 5), torch.ones(1, 5, dtype=torch.int32), tokens, offsets, 0.4, 3, False)
+        k, k, metric, torch.ones(1, 5), torch.ones(1, 5, dtype=torch.int32), tokens, offsets, 0.4, 3, 5, False)
     # srcs 0, 2, 4 all pick dst 1; r = 2 merges srcs 0 and 2 (the lower positions).
     assert torch.equal(index, torch.tensor([[1, 3, 4]]))
     assert torch.equal(assignment, torch.tensor([[0, 0, 0, 1, 2]]))
@@ -469,7 +471,7 @@ def test_ops_index_past_int32():
     tokens, offsets = torch.arange(N), torch.arange(0, N + 1, 2)
     k_out, v_out, sizes, index, assignment = merge_op(
         k, k, torch.zeros(1, N, 1, 1), torch.ones(1, N), torch.ones(1, N, dtype=torch.int32),
-        tokens, offsets, 0.5, N // 2, False)
+        tokens, offsets, 0.5, N // 2, 2, False)
     assert torch.equal(index[0], torch.arange(1, N, 2))
     assert torch.equal(assignment[0], torch.arange(N) // 2)
     last_heads = slice(H - 3, H)
@@ -483,7 +485,7 @@ def small_merge_args(**overrides):
     k, v, _ = make_inputs(B=1, N=4)
     args = dict(k=k, v=v, metric=k.permute(0, 2, 1, 3), importance=torch.ones(1, 4),
                 sizes=torch.ones(1, 4, dtype=torch.int32), window_tokens=torch.arange(4),
-                window_offsets=torch.tensor([0, 4]), ratio=0.5, kept=2, token_major=False)
+                window_offsets=torch.tensor([0, 4]), ratio=0.5, kept=2, max_window=4, token_major=False)
     args.update(overrides)
     return list(args.values())
 
@@ -496,6 +498,8 @@ def small_merge_args(**overrides):
     (dict(window_offsets=torch.tensor([0, 3, 2, 4])), "non-decreasing"),
     (dict(kept=3), "keeps 2 tokens, expected kept = 3"),
     (dict(kept=5), "kept must be in"),
+    (dict(max_window=3), "window 0 has 4 tokens, more than max_window = 3"),
+    (dict(max_window=-1), "max_window must be >= 0"),
     (dict(ratio=1.0), "ratio"),
     (dict(importance=torch.tensor([[1.0, -1.0, 1.0, 1.0]])), "importance"),
     (dict(importance=torch.tensor([[1.0, float("nan"), 1.0, 1.0]])), "importance"),
@@ -517,7 +521,7 @@ def test_merge_rejects_window_spanning_rows():
     tokens, offsets = torch.tensor([0, 2, 1, 3]), torch.tensor([0, 2, 4])
     with pytest.raises(RuntimeError, match="mixes batch rows"):
         merge_op(k, v, k.permute(0, 2, 1, 3), torch.ones(2, 2), torch.ones(2, 2, dtype=torch.int32),
-                 tokens, offsets, 0.5, 1, False)
+                 tokens, offsets, 0.5, 1, 2, False)
 
 
 @pytest.mark.parametrize("images, message", [
@@ -553,10 +557,10 @@ def test_opcheck():
     mask = torch.tensor([[True, False, True], [True, True, True]])
     sizes = torch.randint(1, 3, (2, 12), dtype=torch.int32)
     torch.library.opcheck(score_op.default, (k, text, dense_images(2, 12, 3), mask, sizes, 0.5))
-    tokens, offsets, kept = window_csr(torch.arange(12).expand(2, 12), (3, 4), (1, 2), 0.5)
+    tokens, offsets, kept, max_window = window_csr(torch.arange(12).expand(2, 12), (3, 4), (1, 2), 0.5)
     for token_major in (False, True):
         torch.library.opcheck(merge_op.default, (k, v, k.permute(0, 2, 1, 3), torch.rand(2, 12), sizes,
-                                                 tokens, offsets, 0.5, kept[0], token_major))
+                                                 tokens, offsets, 0.5, kept[0], max_window, token_major))
 
 
 # ----------------------------------------------------------------------------- property test

@@ -138,26 +138,52 @@ def test_ties_resolve_like_the_reference():
                             reference.compress(k, v, text, **kwargs), torch.float32)
 
 
+# Windows of 144 tokens take the screened mode of csrc/cuda/merge.cu, of 36 tokens the exact mode.
+MERGE_MODES = [pytest.param(1, id="screened"), pytest.param(2, id="exact")]
+
+
+@pytest.mark.parametrize("windows", MERGE_MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_identical_keys_take_the_exact_scan(dtype):
+def test_identical_keys_take_the_exact_scan(dtype, windows):
     """Every similarity ties: no screened list can prove its candidates, so every src is decided
     by the float64 scan of all its dsts (lowest dst, then lowest src wins)."""
     k, v, text = make_inputs(2, 2, 2, 144, 4, 64, dtype, seed=11)
     k[:] = k[:, :, :1].clone()
-    kwargs = dict(ratio=0.5, windows=2, grid=(12, 12))
+    kwargs = dict(ratio=0.5, windows=windows, grid=(12, 12))
     assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
                             reference.compress(k, v, text, **kwargs), dtype)
 
 
+@pytest.mark.parametrize("windows", MERGE_MODES)
 @pytest.mark.parametrize("metric_dtype", [torch.float64, torch.float32])
-def test_given_metric_matches_reference(metric_dtype):
+def test_given_metric_matches_reference(metric_dtype, windows):
     """A caller's metric (float64: screened in float64; float32: in float32 FMA)."""
-    k, v, text = make_inputs(2, 2, 2, 100, 5, 32, torch.bfloat16, seed=12)
+    k, v, text = make_inputs(2, 2, 2, 144, 5, 32, torch.bfloat16, seed=12)
     gen = torch.Generator(device="cuda").manual_seed(13)
-    metric = torch.randn(2, 100, 48, device="cuda", generator=gen, dtype=metric_dtype)
-    kwargs = dict(ratio=0.5, windows=2, grid=(10, 10), metric=metric)
+    metric = torch.randn(2, 144, 48, device="cuda", generator=gen, dtype=metric_dtype)
+    kwargs = dict(ratio=0.5, windows=windows, grid=(12, 12), metric=metric)
     assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
                             reference.compress(k, v, text, **kwargs), torch.bfloat16)
+
+
+@pytest.mark.parametrize("metric_dtype", [None, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_and_screened_modes_agree_bitwise(dtype, metric_dtype):
+    """max_window only picks the kernels: windows of at most 64 tokens run in exact mode with the
+    true bound and in screened mode with a loose one, and both take the float64 decisions."""
+    from lightkv_ext import ops
+    from lightkv_ext.windows import full_grid_layout
+
+    k, v, _ = make_inputs(3, 4, 4, 20 * 20, 1, 64, dtype, seed=24)
+    metric = k.permute(0, 2, 1, 3) if metric_dtype is None else torch.randn(
+        3, 400, 1, 96, device="cuda", dtype=metric_dtype, generator=torch.Generator(device="cuda").manual_seed(25))
+    importance = torch.rand(3, 400, device="cuda")
+    sizes = torch.ones(3, 400, dtype=torch.int32, device="cuda")
+    layout = full_grid_layout(((20, 20),) * 3, ((3, 3),) * 3, 0.5, k.device)  # windows of 36 to 49 tokens
+    assert layout.max_window <= 64
+    exact, screened = (ops.merge(k, v, metric, importance, sizes, layout.tokens, layout.offsets, 0.5, layout.kept[0],
+                                 bound, False) for bound in (layout.max_window, 2**40))
+    assert_bitwise_equal(exact, screened)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -207,9 +233,10 @@ def test_compress_replays_from_a_cuda_graph():
     assert_bitwise_equal(captured, lightkv_ext.compress(*fresh, **kwargs))
 
 
-def test_llava_compress_launches_eleven_kernels():
-    """4 scoring and 7 merging kernels for a LLaVA-1.5 image: at 576 tokens launches cost as much
-    as the bytes, so a new one should be a deliberate choice (csrc/cuda/score.cu, merge.cu)."""
+def test_llava_compress_launches_eight_kernels():
+    """4 scoring and 4 merging kernels for a LLaVA-1.5 image (36-token windows: exact mode): at
+    576 tokens launches cost as much as the bytes, so a new one should be a deliberate choice
+    (csrc/cuda/score.cu, merge.cu)."""
     k, v, text = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=20)
     kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
     lightkv_ext.compress(k, v, text, **kwargs)  # builds and caches the window layout
@@ -218,7 +245,7 @@ def test_llava_compress_launches_eleven_kernels():
         lightkv_ext.compress(k, v, text, **kwargs)
         torch.cuda.synchronize()
     kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    assert len([name for name in kernels if "lightkv_cuda" in name]) == 11, kernels
+    assert len([name for name in kernels if "lightkv_cuda" in name]) == 8, kernels
 
 
 def test_inputs_are_not_modified():
@@ -281,6 +308,7 @@ def test_compress_varlen_equals_per_image_compress(dtype):
 @pytest.mark.parametrize("grid,windows,B,dtype", [
     pytest.param((48, 60), 4, 32, torch.bfloat16, id="2880-tokens-B32"),
     pytest.param((128, 128), 8, 32, torch.float16, id="16384-tokens-B32-8x8-windows"),
+    pytest.param((128, 128), 16, 8, torch.bfloat16, id="16384-tokens-B8-exact-64-token-windows"),
     pytest.param((128, 128), 1, 2, torch.bfloat16, id="16384-tokens-one-window"),
 ])
 def test_large_matches_reference(grid, windows, B, dtype):
@@ -341,10 +369,10 @@ def test_op_errors_name_the_argument():
     offsets = torch.tensor([0, 16], device="cuda")
     sizes = torch.ones(1, 16, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match="importance must be on cuda"):
-        torch.ops.lightkv.merge(k, v, metric, torch.ones(1, 16), sizes, tokens, offsets, 0.5, 8, False)
+        torch.ops.lightkv.merge(k, v, metric, torch.ones(1, 16), sizes, tokens, offsets, 0.5, 8, 16, False)
     with pytest.raises(RuntimeError, match="v must have shape"):
         torch.ops.lightkv.merge(k, v[:, :1], metric, torch.ones(1, 16, device="cuda"), sizes, tokens, offsets,
-                                0.5, 8, False)
+                                0.5, 8, 16, False)
 
 
 def _op_samples():
@@ -357,7 +385,7 @@ def _op_samples():
     offsets = torch.arange(0, B * N + 1, N, device="cuda")
     kept = N - min(math.floor(0.5 * N + 1e-6), N // 2)
     score_args = (k, text, images, None, sizes, 1.0 / math.sqrt(D))
-    merge_args = (k, v, k.permute(0, 2, 1, 3), importance, sizes, tokens, offsets, 0.5, kept, False)
+    merge_args = (k, v, k.permute(0, 2, 1, 3), importance, sizes, tokens, offsets, 0.5, kept, N, False)
     return score_args, merge_args
 
 

@@ -79,7 +79,7 @@ int64_t merge_count(double ratio, int64_t window_len) {
 // Checks that every token of every row appears exactly once, that a window stays inside one
 // batch row, and that a window lists its tokens in increasing l.
 void check_windows(const int64_t* window_tokens, const int64_t* window_offsets, int64_t windows,
-                   int64_t batch, int64_t tokens) {
+                   int64_t batch, int64_t tokens, int64_t max_window) {
   const int64_t total = batch * tokens;
   LIGHTKV_CHECK(window_offsets[0] == 0, "lightkv::merge: window_offsets[0] must be 0, got ",
                 window_offsets[0]);
@@ -90,6 +90,8 @@ void check_windows(const int64_t* window_tokens, const int64_t* window_offsets, 
     const int64_t begin = window_offsets[w], end = window_offsets[w + 1];
     LIGHTKV_CHECK(begin <= end, "lightkv::merge: window_offsets must be non-decreasing, window ", w,
                   " has offsets ", begin, " > ", end);
+    LIGHTKV_CHECK(end - begin <= max_window, "lightkv::merge: window ", w, " has ", end - begin,
+                  " tokens, more than max_window = ", max_window);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t token = window_tokens[p];
       LIGHTKV_CHECK(token >= 0 && token < total, "lightkv::merge: window_tokens[", p, "] = ", token,
@@ -446,9 +448,10 @@ void average_groups(const at::Tensor& input, const at::Tensor& importance, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
     const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
-    const at::Tensor& window_offsets, double ratio, int64_t kept, bool token_major) {
+    const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window, bool token_major) {
   LIGHTKV_CHECK(k.device().is_cpu(), "lightkv::merge: k must be a CPU tensor, got ", k.device());
-  lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept);
+  lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept,
+                            max_window);
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
 
   const auto weight_rows = importance.accessor<float, 2>();
@@ -466,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu
   const at::Tensor offsets_list = window_offsets.contiguous();
   const int64_t windows = offsets_list.size(0) - 1;
   check_windows(tokens_list.const_data_ptr<int64_t>(), offsets_list.const_data_ptr<int64_t>(),
-                windows, batch, tokens);
+                windows, batch, tokens, max_window);
 
   std::vector<int64_t> merge_target(static_cast<size_t>(batch * tokens), kNotMerged);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(),

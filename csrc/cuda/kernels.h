@@ -65,6 +65,11 @@ struct MergeArgs {
   int64_t num_windows = 0;
   double ratio = 0.0;
   int64_t kept = 0;  // M, kept tokens per row
+  // Upper bound on any window's token count (as flash-attn's max_seqlen; known to the caller from
+  // the window sizes, as `kept` is). It picks the kernels: up to 64, every pair is compared
+  // exactly; beyond, screened candidates are checked exactly. A window larger than a bound of
+  // at most 64 is left unmerged.
+  int64_t max_window = INT64_MAX;
   OutTensor4 k_out;  // (B, H, M, D), any strides (token-major allowed)
   OutTensor4 v_out;
   int32_t* sizes_out = nullptr;   // (B, M) contiguous

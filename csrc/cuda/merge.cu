@@ -1,5 +1,13 @@
 // Segmented window merge (contract: `merge` in csrc/lightkv.cpp), all windows of all rows in
-// one pass of kernels:
+// one pass of kernels. Steps 1-3 decide, per window, which srcs merge into which dst; they run in
+// one of two modes, picked on the host from the caller's max_window:
+// Exact mode (every window has at most kExactWindow = 64 tokens: LLaVA-1.5's 4x4 windows, video
+// frames), two launches:
+//   exact_dots_kernel: per (window, feature split), float64 dot products of all (src, dst) pairs
+//      and squared norms, the window's metric staged in shared memory chunk by chunk.
+//   exact_select_kernel: per window, the splits summed in order, each src's best dst, the srcs
+//      ranked, the first r merged.
+// Screened mode (larger windows):
 //   1. prepare_kernel: per window that merges anything, exclusive offsets of its 64-src tiles
 //      and of its (64-src tile, 64-dst tile) pairs; |metric| per token in float64 (one warp per
 //      token); every token starts kept.
@@ -18,6 +26,7 @@
 //         exact best (ties: lowest dst) gives the src's dst and its score, the float64 value.
 //   3. rank_select_kernel: each src's rank in its window (score descending, ties: lower
 //      position) by counting the srcs that beat it; the first r are merged: merged_into[src] = dst.
+// Then, in both modes:
 //   4. Output slot of every kept token in its row, index, assignment, and the members of every
 //      group contiguous in token order: row_groups_kernel (a block scan and a block radix sort
 //      per row) for rows of at most kRowTokens tokens; else kept flags -> cub::DeviceScan ->
@@ -26,8 +35,7 @@
 //      sum of the members in that fixed order; single-member groups are copied bitwise. 16-byte
 //      vectors where the layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
-// those of float64 arithmetic whichever path screened them. A LLaVA-1.5 image takes 7
-// launches.
+// those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 4 launches.
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -67,6 +75,16 @@ constexpr int64_t kMaxRangeListBytes = int64_t{256} << 20;
 constexpr int64_t kPartialItems = 512;   // partial mode: at most this many (tile pair, split) items
 constexpr int64_t kMaxFeatureSplit = 32;
 constexpr int64_t kMinSplitChunks = 4;  // feature chunks per split at least: fewer would not pay for the sums
+// Exact mode (every window of at most kExactWindow tokens): float64 dot products of all pairs.
+constexpr int kExactWindow = 64;
+constexpr int kExactThreads = 256;
+constexpr int kExactChunk = 64;  // features staged per step, as float64
+constexpr int kExactSide = 4;    // each thread sums a 4 x 4 block of (src, dst) pairs
+constexpr int kExactHeld = kExactWindow * kExactChunk / kExactThreads;  // staged values per thread
+// float64 partial sums per window token: pairs and squared norms, n_src n_dst + n <= (n / 4 + 1) n.
+constexpr int64_t kExactSlot = kExactWindow / 4 + 1;
+constexpr int64_t kExactTargetItems = 256;  // feature splits aim at this many (window, split) items: ~2 per SM
+constexpr int64_t kMaxExactSplit = 32;
 
 // Per metric dtype: how screened tiles are staged and accumulated. 16-bit metrics stay as raw
 // bits for the tensor cores; wider ones are staged in their own type.
@@ -120,6 +138,9 @@ struct Params {
   double* keys;                // per src slot of a merging window: the exact best similarity
   int32_t* best_dst;           // and its dst's window position, -1 if none
   int64_t* merged_into;        // per token: the token it is merged into, -1 if kept
+  int64_t exact_split;         // exact mode: feature splits per window
+  int64_t exact_chunks;        // exact mode: staged chunks of the whole metric
+  double* exact_partial;       // exact mode: (split, total * kExactSlot) float64 sums, by window start
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -307,6 +328,15 @@ template <typename M>
 __device__ __forceinline__ typename Screen<M>::Stage stage_value(const Params& p, int64_t index) {
   using S = typename Screen<M>::Stage;
   return static_cast<const S*>(p.metric)[index];  // 16-bit metrics: the raw bits
+}
+
+template <typename M>
+__device__ __forceinline__ double staged_to_double(typename Screen<M>::Stage value) {
+  if constexpr (sizeof(M) == 2) {
+    return static_cast<double>(detail::bits_to_float(value, M()));
+  } else {
+    return static_cast<double>(value);
+  }
 }
 
 // sm.dot = the (src, dst) dot products of the tile over features [f_begin, f_end), as
@@ -570,11 +600,16 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
   }
 }
 
+// The contract's similarity from a float64 dot product and the two norms.
+__device__ __forceinline__ double cosine(double dot, double norm_a, double norm_b) {
+  return dot / (norm_a * norm_b + 1e-8);
+}
+
 // Exact float64 cosine of two tokens' metrics, summed in a fixed order; the same in every lane.
 template <typename M>
 __device__ double exact_similarity(const Params& p, int64_t src_token, int64_t dst_token, int lane) {
   const double dot = warp_sum(lane_dot<M>(p, token_base(p, src_token), token_base(p, dst_token), lane));
-  return dot / (p.norms[src_token] * p.norms[dst_token] + 1e-8);
+  return cosine(dot, p.norms[src_token], p.norms[dst_token]);
 }
 
 // One warp per src of a merging window: its best dst by exact float64 cosine (see 4b above).
@@ -662,6 +697,177 @@ __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params 
       }
     }
     __syncthreads();  // beaten_by is read before the next tile writes it
+  }
+}
+
+// Exact mode, item (window, feature split) for every window of at most kExactWindow tokens that
+// merges anything: float64 dot products of all its (src, dst) pairs and squared norms of all its
+// tokens over the split's features, into exact_partial at the window's start. The metric is
+// staged kExactChunk features at a time, converted to float64 once, the next chunk's loads in
+// flight while the current one is summed. Thread t sums the 4 x 4 pair block t % blocks over
+// the chunk features lane, lane + lanes, ... (lane = t / blocks); the lanes' sums are added in
+// lane order at the end, so the order is fixed.
+template <typename M>
+__global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params p) {
+  detail::await_previous_kernel();
+  using S = typename Screen<M>::Stage;
+  constexpr int kPerVector = 16 / sizeof(S), kVectorsPerRow = kExactChunk / kPerVector;
+  __shared__ union {
+    double x[kExactWindow][kExactChunk + 1];               // the staged chunk, by window position
+    double lane_sum[kExactThreads * kExactSide * kExactSide];  // (lane, pair block, 4 x 4)
+  } sm;
+  __shared__ int64_t base[kExactWindow];
+  static_assert(kExactThreads * kExactSide * kExactSide <= kExactWindow * (kExactChunk + 1), "lane sums fit");
+  const int t = threadIdx.x;
+  // Held value i of this thread: row held_row(i), chunk column held_col (+ i % kPerVector when
+  // vectorised), the same column in every chunk, so one FeatureCursor walks it.
+  const int held_col = p.vector_stage ? kPerVector * (t % kVectorsPerRow) : t % kExactChunk;
+  const auto held_row = [&](int i) {
+    return p.vector_stage ? t / kVectorsPerRow + (i / kPerVector) * (kExactThreads / kVectorsPerRow)
+                          : t / kExactChunk + i * (kExactThreads / kExactChunk);
+  };
+  const int64_t items = p.num_windows * p.exact_split;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t w = item / p.exact_split, split = item % p.exact_split;
+    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
+    if (n > kExactWindow || merge_count(p.ratio, n) == 0) continue;  // uniform over the block
+    const int n_src = static_cast<int>((n + 1) / 2), n_dst = static_cast<int>(n / 2);
+    const int dst_blocks = (n_dst + kExactSide - 1) / kExactSide;
+    const int blocks = (n_src + kExactSide - 1) / kExactSide * dst_blocks, lanes = kExactThreads / blocks;
+    const int block = t % blocks, lane = t / blocks;
+    const int src0 = kExactSide * (block / dst_blocks), dst0 = kExactSide * (block % dst_blocks);
+    const int64_t per_split = ceil_div(p.exact_chunks, p.exact_split) * kExactChunk;
+    const int64_t f_begin = split * per_split, f_end = min(p.features, f_begin + per_split);
+    __syncthreads();  // the previous item is done with the lane sums and the bases
+    for (int r = t; r < kExactWindow; r += kExactThreads) base[r] = r < n ? token_base(p, p.window_tokens[start + r]) : 0;
+    __syncthreads();
+
+    S held[kExactHeld];
+    FeatureCursor feature(p, f_begin + held_col);
+    const auto load_chunk = [&](int64_t f0) {  // into `held`; zeros past the window or the split
+      const bool in_range = f0 + held_col < f_end;
+      const int64_t offset = in_range ? feature.offset() : 0;
+      if (p.vector_stage) {
+#pragma unroll
+        for (int v = 0; v < kExactHeld / kPerVector; ++v) {
+          const int row = held_row(v * kPerVector);
+          uint4 raw = make_uint4(0, 0, 0, 0);
+          if (in_range && row < n) raw = *reinterpret_cast<const uint4*>(static_cast<const S*>(p.metric) + base[row] + offset);
+          memcpy(&held[v * kPerVector], &raw, 16);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kExactHeld; ++i) {
+          const int row = held_row(i);
+          held[i] = in_range && row < n ? stage_value<M>(p, base[row] + offset) : S(0);
+        }
+      }
+      feature.advance(kExactChunk);
+    };
+    double acc[kExactSide][kExactSide], norm = 0.0;
+#pragma unroll
+    for (int a = 0; a < kExactSide; ++a)
+#pragma unroll
+      for (int b = 0; b < kExactSide; ++b) acc[a][b] = 0.0;
+    if (f_begin < f_end) load_chunk(f_begin);
+    for (int64_t f0 = f_begin; f0 < f_end; f0 += kExactChunk) {
+      __syncthreads();  // the previous chunk is summed
+#pragma unroll
+      for (int i = 0; i < kExactHeld; ++i) {
+        sm.x[held_row(i)][held_col + (p.vector_stage ? i % kPerVector : 0)] = staged_to_double<M>(held[i]);
+      }
+      __syncthreads();
+      if (f0 + kExactChunk < f_end) load_chunk(f0 + kExactChunk);
+      if (lane < lanes) {
+        for (int c = lane; c < kExactChunk; c += lanes) {
+          double src[kExactSide], dst[kExactSide];
+#pragma unroll
+          for (int a = 0; a < kExactSide; ++a) {
+            src[a] = sm.x[2 * (src0 + a)][c];
+            dst[a] = sm.x[2 * (dst0 + a) + 1][c];
+          }
+#pragma unroll
+          for (int a = 0; a < kExactSide; ++a)
+#pragma unroll
+            for (int b = 0; b < kExactSide; ++b) acc[a][b] = fma(src[a], dst[b], acc[a][b]);
+        }
+      }
+      if (t < n) {
+        for (int c = 0; c < kExactChunk; ++c) norm = fma(sm.x[t][c], sm.x[t][c], norm);
+      }
+    }
+    __syncthreads();  // every chunk is summed before the lane sums reuse the stage
+    if (lane < lanes) {
+#pragma unroll
+      for (int a = 0; a < kExactSide; ++a)
+#pragma unroll
+        for (int b = 0; b < kExactSide; ++b) sm.lane_sum[((lane * blocks + block) * kExactSide + a) * kExactSide + b] = acc[a][b];
+    }
+    __syncthreads();
+    double* out = p.exact_partial + (split * p.total + start) * kExactSlot;
+    for (int e = t; e < n_src * n_dst; e += kExactThreads) {
+      const int i = e / n_dst, j = e % n_dst;
+      const int at = ((i / kExactSide) * dst_blocks + j / kExactSide) * kExactSide * kExactSide +
+                     (i % kExactSide) * kExactSide + j % kExactSide;
+      double sum = 0.0;
+      for (int l = 0; l < lanes; ++l) sum += sm.lane_sum[l * blocks * kExactSide * kExactSide + at];
+      out[e] = sum;
+    }
+    if (t < n) out[n_src * n_dst + t] = norm;
+  }
+}
+
+// Exact mode, one block per window: the float64 sums of exact_dots_kernel added over the feature
+// splits in split order; then what choose_kernel and rank_select_kernel do for larger windows:
+// each src's best dst (largest cosine, ties: lowest dst; NaN never wins), the srcs ranked by
+// that score (ties: lower position first), the first r with a dst merged. Writes merged_into
+// of every token of every window (-1: kept; all of a window larger than kExactWindow, which
+// only a wrong max_window lets through).
+__global__ void __launch_bounds__(kExactThreads) exact_select_kernel(const Params p) {
+  detail::await_previous_kernel();
+  constexpr int kMaxSrcs = kExactWindow / 2;
+  __shared__ double sums[kMaxSrcs * kMaxSrcs + kExactWindow];  // dot products by (src, dst), then norms
+  __shared__ double key[kMaxSrcs];
+  __shared__ int best_dst[kMaxSrcs];
+  const int t = threadIdx.x;
+  for (int64_t w = blockIdx.x; w < p.num_windows; w += gridDim.x) {
+    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
+    const int64_t r = n <= kExactWindow ? merge_count(p.ratio, n) : 0;
+    const int n_src = static_cast<int>((n + 1) / 2), n_dst = static_cast<int>(n / 2), pairs = n_src * n_dst;
+    if (r > 0) {  // uniform over the block
+      __syncthreads();  // the previous window's ranks are counted
+      for (int e = t; e < pairs + n; e += kExactThreads) {
+        double sum = 0.0;
+        for (int64_t s = 0; s < p.exact_split; ++s) sum += p.exact_partial[(s * p.total + start) * kExactSlot + e];
+        sums[e] = e < pairs ? sum : sqrt(sum);
+      }
+      __syncthreads();
+      if (t < n_src) {
+        const double* norm = sums + pairs;  // by window position
+        double best = -INFINITY;
+        int best_at = -1;
+        for (int j = 0; j < n_dst; ++j) {  // increasing dst, strict >: the lowest dst wins ties
+          const double value = cosine(sums[t * n_dst + j], norm[2 * t], norm[2 * j + 1]);
+          if (value > best) {
+            best = value;
+            best_at = j;
+          }
+        }
+        key[t] = best;  // -inf without a comparable dst (NaN metric): never merged
+        best_dst[t] = best_at;
+      }
+      __syncthreads();
+    }
+    for (int64_t position = t; position < n; position += kExactThreads) {
+      int64_t into = -1;
+      if (r > 0 && position % 2 == 0) {
+        const int i = static_cast<int>(position / 2);
+        int64_t rank = 0;
+        for (int other = 0; other < n_src; ++other) rank += key[other] > key[i] || (key[other] == key[i] && other < i);
+        if (rank < r && best_dst[i] >= 0) into = p.window_tokens[start + 2 * best_dst[i] + 1];
+      }
+      p.merged_into[p.window_tokens[start + position]] = into;
+    }
   }
 }
 
@@ -940,6 +1146,8 @@ struct Plan {
   int64_t max_feature_split;
   int64_t partial_capacity;  // elements of the partial-mode buffer
   size_t acc_bytes;          // bytes of a screened dot product
+  bool exact;                // every window has at most kExactWindow tokens: exact mode
+  int64_t exact_split;       // exact mode: feature splits per window (shape-only)
   bool row_groups;           // rows short enough for row_groups_kernel
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
   int row_key_bits;  // the same for row_groups_kernel's row-local slots
@@ -973,15 +1181,24 @@ Plan make_plan(const MergeArgs& a) {
   plan.acc_bytes = wide ? sizeof(double) : sizeof(float);
   plan.max_feature_split = std::min(kMaxFeatureSplit, ceil_div(plan.features, wide ? Screen<double>::kChunk
                                                                                     : Screen<float>::kChunk));
+  plan.exact = a.max_window <= kExactWindow;
+  // Exact mode splits the features when the windows are too few to fill the GPU.
+  const int64_t exact_chunks = ceil_div(plan.features, kExactChunk);
+  const int64_t exact_split = std::max<int64_t>(1, std::min({ceil_div(kExactTargetItems, std::max<int64_t>(plan.windows, 1)),
+                                                            kMaxExactSplit, exact_chunks}));
+  plan.exact_split = exact_chunks > 0 ? ceil_div(exact_chunks, ceil_div(exact_chunks, exact_split)) : 1;  // none empty
   // Partial mode can only pay off when the src tiles may be too few to fill the GPU.
-  plan.partial_capacity = plan.max_feature_split >= 2 && src_tiles < kPartialItems ? kPartialItems * kTile * kTile : 0;
+  plan.partial_capacity = !plan.exact && plan.max_feature_split >= 2 && src_tiles < kPartialItems
+                              ? kPartialItems * kTile * kTile
+                              : 0;
   plan.row_groups = plan.L <= kRowTokens;
   plan.end_bit = bit_width(static_cast<uint64_t>(plan.slots));
   plan.row_key_bits = bit_width(static_cast<uint64_t>(a.kept));
   return plan;
 }
 
-struct Workspace {  // the general slot path's arrays are empty when plan.row_groups
+struct Workspace {  // the screened mode's arrays are empty in exact mode, the general slot path's when plan.row_groups
+  double* exact_partial;
   int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
   double* norms;
   double* keys;
@@ -1020,12 +1237,14 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   detail::WorkspaceCarver carver(base);
   Workspace ws{};
   const int64_t general = plan.row_groups ? 0 : plan.tokens;
-  ws.offsets = carver.take<int64_t>(2 * (plan.windows + 1));
-  ws.norms = carver.take<double>(plan.tokens);
-  ws.keys = carver.take<double>(plan.total);
-  ws.best_dst = carver.take<int32_t>(plan.total);
-  ws.range_value = carver.take<double>(plan.dst_split * plan.total * kTopK);
-  ws.range_dst = carver.take<int32_t>(plan.dst_split * plan.total * kTopK);
+  const int64_t screened = plan.exact ? 0 : 1;
+  ws.exact_partial = carver.take<double>(plan.exact ? plan.exact_split * plan.total * kExactSlot : 0);
+  ws.offsets = carver.take<int64_t>(screened * 2 * (plan.windows + 1));
+  ws.norms = carver.take<double>(screened * plan.tokens);
+  ws.keys = carver.take<double>(screened * plan.total);
+  ws.best_dst = carver.take<int32_t>(screened * plan.total);
+  ws.range_value = carver.take<double>(screened * plan.dst_split * plan.total * kTopK);
+  ws.range_dst = carver.take<int32_t>(screened * plan.dst_split * plan.total * kTopK);
   ws.partial = carver.take<char>(plan.partial_capacity * static_cast<int64_t>(plan.acc_bytes));
   ws.merged_into = carver.take<int64_t>(plan.tokens);
   ws.kept_flags = carver.take<int64_t>(general);
@@ -1107,8 +1326,26 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
     LIGHTKV_RETURN_IF_ERROR(
         launch(reduce_partials_kernel<M>, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kScreenThreads, p));
   }
-  return launch(choose_kernel<M>, detail::grid_for(ceil_div(plan.total, kChooseThreads / 32), kMaxGrid),
-                kChooseThreads, p);
+  LIGHTKV_RETURN_IF_ERROR(launch(choose_kernel<M>, detail::grid_for(ceil_div(plan.total, kChooseThreads / 32), kMaxGrid),
+                                 kChooseThreads, p));
+  return launch(rank_select_kernel, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, p);
+}
+
+// Steps 1-3 in exact mode: two launches whatever the window count.
+template <typename M>
+cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLauncher& launch) {
+  p.vector_stage = vector_staging<M>(p);
+  p.exact_split = plan.exact_split;
+  p.exact_chunks = ceil_div(plan.features, kExactChunk);
+  LIGHTKV_RETURN_IF_ERROR(launch(exact_dots_kernel<M>, detail::grid_for(plan.windows * plan.exact_split, kMaxGrid),
+                                 kExactThreads, p));
+  return launch(exact_select_kernel, detail::grid_for(plan.windows, kMaxGrid), kExactThreads, p);
+}
+
+// Steps 1-3: merged_into of every token.
+template <typename M>
+cudaError_t launch_decisions(const Params& p, const Plan& plan, const detail::KernelLauncher& launch) {
+  return plan.exact ? launch_exact<M>(p, plan, launch) : launch_matching<M>(p, plan, launch);
 }
 
 }  // namespace
@@ -1163,28 +1400,25 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   p.best_dst = ws.best_dst;
 
   p.merged_into = ws.merged_into;
+  p.exact_partial = ws.exact_partial;
 
   detail::KernelLauncher launch;
   LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, rank_select_kernel, &launch));
-  // 1-2: tiles, norms, best dst and score per src.
+  // 1-3: every src's best dst and score, the first r per window merged.
   switch (a.metric.dtype) {
     case DType::Float32:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<float>(p, plan, launch));
+      LIGHTKV_RETURN_IF_ERROR(launch_decisions<float>(p, plan, launch));
       break;
     case DType::Float16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__half>(p, plan, launch));
+      LIGHTKV_RETURN_IF_ERROR(launch_decisions<__half>(p, plan, launch));
       break;
     case DType::BFloat16:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<__nv_bfloat16>(p, plan, launch));
+      LIGHTKV_RETURN_IF_ERROR(launch_decisions<__nv_bfloat16>(p, plan, launch));
       break;
     case DType::Float64:
-      LIGHTKV_RETURN_IF_ERROR(launch_matching<double>(p, plan, launch));
+      LIGHTKV_RETURN_IF_ERROR(launch_decisions<double>(p, plan, launch));
       break;
   }
-
-  // 3: rank srcs per window, mark the merged ones.
-  LIGHTKV_RETURN_IF_ERROR(
-      launch(rank_select_kernel, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, p));
 
   // 4: output slots, index, assignment; group members contiguous, in token order.
   if (plan.row_groups) {

@@ -108,9 +108,10 @@ at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric, const at::Tensor& importance,
     const at::Tensor& sizes, const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio,
-    int64_t kept, bool token_major) {
+    int64_t kept, int64_t max_window, bool token_major) {
   LIGHTKV_CHECK(k.is_cuda(), "lightkv::merge: k must be a CUDA tensor, got device ", k.device());
-  lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept);
+  lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept,
+                            max_window);
   const at::Device device = k.device();
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "merge", "k");
   const lightkv_cuda::DType metric_dtype = kernel_dtype(metric, true, "merge", "metric");
@@ -148,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
   args.num_windows = offsets_list.size(0) - 1;
   args.ratio = ratio;
   args.kept = kept;
+  args.max_window = max_window;
   args.k_out = describe_out(k_out);
   args.v_out = describe_out(v_out);
   args.sizes_out = sizes_out.data_ptr<int32_t>();

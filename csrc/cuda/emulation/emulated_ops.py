@@ -34,7 +34,7 @@ def score(k, text, images, text_mask, sizes, scale):
     return out
 
 
-def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, token_major):
+def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window, token_major):
     B, H, L, D = k.shape
     if token_major:
         k_out = torch.empty(B, kept, H, D, dtype=k.dtype).permute(0, 2, 1, 3)
@@ -51,7 +51,7 @@ def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio,
                        DT[metric.dtype], arr(metric.shape), arr(metric.stride()), ptr(importance), ptr(sizes),
                        ptr(window_tokens), ctypes.c_int64(window_tokens.numel()), ptr(window_offsets),
                        ctypes.c_int64(window_offsets.numel() - 1), ctypes.c_double(ratio), ctypes.c_int64(kept),
-                       ptr(k_out), ptr(v_out), arr(k_out.shape), arr(k_out.stride()), arr(v_out.stride()),
-                       ptr(sizes_out), ptr(index), ptr(assignment))
+                       ctypes.c_int64(max_window), ptr(k_out), ptr(v_out), arr(k_out.shape), arr(k_out.stride()),
+                       arr(v_out.stride()), ptr(sizes_out), ptr(index), ptr(assignment))
     assert rc == 0, rc
     return k_out, v_out, sizes_out, index, assignment

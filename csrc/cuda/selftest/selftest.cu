@@ -300,8 +300,10 @@ std::vector<int64_t> host_match(const MergeCase& c, const HostTensor<T>& k, cons
   return merged_into;
 }
 
+// Runs the case with `max_window` as the caller's bound on the window sizes (exact mode when at
+// most 64, see kernels.h).
 template <typename T>
-void run_merge_case(const MergeCase& c, uint64_t seed) {
+void run_merge_case(const MergeCase& c, uint64_t seed, int64_t max_window) {
   std::mt19937_64 rng(seed);
   HostTensor<T> k({c.B, c.H, c.L, c.D}, c.k_order), v({c.B, c.H, c.L, c.D}, {0, 1, 2, 3});
   fill_normal(k, rng);
@@ -363,6 +365,7 @@ void run_merge_case(const MergeCase& c, uint64_t seed) {
   args.num_windows = static_cast<int64_t>(offsets.size()) - 1;
   args.ratio = c.ratio;
   args.kept = kept;
+  args.max_window = max_window;
   for (lightkv_cuda::OutTensor4* out : {&args.k_out, &args.v_out}) {
     out->data = out == &args.k_out ? static_cast<void*>(k_out.ptr) : static_cast<void*>(v_out.ptr);
     const int64_t sizes4[4] = {c.B, c.H, kept, c.D};
@@ -450,8 +453,17 @@ void run_merge_case(const MergeCase& c, uint64_t seed) {
   }
   expect(copies_exact, c.name + ": tokens without merged srcs are not copied bitwise");
   expect(worst <= tolerance<T>(), c.name + ": merged values differ, worst error " + std::to_string(worst));
-  std::printf("merge %-28s kept %lld/%lld, worst err %.3g\n", c.name.c_str(), static_cast<long long>(kept),
-              static_cast<long long>(c.L), worst);
+  std::printf("merge %-28s %-8s kept %lld/%lld, worst err %.3g\n", c.name.c_str(),
+              max_window <= 64 ? "exact" : "screened", static_cast<long long>(kept), static_cast<long long>(c.L),
+              worst);
+}
+
+// Both modes when the windows are small enough for exact mode, else the screened one.
+template <typename T>
+void run_merge_case(const MergeCase& c, uint64_t seed) {
+  const int64_t largest = *std::max_element(c.window_sizes.begin(), c.window_sizes.end());
+  if (largest <= 64) run_merge_case<T>(c, seed, largest);
+  run_merge_case<T>(c, seed, INT64_MAX);
 }
 
 }  // namespace
@@ -491,6 +503,9 @@ int main(int argc, char** argv) {
                                   13);
   }
   run_merge_case<__nv_bfloat16>({"bf16 one window 300", 1, 2, 300, 64, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 16);
+  run_merge_case<__half>({"fp16 uneven small windows", 2, 2, 200, 24, {0, 1, 2, 3, 17, 64, 61, 52}, 0.5, true,
+                          {0, 2, 1, 3}, 12},
+                         24);
   run_merge_case<float>({"fp32 ratio 0", 2, 2, 64, 16, {16, 16, 16, 16}, 0.0, false, {0, 1, 2, 3}, 0}, 14);
   run_merge_case<float>({"fp32 odd D scalar path", 1, 3, 99, 13, {33, 33, 33}, 0.9, false, {0, 1, 2, 3}, 5}, 15);
   // Screening paths: one feature chunk with dst ranges (direct), LLaVA-like small windows with
