@@ -48,20 +48,18 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// Copies 16 bytes from `from` (global memory, 16-byte aligned) to `to`; zeros when not `live`.
+// Stores the 16 bytes `raw` as 16 / sizeof(S) elements at `to` (element-aligned only).
 template <typename S>
-__device__ __forceinline__ void copy_16_bytes(bool live, const S* from, S* to) {
-  uint4 raw = make_uint4(0, 0, 0, 0);
-  if (live) raw = *reinterpret_cast<const uint4*>(from);
+__device__ __forceinline__ void store_16_bytes(const uint4& raw, S* to) {
   S values[16 / sizeof(S)];
   memcpy(values, &raw, sizeof(raw));
 #pragma unroll
   for (int i = 0; i < static_cast<int>(16 / sizeof(S)); ++i) to[i] = values[i];
 }
 
-// The same into a 16-byte aligned `to` (shared-memory rows padded to a multiple of 16 bytes): one store.
-__device__ __forceinline__ void copy_16_bytes_aligned(bool live, const void* from, void* to) {
-  *reinterpret_cast<uint4*>(to) = live ? *reinterpret_cast<const uint4*>(from) : make_uint4(0, 0, 0, 0);
+// The 16 bytes at `from` (global memory, 16-byte aligned), or zeros when not `live`.
+__device__ __forceinline__ uint4 load_16_bytes(bool live, const void* from) {
+  return live ? *reinterpret_cast<const uint4*>(from) : make_uint4(0, 0, 0, 0);
 }
 
 // Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
@@ -209,6 +207,23 @@ __device__ __forceinline__ void await_previous_kernel() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+}
+
+// Hand-off to the last of `contributors` blocks that each wrote a partial result of one group
+// and then call this (uniformly over the block) with the group's counter, which must start at
+// 0: true in that last block only, which may then read every contributor's partial, with __ldcg
+// (from L2, never a stale L1 line). The writes are fenced before the ticket is taken and the
+// reads after it (the programming guide's "last block" pattern). The order in which blocks
+// arrive decides only which one sums, never the order of the sum.
+__device__ __forceinline__ bool last_to_arrive(unsigned int* counter, unsigned int contributors) {
+  __shared__ bool last;
+  __threadfence();  // this thread's partial writes are visible device-wide before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == contributors - 1;
+  __syncthreads();
+  const bool is_last = last;
+  if (is_last) __threadfence();  // the partials are read after the ticket
+  return is_last;
 }
 
 // Grid size for a grid-stride loop over at most `items` work items.

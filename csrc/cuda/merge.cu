@@ -382,13 +382,28 @@ __device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, i
       const bool in_range = f < f_end;
       const S* metric = static_cast<const S*>(p.metric) +
                         (in_range ? (f / p.metric_inner) * p.metric_stride[2] + (f % p.metric_inner) * p.metric_stride[3] : 0);
-      for (int row = vector_row0; row < kTile; row += kScreenThreads / kVectors) {
-        if constexpr (kTensorCores) {  // rows padded to a multiple of 16 bytes
-          detail::copy_16_bytes_aligned(in_range && sm.src_ok[row], metric + sm.src_base[row], &sm.stage.src[row][vector_at]);
-          detail::copy_16_bytes_aligned(in_range && sm.dst_ok[row], metric + sm.dst_base[row], &sm.stage.dst[row][vector_at]);
-        } else {
-          detail::copy_16_bytes(in_range && sm.src_ok[row], metric + sm.src_base[row], &sm.stage.src[row][vector_at]);
-          detail::copy_16_bytes(in_range && sm.dst_ok[row], metric + sm.dst_base[row], &sm.stage.dst[row][vector_at]);
+      // Batches of loads issued before their stores, so they are in flight together.
+      constexpr int kRowStep = kScreenThreads / kVectors, kRowsPerThread = kTile / kRowStep;
+      constexpr int kBatch = kRowsPerThread < 4 ? kRowsPerThread : 4;
+#pragma unroll
+      for (int first = 0; first < kRowsPerThread; first += kBatch) {
+        uint4 src_raw[kBatch], dst_raw[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int row = vector_row0 + (first + b) * kRowStep;
+          src_raw[b] = detail::load_16_bytes(in_range && sm.src_ok[row], metric + sm.src_base[row]);
+          dst_raw[b] = detail::load_16_bytes(in_range && sm.dst_ok[row], metric + sm.dst_base[row]);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int row = vector_row0 + (first + b) * kRowStep;
+          if constexpr (kTensorCores) {  // rows padded to a multiple of 16 bytes: one store
+            *reinterpret_cast<uint4*>(&sm.stage.src[row][vector_at]) = src_raw[b];
+            *reinterpret_cast<uint4*>(&sm.stage.dst[row][vector_at]) = dst_raw[b];
+          } else {
+            detail::store_16_bytes(src_raw[b], &sm.stage.src[row][vector_at]);
+            detail::store_16_bytes(dst_raw[b], &sm.stage.dst[row][vector_at]);
+          }
         }
       }
     } else {
@@ -739,7 +754,9 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
     const int64_t per_split = ceil_div(p.exact_chunks, p.exact_split) * kExactChunk;
     const int64_t f_begin = split * per_split, f_end = min(p.features, f_begin + per_split);
     __syncthreads();  // the previous item is done with the lane sums and the bases
-    for (int r = t; r < kExactWindow; r += kExactThreads) base[r] = r < n ? token_base(p, p.window_tokens[start + r]) : 0;
+    for (int r = t; r < kExactWindow; r += kExactThreads) {
+      base[r] = r < n ? token_base(p, p.window_tokens[start + r]) : 0;
+    }
     __syncthreads();
 
     S held[kExactHeld];
@@ -752,7 +769,8 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
         for (int v = 0; v < kExactHeld / kPerVector; ++v) {
           const int row = held_row(v * kPerVector);
           uint4 raw = make_uint4(0, 0, 0, 0);
-          if (in_range && row < n) raw = *reinterpret_cast<const uint4*>(static_cast<const S*>(p.metric) + base[row] + offset);
+          const S* from = static_cast<const S*>(p.metric) + base[row] + offset;
+          if (in_range && row < n) raw = *reinterpret_cast<const uint4*>(from);
           memcpy(&held[v * kPerVector], &raw, 16);
         }
       } else {
@@ -764,7 +782,9 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
       }
       feature.advance(kExactChunk);
     };
-    double acc[kExactSide][kExactSide], norm = 0.0;
+    double acc[kExactSide][kExactSide];
+    constexpr int kNormChains = 4;  // independent sums of columns c % 4: short dependency chains
+    double norm[kNormChains] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll
     for (int a = 0; a < kExactSide; ++a)
 #pragma unroll
@@ -793,7 +813,10 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
         }
       }
       if (t < n) {
-        for (int c = 0; c < kExactChunk; ++c) norm = fma(sm.x[t][c], sm.x[t][c], norm);
+#pragma unroll
+        for (int c = 0; c < kExactChunk; ++c) {
+          norm[c % kNormChains] = fma(sm.x[t][c], sm.x[t][c], norm[c % kNormChains]);
+        }
       }
     }
     __syncthreads();  // every chunk is summed before the lane sums reuse the stage
@@ -801,7 +824,9 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
 #pragma unroll
       for (int a = 0; a < kExactSide; ++a)
 #pragma unroll
-        for (int b = 0; b < kExactSide; ++b) sm.lane_sum[((lane * blocks + block) * kExactSide + a) * kExactSide + b] = acc[a][b];
+        for (int b = 0; b < kExactSide; ++b) {
+          sm.lane_sum[((lane * blocks + block) * kExactSide + a) * kExactSide + b] = acc[a][b];
+        }
     }
     __syncthreads();
     double* out = p.exact_partial + (split * p.total + start) * kExactSlot;
@@ -813,7 +838,7 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
       for (int l = 0; l < lanes; ++l) sum += sm.lane_sum[l * blocks * kExactSide * kExactSide + at];
       out[e] = sum;
     }
-    if (t < n) out[n_src * n_dst + t] = norm;
+    if (t < n) out[n_src * n_dst + t] = (norm[0] + norm[1]) + (norm[2] + norm[3]);
   }
 }
 
@@ -838,6 +863,7 @@ __global__ void __launch_bounds__(kExactThreads) exact_select_kernel(const Param
       __syncthreads();  // the previous window's ranks are counted
       for (int e = t; e < pairs + n; e += kExactThreads) {
         double sum = 0.0;
+#pragma unroll 8  // loads in flight together; the sum stays in split order
         for (int64_t s = 0; s < p.exact_split; ++s) sum += p.exact_partial[(s * p.total + start) * kExactSlot + e];
         sums[e] = e < pairs ? sum : sqrt(sum);
       }
@@ -1184,8 +1210,8 @@ Plan make_plan(const MergeArgs& a) {
   plan.exact = a.max_window <= kExactWindow;
   // Exact mode splits the features when the windows are too few to fill the GPU.
   const int64_t exact_chunks = ceil_div(plan.features, kExactChunk);
-  const int64_t exact_split = std::max<int64_t>(1, std::min({ceil_div(kExactTargetItems, std::max<int64_t>(plan.windows, 1)),
-                                                            kMaxExactSplit, exact_chunks}));
+  const int64_t exact_split = std::max<int64_t>(
+      1, std::min({ceil_div(kExactTargetItems, std::max<int64_t>(plan.windows, 1)), kMaxExactSplit, exact_chunks}));
   plan.exact_split = exact_chunks > 0 ? ceil_div(exact_chunks, ceil_div(exact_chunks, exact_split)) : 1;  // none empty
   // Partial mode can only pay off when the src tiles may be too few to fill the GPU.
   plan.partial_capacity = !plan.exact && plan.max_feature_split >= 2 && src_tiles < kPartialItems
@@ -1326,8 +1352,8 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
     LIGHTKV_RETURN_IF_ERROR(
         launch(reduce_partials_kernel<M>, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kScreenThreads, p));
   }
-  LIGHTKV_RETURN_IF_ERROR(launch(choose_kernel<M>, detail::grid_for(ceil_div(plan.total, kChooseThreads / 32), kMaxGrid),
-                                 kChooseThreads, p));
+  LIGHTKV_RETURN_IF_ERROR(launch(choose_kernel<M>, detail::grid_for(ceil_div(plan.total, kChooseThreads / 32),
+                                                                    kMaxGrid), kChooseThreads, p));
   return launch(rank_select_kernel, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, p);
 }
 

@@ -29,8 +29,9 @@ extern "C" int emu_merge(const void* k, const void* v, int dtype, const int64_t*
                          const int64_t* vst, const void* metric, int metric_dtype, const int64_t* ms,
                          const int64_t* mst, const float* importance, const int32_t* sizes,
                          const int64_t* tokens, int64_t total, const int64_t* offsets, int64_t windows, double ratio,
-                         int64_t kept, int64_t max_window, void* k_out, void* v_out, const int64_t* os, const int64_t* kost,
-                         const int64_t* vost, int32_t* sizes_out, int64_t* index, int64_t* assignment) {
+                         int64_t kept, int64_t max_window, void* k_out, void* v_out, const int64_t* os,
+                         const int64_t* kost, const int64_t* vost, int32_t* sizes_out, int64_t* index,
+                         int64_t* assignment) {
   MergeArgs a;
   a.k = t4(k, dtype, ks, kst); a.v = t4(v, dtype, ks, vst); a.metric = t4(metric, metric_dtype, ms, mst);
   a.importance = importance; a.sizes = sizes; a.window_tokens = tokens; a.total_tokens = total;

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <array>
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <numeric>
@@ -121,6 +122,14 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int offset) {
   return __shfl_sync(mask, v, static_cast<int>(emu::tidx.x % 32) ^ offset);
 }
+// Blocks run one after another, so device-wide ordering holds already; the atomics and fences
+// still order the threads of one block for ThreadSanitizer.
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  return std::atomic_ref<unsigned int>(*address).fetch_add(value);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <typename T>
+inline T __ldcg(const T* address) { return *address; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 
