@@ -519,6 +519,13 @@ __device__ __forceinline__ void write_list(const Params& p, const ScreenSmem<M>&
   }
 }
 
+// Dst ranges of a window in direct mode that hold dsts, and so a screened list: range r covers
+// dst tiles [r per_range, (r + 1) per_range); ranges past the window's last dst tile stay empty.
+__device__ __forceinline__ int64_t used_dst_ranges(int64_t n_dst, int64_t dst_split) {
+  const int64_t dst_tiles = ceil_div(n_dst, kTile);
+  return ceil_div(dst_tiles, ceil_div(dst_tiles, dst_split));
+}
+
 // Feature split in use: > 1 only when the tile pairs are too few to fill the GPU and their
 // partial tiles fit the buffer. Read from the device offsets, so no host sync; the decisions
 // do not depend on it (only the screening order does).
@@ -546,6 +553,7 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     const int64_t w = find_segment(partial ? p.pair_offsets : p.tile_offsets, p.num_windows, unit);
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
     const int64_t n_src = (n + 1) / 2, n_dst = n / 2, dst_tiles = ceil_div(n_dst, kTile);
+    if (!partial && part >= used_dst_ranges(n_dst, p.dst_split)) continue;  // no dsts, no list; uniform
     __syncthreads();  // the previous item is done with the side data
     if (partial) {
       const int64_t local = unit - p.pair_offsets[w];
@@ -564,7 +572,7 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     }
     const int64_t src_tile = unit - p.tile_offsets[w];
     setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
-    __syncthreads();  // src_ok is read by write_list even when this dst range is empty
+    __syncthreads();  // src_ok is visible to keep_best and write_list
     const int64_t per_range = ceil_div(dst_tiles, p.dst_split);
     TopList<Acc> top;
     for (int64_t dst_tile = part * per_range; dst_tile < min(dst_tiles, (part + 1) * per_range); ++dst_tile) {
@@ -633,16 +641,28 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
   detail::await_previous_kernel();
   const int lane = threadIdx.x % 32;
   const int64_t warps = kChooseThreads / 32;
-  const int64_t ranges = feature_split(p) > 1 ? 1 : p.dst_split;
+  const bool partial = feature_split(p) > 1;
   for (int64_t slot = blockIdx.x * warps + threadIdx.x / 32; slot < p.total;
        slot += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t w = find_segment(p.window_offsets, p.num_windows, slot);
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
     if ((slot - start) % 2 != 0 || merge_count(p.ratio, n) == 0) continue;  // dst, or no similarities
     TopList<double> top;
-    for (int64_t range = 0; range < ranges; ++range) {
-      const int64_t at = (range * p.total + slot) * kTopK;
-      for (int i = 0; i < kTopK && p.range_dst[at + i] != INT_MAX; ++i) top.insert(p.range_value[at + i], p.range_dst[at + i]);
+    // The lists of 4 ranges at a time, one entry per lane (all loads in flight together), merged
+    // through shuffles: every lane builds the same top list.
+    constexpr int kRangesPerStep = 32 / kTopK;
+    const int64_t ranges = partial ? 1 : used_dst_ranges(n / 2, p.dst_split);
+    for (int64_t range0 = 0; range0 < ranges; range0 += kRangesPerStep) {
+      const int64_t range = range0 + lane / kTopK;
+      const int64_t at = (range * p.total + slot) * kTopK + lane % kTopK;
+      const double my_value = range < ranges ? p.range_value[at] : -INFINITY;
+      const int my_dst = range < ranges ? p.range_dst[at] : INT_MAX;
+#pragma unroll 1
+      for (int from = 0; from < 32; ++from) {
+        const double value = __shfl_sync(0xffffffffu, my_value, from);
+        const int dst = __shfl_sync(0xffffffffu, my_dst, from);
+        if (dst != INT_MAX) top.insert(value, dst);  // lists are padded with INT_MAX
+      }
     }
     const int64_t src_token = p.window_tokens[slot];
     const double threshold = top.value[0] - 2.0 * p.eps;
