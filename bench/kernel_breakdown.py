@@ -25,7 +25,7 @@ import lightkv_ext
 from _timing import format_number, markdown_table, run_metadata, write_json
 from bench_kernels import PRESETS, dense_call, make_case, unchained, varlen_call
 
-DEFAULT_CASES = ("llava15:1", "llava15:32", "qwen25vl:1", "video16k:1")
+DEFAULT_CASES = ("llava15:1", "llava15:32", "qwen25vl:1", "video:1", "video16k:1")
 
 
 def short_name(name: str) -> str:
