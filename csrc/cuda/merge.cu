@@ -788,9 +788,8 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
 #pragma unroll
         for (int v = 0; v < kExactHeld / kPerVector; ++v) {
           const int row = held_row(v * kPerVector);
-          uint4 raw = make_uint4(0, 0, 0, 0);
           const S* from = static_cast<const S*>(p.metric) + base[row] + offset;
-          if (in_range && row < n) raw = *reinterpret_cast<const uint4*>(from);
+          const uint4 raw = detail::load_16_bytes(in_range && row < n, from);
           memcpy(&held[v * kPerVector], &raw, 16);
         }
       } else {
@@ -1193,6 +1192,7 @@ struct Plan {
   int64_t partial_capacity;  // elements of the partial-mode buffer
   size_t acc_bytes;          // bytes of a screened dot product
   bool exact;                // every window has at most kExactWindow tokens: exact mode
+  int64_t exact_chunks;      // exact mode: staged chunks of kExactChunk features of the whole metric
   int64_t exact_split;       // exact mode: feature splits per window (shape-only)
   bool row_groups;           // rows short enough for row_groups_kernel
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
@@ -1229,10 +1229,11 @@ Plan make_plan(const MergeArgs& a) {
                                                                                     : Screen<float>::kChunk));
   plan.exact = a.max_window <= kExactWindow;
   // Exact mode splits the features when the windows are too few to fill the GPU.
-  const int64_t exact_chunks = ceil_div(plan.features, kExactChunk);
+  plan.exact_chunks = ceil_div(plan.features, kExactChunk);
   const int64_t exact_split = std::max<int64_t>(
-      1, std::min({ceil_div(kExactTargetItems, std::max<int64_t>(plan.windows, 1)), kMaxExactSplit, exact_chunks}));
-  plan.exact_split = exact_chunks > 0 ? ceil_div(exact_chunks, ceil_div(exact_chunks, exact_split)) : 1;  // none empty
+      1, std::min({ceil_div(kExactTargetItems, std::max<int64_t>(plan.windows, 1)), kMaxExactSplit, plan.exact_chunks}));
+  plan.exact_split =  // none empty
+      plan.exact_chunks > 0 ? ceil_div(plan.exact_chunks, ceil_div(plan.exact_chunks, exact_split)) : 1;
   // Partial mode can only pay off when the src tiles may be too few to fill the GPU.
   plan.partial_capacity = !plan.exact && plan.max_feature_split >= 2 && src_tiles < kPartialItems
                               ? kPartialItems * kTile * kTile
@@ -1382,7 +1383,7 @@ template <typename M>
 cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLauncher& launch) {
   p.vector_stage = vector_staging<M>(p);
   p.exact_split = plan.exact_split;
-  p.exact_chunks = ceil_div(plan.features, kExactChunk);
+  p.exact_chunks = plan.exact_chunks;
   LIGHTKV_RETURN_IF_ERROR(launch(exact_dots_kernel<M>, detail::grid_for(plan.windows * plan.exact_split, kMaxGrid),
                                  kExactThreads, p));
   return launch(exact_select_kernel, detail::grid_for(plan.windows, kMaxGrid), kExactThreads, p);
