@@ -69,6 +69,8 @@ step racecheck 60 "'$SANITIZER' --tool racecheck --error-exitcode 1 ./build-gpu/
 step bench_targets 80 "$BENCH --presets llava15 qwen25vl --batches 1 32 --json '$OUT/bench_gpu.json' | tee '$OUT/bench_gpu.md'"
 step bench_large 40 "$BENCH --presets video16k llava_next video --json '$OUT/bench_gpu_large.json' | tee -a '$OUT/bench_gpu.md'"
 step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
+# A/B of the merge modes where exact mode runs: the same cases in screened mode (markdown only).
+step kernel_breakdown_screened 20 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 # --quick skips torch.compile of the reference (a compile per shape); one full case brings it in.
 step bench_compiled 90 "$PYTHON bench/bench_kernels.py --dtype bfloat16 --presets llava15 --batches 1 --json '$OUT/bench_gpu_compiled.json' | tee -a '$OUT/bench_gpu.md'"
 

@@ -1,27 +1,33 @@
 """Where the time of one compress stage goes: per kernel on CUDA, per op on CPU (torch.profiler).
 
     python bench/kernel_breakdown.py [--cases llava15:1 llava15:32 video16k:1] [--device cpu|cuda]
-                                     [--dtype bfloat16] [--calls 5] [--json PATH]
+                                     [--dtype bfloat16] [--calls 5] [--merge-mode screened] [--json PATH]
 
 Each case (a bench_kernels.py preset and a batch size) runs the extension's compress (dense or
 varlen) `--calls` times under the profiler after one warm-up call. On CUDA every kernel of the
 call is listed, the extension's and torch's (allocations, copies); kernel chaining is turned off
 (LIGHTKV_PDL=0), since a chained kernel's span would include its wait for the one before it.
 On CPU the rows are the extension's ops. Times are sums over the calls divided by their number;
-share = a row's time / the case's total.
+share = a row's time / the case's total. `--merge-mode screened` passes the merge op a loose
+max_window, so that CUDA runs its screened matching where it would run the exact one (an A/B of
+the two modes on the same build).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import sys
 from typing import List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lightkv_ext
+from lightkv_ext import api
+from lightkv_ext.windows import WindowLayout
 from _timing import format_number, markdown_table, run_metadata, write_json
 from bench_kernels import PRESETS, dense_call, make_case, unchained, varlen_call
 
@@ -32,6 +38,17 @@ def short_name(name: str) -> str:
     """The function name of a demangled kernel signature ('void ns::f<T>(Params)' -> 'f')."""
     match = re.search(r"(\w+)(?:<.*>)?\(", name)
     return match.group(1) if match else name
+
+
+def loose_window_bound():
+    """The API's window layouts with max_window = 2^40 while active (screened mode on CUDA)."""
+    true_layout = api.full_grid_layout
+
+    def loose_layout(*args, **kwargs):
+        layout = true_layout(*args, **kwargs)  # cached: not modified
+        return WindowLayout(layout.tokens, layout.offsets, layout.kept, 2**40)
+
+    return mock.patch.object(api, "full_grid_layout", loose_layout)
 
 
 def parse_case(text: str) -> Tuple[str, int]:
@@ -74,6 +91,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per case (default 5)")
+    parser.add_argument("--merge-mode", choices=("auto", "screened"), default="auto",
+                        help="auto: the API's true max_window (default); screened: a loose one")
     parser.add_argument("--json", metavar="PATH", help="write the rows and run metadata as JSON")
     args = parser.parse_args(argv)
     if args.calls < 1:
@@ -89,12 +108,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     metadata = run_metadata(device)
     print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
-          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining off\n")
+          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining off, merge mode {args.merge_mode}\n")
     cases = []
     for name, batch in args.cases:
         case = make_case(PRESETS[name], batch, dtype, device)
         call = varlen_call(case) if case.preset.varlen else dense_call(lightkv_ext.compress, case)
-        rows = profile_rows(unchained(call), device, args.calls)
+        with loose_window_bound() if args.merge_mode == "screened" else contextlib.nullcontext():
+            rows = profile_rows(unchained(call), device, args.calls)
         cases.append({"preset": name, "batch": batch, "vision_tokens": case.vision_tokens, "rows": rows})
         total = sum(row["us_per_call"] for row in rows)
         print(f"### {name}, batch {batch} ({case.vision_tokens} vision tokens): {total:.1f} µs per call\n")
@@ -106,7 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print()
         del case
         print(f"done: {name} batch {batch}", file=sys.stderr, flush=True)
-    result = dict(metadata, dtype=str(dtype).replace("torch.", ""), calls=args.calls, cases=cases)
+    result = dict(metadata, dtype=str(dtype).replace("torch.", ""), calls=args.calls, merge_mode=args.merge_mode,
+                  cases=cases)
     if args.json:
         write_json(args.json, result)
     return result

@@ -43,7 +43,7 @@
 //                   max_seqlen, so that the CUDA backend picks its kernels without reading the
 //                   offsets back). The CPU backend raises when a window is larger; the CUDA
 //                   backend cannot check without a sync and leaves such a window unmerged when
-//                   the bound is at most 64.
+//                   the bound picked its exact mode (bounds up to 512, see cuda/merge.cu).
 //   token_major:    when true k_out / v_out are allocated (B, M, H, D) contiguous and returned as
 //                   the (B, H, M, D) permuted view (for the packed API); else (B, H, M, D)
 //                   contiguous.

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import lightkv_ext.api
+
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -120,12 +122,14 @@ def test_kernel_bench_cuda(bench_modules, tmp_path):
             assert row["status"] != "ok" or row["matches_reference"] is True
 
 
-def test_kernel_breakdown_cpu(bench_modules, tmp_path):
+@pytest.mark.parametrize("merge_mode", ["auto", "screened"])
+def test_kernel_breakdown_cpu(bench_modules, tmp_path, merge_mode):
     breakdown = bench_modules["kernel_breakdown"]
     json_path = tmp_path / "breakdown.json"
     result = breakdown.main(["--cases", "tiny:1", "tiny_varlen:2", "--device", "cpu", "--calls", "2",
-                             "--json", str(json_path)])
+                             "--merge-mode", merge_mode, "--json", str(json_path)])
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
+    assert result["merge_mode"] == merge_mode
     assert [(case["preset"], case["batch"], case["vision_tokens"]) for case in result["cases"]] == [
         ("tiny", 1, 64), ("tiny_varlen", 2, 248)]
     for case in result["cases"]:  # dense and varlen alike: one score and one merge per call
@@ -142,6 +146,10 @@ def test_kernel_breakdown_names_and_cases(bench_modules):
     assert breakdown.short_name(signature) == "merge_values_kernel"
     assert breakdown.short_name("Memset (Device)") == "Memset (Device)"
     assert breakdown.parse_case("llava15:32") == ("llava15", 32)
+    layout_args = (((4, 4),), ((2, 2),), 0.5, torch.device("cpu"))
+    with breakdown.loose_window_bound():  # only while active, and the cached layout stays true
+        assert lightkv_ext.api.full_grid_layout(*layout_args).max_window == 2**40
+    assert lightkv_ext.api.full_grid_layout(*layout_args).max_window == 4
     for bad in ("llava15", "nope:1", "llava15:0", "llava15:x"):
         with pytest.raises(Exception, match="PRESET:BATCH"):
             breakdown.parse_case(bad)

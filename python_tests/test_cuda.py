@@ -138,13 +138,31 @@ def test_ties_resolve_like_the_reference():
                             reference.compress(k, v, text, **kwargs), torch.float32)
 
 
-# Windows of 144 tokens take the screened mode of csrc/cuda/merge.cu, of 36 tokens the exact mode.
-MERGE_MODES = [pytest.param(1, id="screened"), pytest.param(2, id="exact")]
+@pytest.fixture(params=["exact", "screened"])
+def merge_mode(request, monkeypatch):
+    """Each CUDA merge mode (csrc/cuda/merge.cu): the API passes the true largest window, which
+    picks exact mode for the windows of these tests; a loose bound picks the screened mode."""
+    if request.param == "screened":
+        from lightkv_ext import api
+        from lightkv_ext.windows import WindowLayout
+
+        true_layout = api.full_grid_layout
+
+        def loose_layout(*args, **kwargs):
+            layout = true_layout(*args, **kwargs)  # cached: not modified
+            return WindowLayout(layout.tokens, layout.offsets, layout.kept, 2**40)
+
+        monkeypatch.setattr(api, "full_grid_layout", loose_layout)
+    return request.param
 
 
-@pytest.mark.parametrize("windows", MERGE_MODES)
+# On a 12 x 12 grid: one window of 144 tokens (tiled exact mode) or four of 36 (one tile pair each).
+WINDOWS_144_OR_36 = [pytest.param(1, id="144-token-windows"), pytest.param(2, id="36-token-windows")]
+
+
+@pytest.mark.parametrize("windows", WINDOWS_144_OR_36)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_identical_keys_take_the_exact_scan(dtype, windows):
+def test_identical_keys_take_the_exact_scan(dtype, windows, merge_mode):
     """Every similarity ties: no screened list can prove its candidates, so every src is decided
     by the float64 scan of all its dsts (lowest dst, then lowest src wins)."""
     k, v, text = make_inputs(2, 2, 2, 144, 4, 64, dtype, seed=11)
@@ -154,9 +172,9 @@ def test_identical_keys_take_the_exact_scan(dtype, windows):
                             reference.compress(k, v, text, **kwargs), dtype)
 
 
-@pytest.mark.parametrize("windows", MERGE_MODES)
+@pytest.mark.parametrize("windows", WINDOWS_144_OR_36)
 @pytest.mark.parametrize("metric_dtype", [torch.float64, torch.float32])
-def test_given_metric_matches_reference(metric_dtype, windows):
+def test_given_metric_matches_reference(metric_dtype, windows, merge_mode):
     """A caller's metric (float64: screened in float64; float32: in float32 FMA)."""
     k, v, text = make_inputs(2, 2, 2, 144, 5, 32, torch.bfloat16, seed=12)
     gen = torch.Generator(device="cuda").manual_seed(13)
@@ -166,11 +184,17 @@ def test_given_metric_matches_reference(metric_dtype, windows):
                             reference.compress(k, v, text, **kwargs), torch.bfloat16)
 
 
+@pytest.mark.parametrize("windows", [
+    pytest.param((3, 3), id="36-to-49-token-windows"),
+    pytest.param((2, 2), id="100-token-windows"),
+    pytest.param((1, 1), id="400-token-window"),
+])
 @pytest.mark.parametrize("metric_dtype", [None, torch.float64])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_exact_and_screened_modes_agree_bitwise(dtype, metric_dtype):
-    """max_window only picks the kernels: windows of at most 64 tokens run in exact mode with the
-    true bound and in screened mode with a loose one, and both take the float64 decisions."""
+def test_exact_and_screened_modes_agree_bitwise(dtype, metric_dtype, windows):
+    """max_window only picks the kernels: these windows run in exact mode (one tile pair, or
+    tiled) with the true bound and in screened mode with a loose one, and both take the float64
+    decisions."""
     from lightkv_ext import ops
     from lightkv_ext.windows import full_grid_layout
 
@@ -179,8 +203,8 @@ def test_exact_and_screened_modes_agree_bitwise(dtype, metric_dtype):
         3, 400, 1, 96, device="cuda", dtype=metric_dtype, generator=torch.Generator(device="cuda").manual_seed(25))
     importance = torch.rand(3, 400, device="cuda")
     sizes = torch.ones(3, 400, dtype=torch.int32, device="cuda")
-    layout = full_grid_layout(((20, 20),) * 3, ((3, 3),) * 3, 0.5, k.device)  # windows of 36 to 49 tokens
-    assert layout.max_window <= 64
+    layout = full_grid_layout(((20, 20),) * 3, (windows,) * 3, 0.5, k.device)
+    assert layout.max_window <= 512
     exact, screened = (ops.merge(k, v, metric, importance, sizes, layout.tokens, layout.offsets, 0.5, layout.kept[0],
                                  bound, False) for bound in (layout.max_window, 2**40))
     assert_bitwise_equal(exact, screened)

@@ -62,6 +62,28 @@ __device__ __forceinline__ uint4 load_16_bytes(bool live, const void* from) {
   return live ? *reinterpret_cast<const uint4*>(from) : make_uint4(0, 0, 0, 0);
 }
 
+// Starts copying the 16 bytes at `from` (global memory) to `to` (shared memory), both 16-byte
+// aligned, or writes zeros at `to` when not `live`. From sm_80 on the copy bypasses registers
+// (cp.async), so a thread can have all of its staging copies in flight at once; elsewhere it is
+// a plain load and store. Visible to the calling thread after wait_async_copies().
+__device__ __forceinline__ void copy_16_bytes_async(void* to, const void* from, bool live) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (live) {
+    const unsigned shared_address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(from) : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<uint4*>(to) = load_16_bytes(live, from);
+}
+
+// Waits for this thread's copy_16_bytes_async copies (a barrier then shows them to the block).
+__device__ __forceinline__ void wait_async_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* at) { return *reinterpret_cast<const uint32_t*>(at); }
 

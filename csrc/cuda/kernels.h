@@ -66,9 +66,10 @@ struct MergeArgs {
   double ratio = 0.0;
   int64_t kept = 0;  // M, kept tokens per row
   // Upper bound on any window's token count (as flash-attn's max_seqlen; known to the caller from
-  // the window sizes, as `kept` is). It picks the kernels: up to 64, every pair is compared
-  // exactly; beyond, screened candidates are checked exactly. A window larger than a bound of
-  // at most 64 is left unmerged.
+  // the window sizes, as `kept` is). It picks the kernels (merge.cu): every pair is compared
+  // exactly for a bound up to 64, and up to 512 when that is little work; otherwise screened
+  // candidates are checked exactly. A window larger than a bound that picked exact mode is left
+  // unmerged (never read or written out of bounds).
   int64_t max_window = INT64_MAX;
   OutTensor4 k_out;  // (B, H, M, D), any strides (token-major allowed)
   OutTensor4 v_out;

@@ -1,13 +1,15 @@
 // Segmented window merge (contract: `merge` in csrc/lightkv.cpp), all windows of all rows in
 // one pass of kernels. Steps 1-3 decide, per window, which srcs merge into which dst; they run in
 // one of two modes, picked on the host from the caller's max_window:
-// Exact mode (every window has at most kExactWindow = 64 tokens: LLaVA-1.5's 4x4 windows, video
-// frames), two launches:
-//   exact_dots_kernel: per (window, feature split), float64 dot products of all (src, dst) pairs
-//      and squared norms, the window's metric staged in shared memory chunk by chunk.
+// Exact mode, two launches, when every window has at most kExactWindow = 64 tokens (LLaVA-1.5's
+// 4x4 windows, video frames), or at most kExactMaxWindow = 512 and all pairs of all windows cost
+// little next to a screening pass (kExactMaxWork: Qwen2.5-VL images at small batch):
+//   exact_dots_kernel: per (window, tile pair, feature split), float64 dot products of the
+//      (src, dst) pairs of 32 srcs x 32 dsts and squared norms, their metric staged in shared
+//      memory chunk by chunk (a window of at most 64 tokens is one tile pair).
 //   exact_select_kernel: per window, the splits summed in order, each src's best dst, the srcs
 //      ranked, the first r merged.
-// Screened mode (larger windows):
+// Screened mode (larger windows, or many mid-sized ones):
 //   1. prepare_kernel: per window that merges anything, exclusive offsets of its 64-src tiles
 //      and of its (64-src tile, 64-dst tile) pairs; |metric| per token in float64 (one warp per
 //      token); every token starts kept.
@@ -75,15 +77,18 @@ constexpr int64_t kMaxRangeListBytes = int64_t{256} << 20;
 constexpr int64_t kPartialItems = 512;   // partial mode: at most this many (tile pair, split) items
 constexpr int64_t kMaxFeatureSplit = 32;
 constexpr int64_t kMinSplitChunks = 4;  // feature chunks per split at least: fewer would not pay for the sums
-// Exact mode (every window of at most kExactWindow tokens): float64 dot products of all pairs.
-constexpr int kExactWindow = 64;
+// Exact mode: float64 dot products of all pairs (see the top of the file for when).
+constexpr int kExactWindow = 64;  // staged tokens per exact_dots item: 32 srcs and 32 dsts
+constexpr int kExactTile = kExactWindow / 2;
+constexpr int64_t kExactMaxWindow = 512;
+constexpr int64_t kExactMaxWork = int64_t{1} << 28;  // float64 FMAs of all pairs (~18 us on an H100), windows > 64
+constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all splits, windows > 64 (32 MiB)
 constexpr int kExactThreads = 256;
+constexpr int kSelectThreads = 512;  // exact_select_kernel: a warp per src, 16 srcs at a time
 constexpr int kExactChunk = 64;  // features staged per step, as float64
 constexpr int kExactSide = 4;    // each thread sums a 4 x 4 block of (src, dst) pairs
 constexpr int kExactHeld = kExactWindow * kExactChunk / kExactThreads;  // staged values per thread
-// float64 partial sums per window token: pairs and squared norms, n_src n_dst + n <= (n / 4 + 1) n.
-constexpr int64_t kExactSlot = kExactWindow / 4 + 1;
-constexpr int64_t kExactTargetItems = 256;  // feature splits aim at this many (window, split) items: ~2 per SM
+constexpr int64_t kExactTargetItems = 256;  // feature splits aim at this many (tile pair, split) items: ~2 per SM
 constexpr int64_t kMaxExactSplit = 32;
 
 // Per metric dtype: how screened tiles are staged and accumulated. 16-bit metrics stay as raw
@@ -138,9 +143,12 @@ struct Params {
   double* keys;                // per src slot of a merging window: the exact best similarity
   int32_t* best_dst;           // and its dst's window position, -1 if none
   int64_t* merged_into;        // per token: the token it is merged into, -1 if kept
-  int64_t exact_split;         // exact mode: feature splits per window
+  int64_t exact_window;        // exact mode: the caller's max_window (larger windows stay unmerged)
+  int64_t exact_tiles;         // exact mode: 32-token tiles of the srcs (or dsts) of the largest window
+  int64_t exact_split;         // exact mode: feature splits per tile pair
   int64_t exact_chunks;        // exact mode: staged chunks of the whole metric
-  double* exact_partial;       // exact mode: (split, total * kExactSlot) float64 sums, by window start
+  int64_t exact_slot;          // exact mode: float64 sums per window token, ceil(exact_window / 4) + 1
+  double* exact_partial;       // exact mode: (split, total * exact_slot) float64 sums, by window start
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -382,25 +390,32 @@ __device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, i
       const bool in_range = f < f_end;
       const S* metric = static_cast<const S*>(p.metric) +
                         (in_range ? (f / p.metric_inner) * p.metric_stride[2] + (f % p.metric_inner) * p.metric_stride[3] : 0);
-      // Batches of loads issued before their stores, so they are in flight together.
       constexpr int kRowStep = kScreenThreads / kVectors, kRowsPerThread = kTile / kRowStep;
-      constexpr int kBatch = kRowsPerThread < 4 ? kRowsPerThread : 4;
+      if constexpr (kTensorCores) {
+        // Rows padded to a multiple of 16 bytes: copied straight to shared memory, all of a
+        // thread's copies in flight together (one memory round trip per chunk).
 #pragma unroll
-      for (int first = 0; first < kRowsPerThread; first += kBatch) {
-        uint4 src_raw[kBatch], dst_raw[kBatch];
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int row = vector_row0 + (first + b) * kRowStep;
-          src_raw[b] = detail::load_16_bytes(in_range && sm.src_ok[row], metric + sm.src_base[row]);
-          dst_raw[b] = detail::load_16_bytes(in_range && sm.dst_ok[row], metric + sm.dst_base[row]);
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          const int row = vector_row0 + i * kRowStep;
+          detail::copy_16_bytes_async(&sm.stage.src[row][vector_at], metric + sm.src_base[row], in_range && sm.src_ok[row]);
+          detail::copy_16_bytes_async(&sm.stage.dst[row][vector_at], metric + sm.dst_base[row], in_range && sm.dst_ok[row]);
         }
+        detail::wait_async_copies();
+      } else {
+        // Batches of loads issued before their stores, so they are in flight together.
+        constexpr int kBatch = kRowsPerThread < 4 ? kRowsPerThread : 4;
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int row = vector_row0 + (first + b) * kRowStep;
-          if constexpr (kTensorCores) {  // rows padded to a multiple of 16 bytes: one store
-            *reinterpret_cast<uint4*>(&sm.stage.src[row][vector_at]) = src_raw[b];
-            *reinterpret_cast<uint4*>(&sm.stage.dst[row][vector_at]) = dst_raw[b];
-          } else {
+        for (int first = 0; first < kRowsPerThread; first += kBatch) {
+          uint4 src_raw[kBatch], dst_raw[kBatch];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            const int row = vector_row0 + (first + b) * kRowStep;
+            src_raw[b] = detail::load_16_bytes(in_range && sm.src_ok[row], metric + sm.src_base[row]);
+            dst_raw[b] = detail::load_16_bytes(in_range && sm.dst_ok[row], metric + sm.dst_base[row]);
+          }
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            const int row = vector_row0 + (first + b) * kRowStep;
             detail::store_16_bytes(src_raw[b], &sm.stage.src[row][vector_at]);
             detail::store_16_bytes(dst_raw[b], &sm.stage.dst[row][vector_at]);
           }
@@ -735,20 +750,23 @@ __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params 
   }
 }
 
-// Exact mode, item (window, feature split) for every window of at most kExactWindow tokens that
-// merges anything: float64 dot products of all its (src, dst) pairs and squared norms of all its
-// tokens over the split's features, into exact_partial at the window's start. The metric is
-// staged kExactChunk features at a time, converted to float64 once, the next chunk's loads in
-// flight while the current one is summed. Thread t sums the 4 x 4 pair block t % blocks over
-// the chunk features lane, lane + lanes, ... (lane = t / blocks); the lanes' sums are added in
-// lane order at the end, so the order is fixed.
+// Exact mode, item (window, tile pair, feature split) for every window of at most exact_window
+// tokens that merges anything: float64 dot products of the pairs of up to 32 srcs (src tile) and
+// 32 dsts (dst tile) over the split's features, and squared norms of those tokens (srcs in the
+// items of dst tile 0, dsts in those of src tile 0), into exact_partial at the window's start:
+// pair (i, j) at i n_dst + j, then the norms by window position. The 64 tokens are staged
+// kExactChunk features at a time, converted to float64 once, the next chunk's loads in flight
+// while the current one is summed; staged row r holds window position r + 64 src_tile for even r
+// and r + 64 dst_tile for odd r. Thread t sums the 4 x 4 pair block t % blocks over the chunk
+// features lane, lane + lanes, ... (lane = t / blocks); the lanes' sums are added in lane order
+// at the end, so the order is fixed.
 template <typename M>
-__global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params p) {
+__global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Params p) {  // 2 per SM: 128 registers
   detail::await_previous_kernel();
   using S = typename Screen<M>::Stage;
   constexpr int kPerVector = 16 / sizeof(S), kVectorsPerRow = kExactChunk / kPerVector;
   __shared__ union {
-    double x[kExactWindow][kExactChunk + 1];               // the staged chunk, by window position
+    double x[kExactWindow][kExactChunk + 1];               // the staged chunk, by staged row
     double lane_sum[kExactThreads * kExactSide * kExactSide];  // (lane, pair block, 4 x 4)
   } sm;
   __shared__ int64_t base[kExactWindow];
@@ -761,27 +779,38 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
     return p.vector_stage ? t / kVectorsPerRow + (i / kPerVector) * (kExactThreads / kVectorsPerRow)
                           : t / kExactChunk + i * (kExactThreads / kExactChunk);
   };
-  const int64_t items = p.num_windows * p.exact_split;
+  const int64_t tile_pairs = p.exact_tiles * p.exact_tiles;
+  const int64_t items = p.num_windows * tile_pairs * p.exact_split;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t w = item / p.exact_split, split = item % p.exact_split;
+    const int64_t w = item / (tile_pairs * p.exact_split), split = item % p.exact_split;
+    const int pair = static_cast<int>(item / p.exact_split % tile_pairs);
+    const int src_tile = pair / static_cast<int>(p.exact_tiles), dst_tile = pair % static_cast<int>(p.exact_tiles);
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
-    if (n > kExactWindow || merge_count(p.ratio, n) == 0) continue;  // uniform over the block
-    const int n_src = static_cast<int>((n + 1) / 2), n_dst = static_cast<int>(n / 2);
+    const int64_t window_srcs = (n + 1) / 2, window_dsts = n / 2;
+    // Uniform over the block: windows too large or not merging, tiles past the window's end.
+    if (n > p.exact_window || merge_count(p.ratio, n) == 0) continue;
+    if (src_tile * kExactTile >= window_srcs || dst_tile * kExactTile >= window_dsts) continue;
+    const int n_src = static_cast<int>(min(int64_t{kExactTile}, window_srcs - src_tile * kExactTile));
+    const int n_dst = static_cast<int>(min(int64_t{kExactTile}, window_dsts - dst_tile * kExactTile));
+    const auto live_row = [&](int r) { return r / 2 < (r % 2 == 0 ? n_src : n_dst); };
+    const auto position = [&](int r) { return r + kExactWindow * (r % 2 == 0 ? src_tile : dst_tile); };
     const int dst_blocks = (n_dst + kExactSide - 1) / kExactSide;
     const int blocks = (n_src + kExactSide - 1) / kExactSide * dst_blocks, lanes = kExactThreads / blocks;
     const int block = t % blocks, lane = t / blocks;
     const int src0 = kExactSide * (block / dst_blocks), dst0 = kExactSide * (block % dst_blocks);
     const int64_t per_split = ceil_div(p.exact_chunks, p.exact_split) * kExactChunk;
     const int64_t f_begin = split * per_split, f_end = min(p.features, f_begin + per_split);
+    // Thread t < 64 sums the squared norm of staged row t, in one item per token.
+    const bool norm_row = t < kExactWindow && live_row(t) && (t % 2 == 0 ? dst_tile == 0 : src_tile == 0);
     __syncthreads();  // the previous item is done with the lane sums and the bases
     for (int r = t; r < kExactWindow; r += kExactThreads) {
-      base[r] = r < n ? token_base(p, p.window_tokens[start + r]) : 0;
+      base[r] = live_row(r) ? token_base(p, p.window_tokens[start + position(r)]) : 0;
     }
     __syncthreads();
 
     S held[kExactHeld];
     FeatureCursor feature(p, f_begin + held_col);
-    const auto load_chunk = [&](int64_t f0) {  // into `held`; zeros past the window or the split
+    const auto load_chunk = [&](int64_t f0) {  // into `held`; zeros past the tiles or the split
       const bool in_range = f0 + held_col < f_end;
       const int64_t offset = in_range ? feature.offset() : 0;
       if (p.vector_stage) {
@@ -789,14 +818,14 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
         for (int v = 0; v < kExactHeld / kPerVector; ++v) {
           const int row = held_row(v * kPerVector);
           const S* from = static_cast<const S*>(p.metric) + base[row] + offset;
-          const uint4 raw = detail::load_16_bytes(in_range && row < n, from);
+          const uint4 raw = detail::load_16_bytes(in_range && live_row(row), from);
           memcpy(&held[v * kPerVector], &raw, 16);
         }
       } else {
 #pragma unroll
         for (int i = 0; i < kExactHeld; ++i) {
           const int row = held_row(i);
-          held[i] = in_range && row < n ? stage_value<M>(p, base[row] + offset) : S(0);
+          held[i] = in_range && live_row(row) ? stage_value<M>(p, base[row] + offset) : S(0);
         }
       }
       feature.advance(kExactChunk);
@@ -831,7 +860,7 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
             for (int b = 0; b < kExactSide; ++b) acc[a][b] = fma(src[a], dst[b], acc[a][b]);
         }
       }
-      if (t < n) {
+      if (norm_row) {
 #pragma unroll
         for (int c = 0; c < kExactChunk; ++c) {
           norm[c % kNormChains] = fma(sm.x[t][c], sm.x[t][c], norm[c % kNormChains]);
@@ -848,62 +877,85 @@ __global__ void __launch_bounds__(kExactThreads) exact_dots_kernel(const Params 
         }
     }
     __syncthreads();
-    double* out = p.exact_partial + (split * p.total + start) * kExactSlot;
+    double* out = p.exact_partial + (split * p.total + start) * p.exact_slot;
     for (int e = t; e < n_src * n_dst; e += kExactThreads) {
       const int i = e / n_dst, j = e % n_dst;
       const int at = ((i / kExactSide) * dst_blocks + j / kExactSide) * kExactSide * kExactSide +
                      (i % kExactSide) * kExactSide + j % kExactSide;
       double sum = 0.0;
       for (int l = 0; l < lanes; ++l) sum += sm.lane_sum[l * blocks * kExactSide * kExactSide + at];
-      out[e] = sum;
+      out[(src_tile * kExactTile + i) * window_dsts + dst_tile * kExactTile + j] = sum;
     }
-    if (t < n) out[n_src * n_dst + t] = (norm[0] + norm[1]) + (norm[2] + norm[3]);
+    if (norm_row) out[window_srcs * window_dsts + position(t)] = (norm[0] + norm[1]) + (norm[2] + norm[3]);
   }
 }
 
 // Exact mode, one block per window: the float64 sums of exact_dots_kernel added over the feature
-// splits in split order; then what choose_kernel and rank_select_kernel do for larger windows:
-// each src's best dst (largest cosine, ties: lowest dst; NaN never wins), the srcs ranked by
-// that score (ties: lower position first), the first r with a dst merged. Writes merged_into
-// of every token of every window (-1: kept; all of a window larger than kExactWindow, which
-// only a wrong max_window lets through).
-__global__ void __launch_bounds__(kExactThreads) exact_select_kernel(const Params p) {
+// splits in split order (into shared memory for a window of at most 64 tokens, else in place of
+// split 0's); then what choose_kernel and rank_select_kernel do for screened windows: each src's
+// best dst (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by
+// that score (ties: lower position first), the first r with a dst merged. Writes merged_into of
+// every token of every window (-1: kept; all of a window larger than exact_window, which only a
+// wrong max_window lets through).
+__global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
-  constexpr int kMaxSrcs = kExactWindow / 2;
-  __shared__ double sums[kMaxSrcs * kMaxSrcs + kExactWindow];  // dot products by (src, dst), then norms
+  constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
+  constexpr int kStagedSums = kExactTile * kExactTile + kExactWindow;  // all of a window of at most 64 tokens
+  __shared__ double staged[kStagedSums];
+  __shared__ double norm[kExactMaxWindow];  // by window position
   __shared__ double key[kMaxSrcs];
   __shared__ int best_dst[kMaxSrcs];
-  const int t = threadIdx.x;
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
   for (int64_t w = blockIdx.x; w < p.num_windows; w += gridDim.x) {
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
-    const int64_t r = n <= kExactWindow ? merge_count(p.ratio, n) : 0;
+    const int64_t r = n <= p.exact_window ? merge_count(p.ratio, n) : 0;
     const int n_src = static_cast<int>((n + 1) / 2), n_dst = static_cast<int>(n / 2), pairs = n_src * n_dst;
     if (r > 0) {  // uniform over the block
+      const bool small = n <= kExactWindow;
+      double* in_place = p.exact_partial + start * p.exact_slot;
       __syncthreads();  // the previous window's ranks are counted
-      for (int e = t; e < pairs + n; e += kExactThreads) {
+      for (int e = t; e < pairs + n; e += kSelectThreads) {
+        if (e < pairs && !small && p.exact_split == 1) continue;  // already in place
         double sum = 0.0;
 #pragma unroll 8  // loads in flight together; the sum stays in split order
-        for (int64_t s = 0; s < p.exact_split; ++s) sum += p.exact_partial[(s * p.total + start) * kExactSlot + e];
-        sums[e] = e < pairs ? sum : sqrt(sum);
+        for (int64_t s = 0; s < p.exact_split; ++s) sum += p.exact_partial[(s * p.total + start) * p.exact_slot + e];
+        if (e >= pairs) {
+          norm[e - pairs] = sqrt(sum);
+        } else if (small) {
+          staged[e] = sum;
+        } else {
+          in_place[e] = sum;
+        }
       }
       __syncthreads();
-      if (t < n_src) {
-        const double* norm = sums + pairs;  // by window position
+      const double* sums = small ? staged : in_place;
+      for (int i = warp; i < n_src; i += kWarps) {
         double best = -INFINITY;
         int best_at = -1;
-        for (int j = 0; j < n_dst; ++j) {  // increasing dst, strict >: the lowest dst wins ties
-          const double value = cosine(sums[t * n_dst + j], norm[2 * t], norm[2 * j + 1]);
+        for (int j = lane; j < n_dst; j += 32) {  // increasing dst, strict >: the lowest dst wins ties
+          const double value = cosine(sums[i * n_dst + j], norm[2 * i], norm[2 * j + 1]);
           if (value > best) {
             best = value;
             best_at = j;
           }
         }
-        key[t] = best;  // -inf without a comparable dst (NaN metric): never merged
-        best_dst[t] = best_at;
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) {  // the same max and lowest dst in any order
+          const double other = __shfl_xor_sync(0xffffffffu, best, offset);
+          const int other_at = __shfl_xor_sync(0xffffffffu, best_at, offset);
+          if (beats(other, other_at, best, best_at)) {
+            best = other;
+            best_at = other_at;
+          }
+        }
+        if (lane == 0) {
+          key[i] = best;  // -inf without a comparable dst (NaN metric): never merged
+          best_dst[i] = best_at;
+        }
       }
       __syncthreads();
     }
-    for (int64_t position = t; position < n; position += kExactThreads) {
+    for (int64_t position = t; position < n; position += kSelectThreads) {
       int64_t into = -1;
       if (r > 0 && position % 2 == 0) {
         const int i = static_cast<int>(position / 2);
@@ -1191,9 +1243,11 @@ struct Plan {
   int64_t max_feature_split;
   int64_t partial_capacity;  // elements of the partial-mode buffer
   size_t acc_bytes;          // bytes of a screened dot product
-  bool exact;                // every window has at most kExactWindow tokens: exact mode
+  bool exact;                // exact mode (see the top of the file)
+  int64_t exact_tiles;       // exact mode: 32-token src (or dst) tiles of the largest window
+  int64_t exact_slot;        // exact mode: float64 sums per window token
   int64_t exact_chunks;      // exact mode: staged chunks of kExactChunk features of the whole metric
-  int64_t exact_split;       // exact mode: feature splits per window (shape-only)
+  int64_t exact_split;       // exact mode: feature splits per tile pair (shape-only)
   bool row_groups;           // rows short enough for row_groups_kernel
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
   int row_key_bits;  // the same for row_groups_kernel's row-local slots
@@ -1227,11 +1281,20 @@ Plan make_plan(const MergeArgs& a) {
   plan.acc_bytes = wide ? sizeof(double) : sizeof(float);
   plan.max_feature_split = std::min(kMaxFeatureSplit, ceil_div(plan.features, wide ? Screen<double>::kChunk
                                                                                     : Screen<float>::kChunk));
-  plan.exact = a.max_window <= kExactWindow;
-  // Exact mode splits the features when the windows are too few to fill the GPU.
+  // Pairs and norms of a window of n <= max_window tokens: n_src n_dst + n <= n (n / 4 + 1) sums.
+  plan.exact_slot = a.max_window <= kExactMaxWindow ? ceil_div(std::max<int64_t>(a.max_window, 0), 4) + 1 : 0;
+  const int64_t exact_sums = plan.total * plan.exact_slot;
+  plan.exact = a.max_window <= kExactWindow ||
+               (a.max_window <= kExactMaxWindow && exact_sums <= kExactMaxSums &&
+                exact_sums * plan.features <= kExactMaxWork);
+  plan.exact_tiles = plan.exact ? std::max<int64_t>(1, ceil_div(ceil_div(std::max<int64_t>(a.max_window, 0), 2), kExactTile))
+                                 : 1;
+  // Exact mode splits the features when the tile pairs are too few to fill the GPU.
   plan.exact_chunks = ceil_div(plan.features, kExactChunk);
+  const int64_t tile_pairs = std::max<int64_t>(plan.windows, 1) * plan.exact_tiles * plan.exact_tiles;
   const int64_t exact_split = std::max<int64_t>(
-      1, std::min({ceil_div(kExactTargetItems, std::max<int64_t>(plan.windows, 1)), kMaxExactSplit, plan.exact_chunks}));
+      1, std::min({ceil_div(kExactTargetItems, tile_pairs), kMaxExactSplit, plan.exact_chunks,
+                   kExactMaxSums / std::max<int64_t>(exact_sums, 1)}));
   plan.exact_split =  // none empty
       plan.exact_chunks > 0 ? ceil_div(plan.exact_chunks, ceil_div(plan.exact_chunks, exact_split)) : 1;
   // Partial mode can only pay off when the src tiles may be too few to fill the GPU.
@@ -1285,7 +1348,7 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   Workspace ws{};
   const int64_t general = plan.row_groups ? 0 : plan.tokens;
   const int64_t screened = plan.exact ? 0 : 1;
-  ws.exact_partial = carver.take<double>(plan.exact ? plan.exact_split * plan.total * kExactSlot : 0);
+  ws.exact_partial = carver.take<double>(plan.exact ? plan.exact_split * plan.total * plan.exact_slot : 0);
   ws.offsets = carver.take<int64_t>(screened * 2 * (plan.windows + 1));
   ws.norms = carver.take<double>(screened * plan.tokens);
   ws.keys = carver.take<double>(screened * plan.total);
@@ -1382,11 +1445,13 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
 template <typename M>
 cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLauncher& launch) {
   p.vector_stage = vector_staging<M>(p);
+  p.exact_tiles = plan.exact_tiles;
   p.exact_split = plan.exact_split;
   p.exact_chunks = plan.exact_chunks;
-  LIGHTKV_RETURN_IF_ERROR(launch(exact_dots_kernel<M>, detail::grid_for(plan.windows * plan.exact_split, kMaxGrid),
-                                 kExactThreads, p));
-  return launch(exact_select_kernel, detail::grid_for(plan.windows, kMaxGrid), kExactThreads, p);
+  p.exact_slot = plan.exact_slot;
+  const int64_t items = plan.windows * plan.exact_tiles * plan.exact_tiles * plan.exact_split;
+  LIGHTKV_RETURN_IF_ERROR(launch(exact_dots_kernel<M>, detail::grid_for(items, kMaxGrid), kExactThreads, p));
+  return launch(exact_select_kernel, detail::grid_for(plan.windows, kMaxGrid), kSelectThreads, p);
 }
 
 // Steps 1-3: merged_into of every token.
@@ -1447,6 +1512,7 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   p.best_dst = ws.best_dst;
 
   p.merged_into = ws.merged_into;
+  p.exact_window = a.max_window;
   p.exact_partial = ws.exact_partial;
 
   detail::KernelLauncher launch;

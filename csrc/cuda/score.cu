@@ -36,9 +36,6 @@ constexpr int kChunkD = 16;    // head-dim slice staged in shared memory (SIMT p
 constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tensor-core path)
 constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
 constexpr int kBlocksPerSm = 3;  // both passes: a LLaVA-1.5 image's 288 tiles in one wave on an H100
-// 16-byte vectors of q and of k per thread in flight while staging: 1 halves the memory round
-// trips per tile (8 -> 4) within 80 registers; 2 gives no fewer round trips in SASS and spills.
-constexpr int kStageBatch = 1;
 constexpr int kMicro = 4;
 constexpr int kSide = 16;
 constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
@@ -179,27 +176,16 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkMma) {
       __syncthreads();  // the previous chunk (or the previous tile's logits) is consumed
       if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of 8
-        // Loads are issued in batches before their stores, so each batch is in flight together
-        // (a store right after each load would wait for it: one memory round trip per vector).
+        // All of a thread's copies are in flight together: one memory round trip per chunk.
         constexpr int kPerThread = kTileRows * kVectors / kThreads;
-        constexpr int kBatch = kStageBatch < kPerThread ? kStageBatch : kPerThread;
-#pragma unroll
-        for (int first = 0; first < kPerThread; first += kBatch) {
-          uint4 q_raw[kBatch], k_raw[kBatch];
-#pragma unroll
-          for (int b = 0; b < kBatch; ++b) {
-            const int v = threadIdx.x + (first + b) * kThreads, row = v / kVectors, at = 8 * (v % kVectors);
-            const bool in_head = d0 + at < p.D;
-            q_raw[b] = detail::load_16_bytes(in_head && sm.row_ok[row], text + sm.q_base[row] + d0 + at);
-            k_raw[b] = detail::load_16_bytes(in_head && sm.col_ok[row], k + sm.k_base[row] + d0 + at);
-          }
-#pragma unroll
-          for (int b = 0; b < kBatch; ++b) {
-            const int v = threadIdx.x + (first + b) * kThreads, row = v / kVectors, at = 8 * (v % kVectors);
-            *reinterpret_cast<uint4*>(&sm.mma.q[row][at]) = q_raw[b];
-            *reinterpret_cast<uint4*>(&sm.mma.k[row][at]) = k_raw[b];
-          }
+#pragma unroll 1  // a copy does not wait for its data, so no unrolling is needed (it would spill)
+        for (int i = 0; i < kPerThread; ++i) {
+          const int v = threadIdx.x + i * kThreads, row = v / kVectors, at = 8 * (v % kVectors);
+          const bool in_head = d0 + at < p.D;
+          detail::copy_16_bytes_async(&sm.mma.q[row][at], text + sm.q_base[row] + d0 + at, in_head && sm.row_ok[row]);
+          detail::copy_16_bytes_async(&sm.mma.k[row][at], k + sm.k_base[row] + d0 + at, in_head && sm.col_ok[row]);
         }
+        detail::wait_async_copies();
       } else {
         const int64_t d = d0 + kk;
         const bool live = d < p.D;
