@@ -759,9 +759,9 @@ __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params 
 // while the current one is summed; staged row r holds window position r + 64 src_tile for even r
 // and r + 64 dst_tile for odd r. Thread t sums the 4 x 4 pair block t % blocks over the chunk
 // features lane, lane + lanes, ... (lane = t / blocks); the lanes' sums are added in lane order
-// at the end, so the order is fixed.
+// at the end, so the order is fixed. Two blocks per SM: at most 128 registers.
 template <typename M>
-__global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Params p) {  // 2 per SM: 128 registers
+__global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
   using S = typename Screen<M>::Stage;
   constexpr int kPerVector = 16 / sizeof(S), kVectorsPerRow = kExactChunk / kPerVector;
@@ -1166,9 +1166,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
       continue;
     }
-    float weighted[VEC], plain[VEC];
+    float sum[VEC];  // weighted; equal weights in a second pass if the group's weight is 0
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) weighted[i] = plain[i] = 0.f;
+    for (int i = 0; i < VEC; ++i) sum[i] = 0.f;
     if (threadIdx.x == 0) {
       weight_total = 0.f;
       size_total = 0;
@@ -1197,23 +1197,29 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
           const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + member_l[i] * x_stride[2]);
           const float wi = member_w[i];
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const float xv = to_float(value.v[k]);
-            weighted[k] = fmaf(wi, xv, weighted[k]);
-            plain[k] += xv;
-          }
+          for (int k = 0; k < VEC; ++k) sum[k] = fmaf(wi, to_float(value.v[k]), sum[k]);
         }
       }
       __syncthreads();  // members of this chunk (and the reduce storage) are free again
     }
     const float total = weight_total;
+    // Weight 0 (rare: given zeros, or attention underflow): the plain sum, in the same member
+    // order. A second pass keeps the common path at one accumulator per element (registers).
+    if (total == 0.f && live) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum[k] = 0.f;
+#pragma unroll 1
+      for (int64_t j = begin; j < end; ++j) {
+        const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + (p.members[j] - b * p.L) * x_stride[2]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] += to_float(value.v[k]);
+      }
+    }
     if (live) {
       Vec<T, VEC> result;
-      const float members = static_cast<float>(end - begin);
+      const float divisor = total == 0.f ? static_cast<float>(end - begin) : total;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        result.v[k] = detail::from_float<T>(total == 0.f ? plain[k] / members : weighted[k] / total);
-      }
+      for (int k = 0; k < VEC; ++k) result.v[k] = detail::from_float<T>(sum[k] / divisor);
       store_vec<T, VEC>(out_at, result);
     }
     if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
