@@ -15,8 +15,9 @@
 //           tiles (`rsplit` ranges per KV head) -> partial[(hk, range), token]; the last of a
 //           column tile's H_kv * rsplit items to finish (a ticket per tile) writes importance =
 //           the sum of the partials in (hk, range) order / (H_q * T_img).
-// Work items are enumerated from per-image tile counts built on the device (no host sync);
-// every block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
+// Work items are enumerated from per-image tile counts built on the device (no host sync), by
+// image_offsets_kernel, or for at most kFusedImages images by row_stats_kernel itself; every
+// block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
 // bitwise reproducible.
 #include <algorithm>
 #include <cmath>
@@ -41,6 +42,9 @@ constexpr int kSide = 16;
 constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
 constexpr int64_t kMaxGrid = 16384;
 constexpr int kOffsetThreads = 512;
+// Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
+// reads, block 0 the ones column_mass_kernel reads): image_offsets_kernel is not launched.
+constexpr int64_t kFusedImages = 8;
 
 // Sanitised image table columns.
 enum ImageField { kRow = 0, kVisStart, kVisLen, kTextStart, kTextLen, kImageFields };
@@ -58,9 +62,12 @@ struct Params {
   int64_t sizes_stride[2];
   int64_t L, S, D, H_kv, H_q, group, num_images;
   float scale;
-  const int64_t* images;       // sanitised, kImageFields per image
-  const int64_t* offsets;      // kCountArrays arrays of num_images + 1 exclusive offsets
-  const int64_t* text_counted;  // counted (mask True) text tokens per image
+  const int64_t* raw_images;   // the caller's image table
+  int64_t B;
+  bool fused_tables;           // at most kFusedImages images: row_stats_kernel writes the tables below
+  int64_t* images;             // sanitised, kImageFields per image
+  int64_t* offsets;            // kCountArrays arrays of num_images + 1 exclusive offsets
+  int64_t* text_counted;       // counted (mask True) text tokens per image
   float2* stats;               // (text row, H_q, nsplit) -> (max, sum-exp)
   int64_t nsplit;
   float* partial;              // (H_kv * rsplit, B * L)
@@ -91,8 +98,60 @@ __device__ __forceinline__ Image checked_image(const int64_t* __restrict__ raw, 
   return ok ? im : Image{0, 0, 0, 0, 0};
 }
 
+// Per-image count of CountArray `array`.
+__device__ __forceinline__ int64_t image_count(int array, const Image& im, int64_t group) {
+  switch (array) {
+    case kRowTiles:
+      return ceil_div(group * im.text_len, kTileRows);
+    case kColTiles:
+      return ceil_div(im.vis_len, kTileCols);
+    default:
+      return im.text_len;
+  }
+}
+
+__device__ __forceinline__ void store_image(const Image& im, int64_t* out) {
+  out[kRow] = im.row;
+  out[kVisStart] = im.vis_start;
+  out[kVisLen] = im.vis_len;
+  out[kTextStart] = im.text_start;
+  out[kTextLen] = im.text_len;
+}
+
+// Exclusive offsets of CountArray `array` over few images, by one thread.
+__device__ void serial_offsets(int array, const int64_t* __restrict__ raw, int64_t num_images, int64_t B, int64_t L,
+                               int64_t S, int64_t group, int64_t* out) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < num_images; ++i) {
+    out[i] = total;
+    total += image_count(array, checked_image(raw, i, B, L, S), group);
+  }
+  out[num_images] = total;
+}
+
+// The checked image table and the counted text tokens of every image, one warp per image (all
+// threads of the block call this).
+template <int kThreadsPerBlock>
+__device__ void write_images(const int64_t* __restrict__ raw, int64_t num_images, int64_t B, int64_t L, int64_t S,
+                             const bool* __restrict__ mask, int64_t mask_stride_b, int64_t mask_stride_s,
+                             int64_t* __restrict__ images, int64_t* __restrict__ text_counted) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t i = threadIdx.x / 32; i < num_images; i += kThreadsPerBlock / 32) {
+    const Image im = checked_image(raw, i, B, L, S);
+    int64_t counted = 0;
+    for (int64_t t = lane; t < im.text_len; t += 32) {
+      counted += (mask == nullptr || mask[im.row * mask_stride_b + (im.text_start + t) * mask_stride_s]) ? 1 : 0;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) counted += __shfl_xor_sync(0xffffffffu, counted, offset);
+    if (lane == 0) {
+      store_image(im, images + i * kImageFields);
+      text_counted[i] = counted;
+    }
+  }
+}
+
 // Block `a` (one per CountArray) writes the exclusive offsets of that per-image count. Block 0
-// first writes the checked image table and, one warp per image, the counted text tokens.
+// first writes the checked image table and the counted text tokens.
 __global__ void __launch_bounds__(kOffsetThreads)
     image_offsets_kernel(const int64_t* __restrict__ raw, int64_t num_images, int64_t B, int64_t L, int64_t S,
                          int64_t group, const bool* __restrict__ mask, int64_t mask_stride_b, int64_t mask_stride_s,
@@ -100,37 +159,9 @@ __global__ void __launch_bounds__(kOffsetThreads)
                          int64_t* __restrict__ text_counted) {
   detail::await_previous_kernel();
   const int array = blockIdx.x;
-  if (array == 0) {
-    const int lane = threadIdx.x % 32;
-    for (int64_t i = threadIdx.x / 32; i < num_images; i += kOffsetThreads / 32) {
-      const Image im = checked_image(raw, i, B, L, S);
-      int64_t counted = 0;
-      for (int64_t t = lane; t < im.text_len; t += 32) {
-        counted += (mask == nullptr || mask[im.row * mask_stride_b + (im.text_start + t) * mask_stride_s]) ? 1 : 0;
-      }
-      for (int offset = 16; offset > 0; offset /= 2) counted += __shfl_xor_sync(0xffffffffu, counted, offset);
-      if (lane == 0) {
-        int64_t* out = images + i * kImageFields;
-        out[kRow] = im.row;
-        out[kVisStart] = im.vis_start;
-        out[kVisLen] = im.vis_len;
-        out[kTextStart] = im.text_start;
-        out[kTextLen] = im.text_len;
-        text_counted[i] = counted;
-      }
-    }
-  }
-  const auto count = [&](int64_t i) -> int64_t {
-    const Image im = checked_image(raw, i, B, L, S);
-    switch (array) {
-      case kRowTiles:
-        return ceil_div(group * im.text_len, kTileRows);
-      case kColTiles:
-        return ceil_div(im.vis_len, kTileCols);
-      default:
-        return im.text_len;
-    }
-  };
+  if (array == 0) write_images<kOffsetThreads>(raw, num_images, B, L, S, mask, mask_stride_b, mask_stride_s, images,
+                                               text_counted);
+  const auto count = [&](int64_t i) { return image_count(array, checked_image(raw, i, B, L, S), group); };
   detail::block_exclusive_offsets<kOffsetThreads>(count, num_images, offsets + array * (num_images + 1));
 }
 
@@ -315,9 +346,34 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const Params p) {
   detail::await_previous_kernel();
   __shared__ TileSmem sm;
+  __shared__ int64_t fused_images[kFusedImages * kImageFields];
+  __shared__ int64_t fused_offsets[2][kFusedImages + 1];  // row tiles, text rows
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  const int64_t* images = p.images;
   const int64_t* row_tile_off = offsets_of(p, kRowTiles);
   const int64_t* text_off = offsets_of(p, kTextRows);
+  if (p.fused_tables) {  // uniform: image_offsets_kernel's work (it was not launched)
+    if (blockIdx.x == 0) {  // the tables column_mass_kernel reads
+      write_images<kThreads>(p.raw_images, p.num_images, p.B, p.L, p.S, p.text_mask, p.mask_stride[0],
+                             p.mask_stride[1], p.images, p.text_counted);
+      if (threadIdx.x < kCountArrays) {
+        serial_offsets(threadIdx.x, p.raw_images, p.num_images, p.B, p.L, p.S, p.group,
+                       p.offsets + threadIdx.x * (p.num_images + 1));
+      }
+    }
+    // The tables this block reads, in shared memory (those in global memory are being written).
+    if (threadIdx.x < p.num_images) {
+      store_image(checked_image(p.raw_images, threadIdx.x, p.B, p.L, p.S), fused_images + threadIdx.x * kImageFields);
+    }
+    if (threadIdx.x < 2) {
+      serial_offsets(threadIdx.x == 0 ? kRowTiles : kTextRows, p.raw_images, p.num_images, p.B, p.L, p.S, p.group,
+                     fused_offsets[threadIdx.x]);
+    }
+    __syncthreads();
+    images = fused_images;
+    row_tile_off = fused_offsets[0];
+    text_off = fused_offsets[1];
+  }
   const int64_t items = row_tile_off[p.num_images] * p.H_kv * p.nsplit;
   // Tokens of no image score 0; column_mass_kernel writes the others. Its tickets start at 0.
   // (This saves memset launches.)
@@ -329,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const
     const int64_t tile = item / (p.H_kv * p.nsplit);
     const int64_t hk = (item / p.nsplit) % p.H_kv, split = item % p.nsplit;
     const int64_t image = find_segment(row_tile_off, p.num_images, tile);
-    const int64_t* img = p.images + image * kImageFields;
+    const int64_t* img = images + image * kImageFields;
     const int64_t row_tile = tile - row_tile_off[image];
     const int64_t col_tiles = ceil_div(img[kVisLen], kTileCols);
     const int64_t per_split = (col_tiles + p.nsplit - 1) / p.nsplit;
@@ -573,9 +629,12 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
 
   detail::KernelLauncher launch;
   LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, image_offsets_kernel, &launch));
-  LIGHTKV_RETURN_IF_ERROR(launch(image_offsets_kernel, kCountArrays, kOffsetThreads, a.images, plan.num_images,
-                                 plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
-                                 a.text_mask_stride[1], ws.images, ws.offsets, ws.text_counted));
+  const bool fused_tables = plan.num_images <= kFusedImages;
+  if (!fused_tables) {
+    LIGHTKV_RETURN_IF_ERROR(launch(image_offsets_kernel, kCountArrays, kOffsetThreads, a.images, plan.num_images,
+                                   plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
+                                   a.text_mask_stride[1], ws.images, ws.offsets, ws.text_counted));
+  }
 
   Params p{};
   p.k = a.k.data;
@@ -598,6 +657,9 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.group = plan.group;
   p.num_images = plan.num_images;
   p.scale = a.scale;
+  p.raw_images = a.images;
+  p.B = plan.B;
+  p.fused_tables = fused_tables;
   p.images = ws.images;
   p.offsets = ws.offsets;
   p.text_counted = ws.text_counted;

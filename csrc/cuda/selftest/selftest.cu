@@ -486,6 +486,13 @@ int main(int argc, char** argv) {
   run_score_case<__half>({"fp16 one image per row", 3, 1, 3, 49, 5, 64,
                           {{0, 0, 49, 0, 5}, {1, 0, 49, 0, 5}, {2, 0, 49, 0, 5}}, false, false, {0, 1, 2, 3}},
                          2);
+  // More images than row_stats_kernel tables itself (8): image_offsets_kernel builds the tables.
+  run_score_case<__nv_bfloat16>({"bf16 ten images", 2, 2, 4, 100, 12, 32,
+                                 {{0, 0, 20, 0, 12}, {0, 20, 20, 3, 5}, {0, 40, 20, 0, 0}, {0, 60, 20, 11, 1},
+                                  {0, 80, 20, 2, 7}, {1, 0, 17, 0, 12}, {1, 17, 23, 4, 4}, {1, 40, 1, 6, 6},
+                                  {1, 41, 50, 0, 3}, {1, 91, 9, 9, 3}},
+                                 true, false, {0, 1, 2, 3}},
+                                6);
   if (!small) {
     run_score_case<__nv_bfloat16>({"bf16 D=256 long", 1, 2, 8, 3000, 50, 256,
                                    {{0, 0, 2880, 0, 50}, {0, 2880, 120, 10, 20}}, true, false, {0, 1, 2, 3}},
