@@ -11,7 +11,9 @@ write the compressed K and V), the floor any implementation of the op pays, and
 `lightkv_ext_graph` replays the dense `compress` call captured in a CUDA graph: its GPU time
 without the Python and launch overhead that `lightkv_ext` (an eager call) includes;
 `lightkv_ext_graph_unchained` is the same with kernel chaining (programmatic dependent launch)
-turned off (LIGHTKV_PDL=0), which shows what chaining saves.
+turned off (LIGHTKV_PDL=0), which shows what chaining saves, and `lightkv_ext_graph_one_stream`
+with the merge decisions on the current stream instead of overlapping the scoring on a second one
+(LIGHTKV_OVERLAP=0), which shows what the overlap saves.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ DEFAULT_PRESETS = ("llava15", "llava_next", "qwen25vl", "video")
 # Batch sizes of a full CPU run: batch 32 only where one eager reference call stays near a second
 # on a small CPU (the packed presets at batch 32 are 160 and 512 images).
 CPU_FULL_BATCHES = {"llava15": (1, 32), "llava_next": (1,), "qwen25vl": (1, 32), "video": (1,)}
+# Graph replays of the dense compress: as is, with kernel chaining off, with one stream.
+GRAPH_BACKENDS = ("lightkv_ext_graph", "lightkv_ext_graph_unchained", "lightkv_ext_graph_one_stream")
 
 
 @dataclasses.dataclass
@@ -200,10 +204,11 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
     if device.type == "cuda":
         if p.varlen:  # compress_varlen reads its offsets on the host: not capturable
             reason = "compress_varlen cannot be captured in a CUDA graph"
-            candidates += [("lightkv_ext_graph", None, reason), ("lightkv_ext_graph_unchained", None, reason)]
+            candidates += [(name, None, reason) for name in GRAPH_BACKENDS]
         else:
             candidates += [("lightkv_ext_graph", graph_call(extension_fn, device), ""),
-                           ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), "")]
+                           ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""),
+                           ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), "")]
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
     rows = []
@@ -263,21 +268,33 @@ def graph_call(fn: Callable, device: torch.device) -> Callable:
     return replay
 
 
-def unchained(fn: Callable) -> Callable:
-    """fn with the extension's kernel chaining turned off while it launches (LIGHTKV_PDL=0)."""
+def with_environment(fn: Callable, **variables: str) -> Callable:
+    """fn with environment variables set while it runs (the extension reads its knobs at every call,
+    so a graph captured this way keeps them)."""
 
     def call():
-        previous = os.environ.get("LIGHTKV_PDL")
-        os.environ["LIGHTKV_PDL"] = "0"
+        previous = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
         try:
             return fn()
         finally:
-            if previous is None:
-                del os.environ["LIGHTKV_PDL"]
-            else:
-                os.environ["LIGHTKV_PDL"] = previous
+            for name, value in previous.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
     return call
+
+
+def unchained(fn: Callable) -> Callable:
+    """fn with the extension's kernel chaining turned off (LIGHTKV_PDL=0)."""
+    return with_environment(fn, LIGHTKV_PDL="0")
+
+
+def one_stream(fn: Callable) -> Callable:
+    """fn with compress's second stream turned off (LIGHTKV_OVERLAP=0)."""
+    return with_environment(fn, LIGHTKV_OVERLAP="0")
 
 
 def copy_roofline_call(kv_bytes: int, device: torch.device) -> Callable:

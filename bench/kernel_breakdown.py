@@ -6,7 +6,9 @@
 Each case (a bench_kernels.py preset and a batch size) runs the extension's compress (dense or
 varlen) `--calls` times under the profiler after one warm-up call. On CUDA every kernel of the
 call is listed, the extension's and torch's (allocations, copies); kernel chaining is turned off
-(LIGHTKV_PDL=0), since a chained kernel's span would include its wait for the one before it.
+(LIGHTKV_PDL=0), since a chained kernel's span would include its wait for the one before it, and
+so is compress's second stream (LIGHTKV_OVERLAP=0), since kernels that share the GPU take longer
+each. The sum is then the one-stream time; bench_kernels.py times the overlap.
 On CPU the rows are the extension's ops. Times are sums over the calls divided by their number;
 share = a row's time / the case's total. `--merge-mode screened` passes the merge op a loose
 max_window, so that CUDA runs its screened matching where it would run the exact one (an A/B of
@@ -29,7 +31,7 @@ import lightkv_ext
 from lightkv_ext import api
 from lightkv_ext.windows import WindowLayout
 from _timing import format_number, markdown_table, run_metadata, write_json
-from bench_kernels import PRESETS, dense_call, make_case, unchained, varlen_call
+from bench_kernels import PRESETS, dense_call, make_case, varlen_call, with_environment
 
 DEFAULT_CASES = ("llava15:1", "llava15:32", "qwen25vl:1", "video:1", "video16k:1")
 
@@ -73,8 +75,8 @@ def profile_rows(fn, device: torch.device, calls: int) -> List[dict]:
     for event in profiler.events():
         if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        if not on_cuda and not event.name.startswith("lightkv::"):
-            continue
+        if not on_cuda and (not event.name.startswith("lightkv::") or event.name == "lightkv::compress"):
+            continue  # on CPU lightkv::compress is the lightkv::score and lightkv::merge it calls
         name = short_name(event.name) if on_cuda else event.name
         time_us[name] += event.time_range.elapsed_us() / calls
         counts[name] += 1
@@ -108,13 +110,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     metadata = run_metadata(device)
     print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
-          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining off, merge mode {args.merge_mode}\n")
+          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining and second stream off, merge mode {args.merge_mode}\n")
     cases = []
     for name, batch in args.cases:
         case = make_case(PRESETS[name], batch, dtype, device)
         call = varlen_call(case) if case.preset.varlen else dense_call(lightkv_ext.compress, case)
         with loose_window_bound() if args.merge_mode == "screened" else contextlib.nullcontext():
-            rows = profile_rows(unchained(call), device, args.calls)
+            rows = profile_rows(with_environment(call, LIGHTKV_PDL="0", LIGHTKV_OVERLAP="0"), device, args.calls)
         cases.append({"preset": name, "batch": batch, "vision_tokens": case.vision_tokens, "rows": rows})
         total = sum(row["us_per_call"] for row in rows)
         print(f"### {name}, batch {batch} ({case.vision_tokens} vision tokens): {total:.1f} µs per call\n")

@@ -58,6 +58,16 @@
 //     sizes_out   (B, M) int32: sum of the group's sizes.
 //     index       (B, M) int64: l of each kept token.
 //     assignment  (B, L) int64: output slot m of the group each input token ended in.
+//
+// compress(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets,
+//          ratio, kept, max_window, token_major)
+//   -> (k_out, v_out, sizes_out, index, assignment, importance)
+//   importance = score(k, text, images, text_mask, sizes, scale), then
+//   merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
+//   token_major): one call for the common case (the API's compress without a given importance).
+//   `sizes` is required and always biases the logits; unit sizes add log 1 = 0, exactly as no
+//   sizes. The CUDA backend runs the merge decisions, which do not depend on the importance, on a
+//   second stream while it scores (LIGHTKV_OVERLAP=0: both on the current stream).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -75,4 +85,7 @@ TORCH_LIBRARY(lightkv, m) {
   m.def("merge(Tensor k, Tensor v, Tensor metric, Tensor importance, Tensor sizes, "
         "Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, int max_window, "
         "bool token_major) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("compress(Tensor k, Tensor v, Tensor text, Tensor images, Tensor? text_mask, Tensor sizes, "
+        "float scale, Tensor metric, Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, "
+        "int max_window, bool token_major) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

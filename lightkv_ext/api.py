@@ -81,16 +81,15 @@ def compress(k, v, text_emb, *, ratio=0.5, windows=1, grid=None, text_mask=None,
         layout = positions_layout(args.positions.reshape(-1), [args.grid] * B, [args.windows] * B,
                                   range(0, B * N + 1, N), args.ratio)
     kept = same_kept_per_row(layout.kept)
-    importance = args.importance
-    if importance is None:
-        images = _dense_images(B, N, text_emb.shape[2], k.device)
-        importance = ops.score(k, text_emb, images, text_mask, args.sizes, args.scale)
     metric = k.permute(0, 2, 1, 3) if metric is None else metric.unsqueeze(2)
     token_sizes = args.sizes if args.sizes is not None else _unit_sizes((B, N), k.device)
-    k_out, v_out, sizes_out, index, assignment = ops.merge(
-        k, v, metric, importance, token_sizes, layout.tokens, layout.offsets, args.ratio, kept, layout.max_window,
-        False)
-    return Compressed(k_out, v_out, sizes_out, index, assignment, importance)
+    if args.importance is None:  # one op: scoring and the merge decisions may overlap (CUDA)
+        images = _dense_images(B, N, text_emb.shape[2], k.device)
+        return Compressed(*ops.compress(k, v, text_emb, images, text_mask, token_sizes, args.scale, metric,
+                                        layout.tokens, layout.offsets, args.ratio, kept, layout.max_window, False))
+    merged = ops.merge(k, v, metric, args.importance, token_sizes, layout.tokens, layout.offsets, args.ratio, kept,
+                       layout.max_window, False)
+    return Compressed(*merged, args.importance)
 
 
 @_interop
@@ -111,22 +110,23 @@ def compress_varlen(k, v, text_emb, cu_seqlens, grids, *, cu_seqlens_text=None, 
                        importance=importance, metric=metric, sizes=sizes, positions=positions)
     device = k.device
     keys, values = k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None]
-    importance = args.importance
-    if importance is None:
-        images = torch.tensor([[0, start, n, t0, t1 - t0] for start, n, (t0, t1)
-                               in zip(args.starts, args.counts, args.text_ranges)], dtype=torch.int64)
-        token_sizes = None if args.sizes is None else args.sizes[None]
-        importance = ops.score(keys, text_emb.permute(1, 0, 2)[None], images.to(device), None,
-                               token_sizes, args.scale)[0]
     if positions is None:
         layout = full_grid_layout(tuple(args.grids), tuple(args.windows), args.ratio, device)
     else:
         layout = positions_layout(args.positions, args.grids, args.windows, args.starts, args.ratio)
     metric = k[None] if metric is None else metric[None, :, None, :]
-    token_sizes = args.sizes if args.sizes is not None else _unit_sizes((k.shape[0],), device)
-    k_out, v_out, sizes_out, index, assignment = ops.merge(
-        keys, values, metric, importance[None], token_sizes[None], layout.tokens, layout.offsets,
-        args.ratio, sum(layout.kept), layout.max_window, True)
+    token_sizes = (args.sizes if args.sizes is not None else _unit_sizes((k.shape[0],), device))[None]
+    merge_args = (layout.tokens, layout.offsets, args.ratio, sum(layout.kept), layout.max_window, True)
+    if args.importance is None:
+        images = torch.tensor([[0, start, n, t0, t1 - t0] for start, n, (t0, t1)
+                               in zip(args.starts, args.counts, args.text_ranges)], dtype=torch.int64)
+        *merged, importance = ops.compress(keys, values, text_emb.permute(1, 0, 2)[None], images.to(device), None,
+                                           token_sizes, args.scale, metric, *merge_args)
+        importance = importance[0]
+    else:
+        importance = args.importance
+        merged = ops.merge(keys, values, metric, importance[None], token_sizes, *merge_args)
+    k_out, v_out, sizes_out, index, assignment = merged
 
     kept = torch.tensor(layout.kept, device=device)
     cu_out = torch.zeros(len(kept) + 1, dtype=torch.int32, device=device)

@@ -10,6 +10,7 @@ except ImportError as error:  # pragma: no cover - only without a build
 
 score = torch.ops.lightkv.score.default
 merge = torch.ops.lightkv.merge.default
+compress = torch.ops.lightkv.compress.default
 
 
 @torch.library.register_fake("lightkv::score")
@@ -30,3 +31,12 @@ def _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, 
     index = k.new_empty((B, kept), dtype=torch.int64)
     assignment = k.new_empty((B, L), dtype=torch.int64)
     return k_out, v_out, sizes_out, index, assignment
+
+
+@torch.library.register_fake("lightkv::compress")
+def _compress_fake(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets, ratio,
+                   kept, max_window, token_major):
+    importance = _score_fake(k, text, images, text_mask, sizes, scale)
+    merged = _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
+                         token_major)
+    return (*merged, importance)

@@ -1,4 +1,5 @@
-"""The C++ CPU kernels of lightkv::score and lightkv::merge against the PyTorch reference.
+"""The C++ CPU kernels of lightkv::score, lightkv::merge and lightkv::compress against the PyTorch
+reference.
 
 Most tests drive the ops directly (window CSR built here), so they pin the native contract of
 csrc/lightkv.cpp independently of the public API's plumbing; a few run the public API on CPU.
@@ -19,6 +20,7 @@ from inputs import make_inputs
 
 score_op = torch.ops.lightkv.score
 merge_op = torch.ops.lightkv.merge
+compress_op = torch.ops.lightkv.compress
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 VALUE_TOL = {
@@ -561,6 +563,28 @@ def test_opcheck():
     for token_major in (False, True):
         torch.library.opcheck(merge_op.default, (k, v, k.permute(0, 2, 1, 3), torch.rand(2, 12), sizes,
                                                  tokens, offsets, 0.5, kept[0], max_window, token_major))
+        torch.library.opcheck(compress_op.default, (k, v, text, dense_images(2, 12, 3), mask, sizes, 0.5,
+                                                    k.permute(0, 2, 1, 3), tokens, offsets, 0.5, kept[0],
+                                                    max_window, token_major))
+
+
+@pytest.mark.parametrize("unit_sizes", [True, False], ids=["unit-sizes", "sizes"])
+def test_compress_op_is_score_then_merge(unit_sizes):
+    """lightkv::compress equals lightkv::score followed by lightkv::merge with its importance,
+    bitwise; unit sizes bias the logits by log 1 = 0, exactly as no sizes."""
+    k, v, text = make_inputs(B=2, N=30, T=4, dtype=torch.bfloat16)
+    mask = torch.tensor([[True, False, True, True], [False, False, False, False]])
+    sizes = torch.ones(2, 30, dtype=torch.int32) if unit_sizes else torch.randint(1, 4, (2, 30), dtype=torch.int32)
+    images = dense_images(2, 30, 4)
+    tokens, offsets, kept, max_window = window_csr(torch.arange(30).expand(2, 30), (5, 6), (2, 2), 0.5)
+    metric = k.permute(0, 2, 1, 3)
+    *merged, importance = compress_op(k, v, text, images, mask, sizes, 0.25, metric, tokens, offsets, 0.5, kept[0],
+                                      max_window, False)
+    want_importance = score_op(k, text, images, mask, None if unit_sizes else sizes, 0.25)
+    want = merge_op(k, v, metric, want_importance, sizes, tokens, offsets, 0.5, kept[0], max_window, False)
+    assert torch.equal(importance, want_importance)
+    for got, expected in zip(merged, want):
+        assert torch.equal(got, expected)
 
 
 # ----------------------------------------------------------------------------- property test

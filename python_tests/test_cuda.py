@@ -240,8 +240,26 @@ def test_chained_launches_match_plain_launches(grid, monkeypatch):
     assert_bitwise_equal(chained, plain)
 
 
+@pytest.mark.parametrize("grid", [(24, 24), (65, 64)], ids=["row-groups", "general-groups"])
+def test_overlapped_decisions_match_one_stream(grid, monkeypatch):
+    """lightkv::compress runs the merge decisions on a second stream while it scores; with
+    LIGHTKV_OVERLAP=0 all runs on the current stream. Same bits either way, also when the call is
+    made on a non-default stream and its outputs are used at once (the join orders them)."""
+    k, v, text = make_inputs(2, 4, 8, grid[0] * grid[1], 16, 64, torch.bfloat16, seed=24)
+    kwargs = dict(ratio=0.5, windows=4, grid=grid)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        overlapped = [x.clone() for x in lightkv_ext.compress(k, v, text, **kwargs)]
+    torch.cuda.current_stream().wait_stream(stream)
+    monkeypatch.setenv("LIGHTKV_OVERLAP", "0")
+    one_stream = lightkv_ext.compress(k, v, text, **kwargs)
+    assert_bitwise_equal(overlapped, one_stream)
+
+
 def test_compress_replays_from_a_cuda_graph():
-    """No host synchronisation inside compress: it can be captured once and replayed on new inputs."""
+    """No host synchronisation inside compress: it can be captured once (its second stream forked
+    and joined inside the capture) and replayed on new inputs."""
     static = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=22)
     kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
     side = torch.cuda.Stream()
@@ -261,7 +279,7 @@ def test_compress_replays_from_a_cuda_graph():
 
 def test_llava_compress_launches_six_kernels():
     """2 scoring and 4 merging kernels for a LLaVA-1.5 image (one image: no image_offsets_kernel;
-    36-token windows: exact mode): at
+    36-token windows: exact mode; 3 of the merging ones on compress's second stream): at
     576 tokens launches cost as much as the bytes, so a new one should be a deliberate choice
     (csrc/cuda/score.cu, merge.cu)."""
     k, v, text = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=20)
@@ -422,3 +440,6 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lightkv.merge.default, merge_args)
     token_major = merge_args[:-1] + (True,)
     torch.library.opcheck(torch.ops.lightkv.merge.default, token_major)
+    k, text, images, mask, sizes, scale = score_args
+    compress_args = (k, merge_args[1], text, images, mask, sizes, scale, *merge_args[2:3], *merge_args[5:])
+    torch.library.opcheck(torch.ops.lightkv.compress.default, compress_args)

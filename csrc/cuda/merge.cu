@@ -37,7 +37,8 @@
 //      sum of the members in that fixed order; single-member groups are copied bitwise. 16-byte
 //      vectors where the layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
-// those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 4 launches.
+// those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 4 launches. Steps 1-4
+// (launch_merge_decisions) never read the importance; step 5 (launch_merge_values) does.
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -1466,6 +1467,30 @@ cudaError_t launch_decisions(const Params& p, const Plan& plan, const detail::Ke
   return plan.exact ? launch_exact<M>(p, plan, launch) : launch_matching<M>(p, plan, launch);
 }
 
+// Checks the shapes and carves the workspace. *run is false when there is nothing to do.
+cudaError_t begin_merge(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream, Plan* plan,
+                        Workspace* ws, bool* run) {
+  *plan = make_plan(a);
+  *run = false;
+  const bool shapes_ok = a.v.dtype == a.k.dtype && a.k.dtype != DType::Float64 && a.kept >= 0 &&
+                         a.kept <= plan->L && a.num_windows >= 0 && plan->total == plan->tokens &&
+                         plan->L < INT32_MAX && (plan->tokens == 0 || a.num_windows > 0) &&
+                         a.metric.size[0] == plan->B && a.metric.size[1] == plan->L &&
+                         a.k_out.size[2] == a.kept && a.v_out.size[2] == a.kept;
+  for (int i = 0; i < 4; ++i) {
+    if (a.v.size[i] != a.k.size[i]) return cudaErrorInvalidValue;
+  }
+  if (!shapes_ok) return cudaErrorInvalidValue;
+  if (plan->tokens == 0) return cudaSuccess;
+  size_t cub_bytes = 0;
+  LIGHTKV_RETURN_IF_ERROR(cub_temp_bytes(*plan, stream, &cub_bytes));
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(workspace) + 255) & ~static_cast<uintptr_t>(255);
+  *ws = carve(*plan, cub_bytes, reinterpret_cast<void*>(aligned));
+  if (workspace == nullptr || workspace_bytes < ws->bytes) return cudaErrorInvalidValue;
+  *run = true;
+  return cudaSuccess;
+}
+
 }  // namespace
 
 size_t merge_workspace_size(const MergeArgs& args) {
@@ -1475,23 +1500,12 @@ size_t merge_workspace_size(const MergeArgs& args) {
   return carve(plan, cub_bytes, nullptr).bytes;
 }
 
-cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  const Plan plan = make_plan(a);
-  const bool shapes_ok = a.v.dtype == a.k.dtype && a.k.dtype != DType::Float64 && a.kept >= 0 && a.kept <= plan.L &&
-                         a.num_windows >= 0 && plan.total == plan.tokens && plan.L < INT32_MAX &&
-                         (plan.tokens == 0 || a.num_windows > 0) &&
-                         a.metric.size[0] == plan.B && a.metric.size[1] == plan.L &&
-                         a.k_out.size[2] == a.kept && a.v_out.size[2] == a.kept;
-  for (int i = 0; i < 4; ++i) {
-    if (a.v.size[i] != a.k.size[i]) return cudaErrorInvalidValue;
-  }
-  if (!shapes_ok) return cudaErrorInvalidValue;
-  if (plan.tokens == 0) return cudaSuccess;
-  size_t cub_bytes = 0;
-  LIGHTKV_RETURN_IF_ERROR(cub_temp_bytes(plan, stream, &cub_bytes));
-  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(workspace) + 255) & ~static_cast<uintptr_t>(255);
-  const Workspace ws = carve(plan, cub_bytes, reinterpret_cast<void*>(aligned));
-  if (workspace == nullptr || workspace_bytes < ws.bytes) return cudaErrorInvalidValue;
+cudaError_t launch_merge_decisions(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  Plan plan;
+  Workspace ws;
+  bool run = false;
+  LIGHTKV_RETURN_IF_ERROR(begin_merge(a, workspace, workspace_bytes, stream, &plan, &ws, &run));
+  if (!run) return cudaSuccess;
 
   Params p{};
   p.metric = a.metric.data;
@@ -1542,13 +1556,20 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
   // 4: output slots, index, assignment; group members contiguous, in token order.
   if (plan.row_groups) {
     const auto row_groups = plan.L <= kRowThreads * 2 ? row_groups_kernel<2> : row_groups_kernel<kRowItemsMax>;
-    LIGHTKV_RETURN_IF_ERROR(launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into,
-                                   plan.B, plan.L, a.kept, plan.row_key_bits, a.index, a.assignment,
-                                   ws.sorted_token_id, ws.group_begin, ws.group_end));
-  } else {
-    LIGHTKV_RETURN_IF_ERROR(launch_general_groups(plan, ws, a, launch, stream));
+    return launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into, plan.B, plan.L, a.kept,
+                  plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id, ws.group_begin, ws.group_end);
   }
-  if (plan.slots == 0) return cudaSuccess;
+  return launch_general_groups(plan, ws, a, launch, stream);
+}
+
+cudaError_t launch_merge_values(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  Plan plan;
+  Workspace ws;
+  bool run = false;
+  LIGHTKV_RETURN_IF_ERROR(begin_merge(a, workspace, workspace_bytes, stream, &plan, &ws, &run));
+  if (!run || plan.slots == 0) return cudaSuccess;
+  detail::KernelLauncher launch;
+  LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, rank_select_kernel, &launch));
 
   // 5: weighted merge of k and v straight into the outputs.
   ValueParams vp{};
@@ -1584,6 +1605,11 @@ cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_b
       break;
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  LIGHTKV_RETURN_IF_ERROR(launch_merge_decisions(a, workspace, workspace_bytes, stream));
+  return launch_merge_values(a, workspace, workspace_bytes, stream);
 }
 
 }  // namespace lightkv_cuda

@@ -1,11 +1,13 @@
 // CUDA implementations of the lightkv ops (schemas and semantics: csrc/lightkv.cpp). This file
 // only checks arguments, allocates outputs and workspace, and calls the torch-free launchers of
-// csrc/cuda/kernels.h on the current stream; every returned cudaError_t becomes an exception.
+// csrc/cuda/kernels.h on the current stream (compress also on a second stream that the current
+// one waits for before it returns); every returned cudaError_t becomes an exception.
 //
 // Value checks that need the data (importance finite and >= 0, sizes >= 1, window tables
 // well formed) are left to the Python API: doing them here would synchronise the stream. The
 // kernels stay memory safe on a malformed image or window table (out-of-range rows are skipped).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +15,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -61,24 +65,30 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
-                      const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
-                      double scale) {
+// A score call: its output, the inputs it reads through raw pointers, and its kernel arguments.
+struct ScoreCall {
+  at::Tensor importance;
+  at::Tensor image_table;
+  lightkv_cuda::ScoreArgs args;
+  size_t workspace_bytes = 0;
+};
+
+ScoreCall prepare_score(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
+                        const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
+                        double scale) {
   LIGHTKV_CHECK(k.is_cuda(), "lightkv::score: k must be a CUDA tensor, got device ", k.device());
   lightkv::check_score_args(k, text, images, text_mask, sizes, scale);
-  const at::Device device = k.device();
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "score", "k");
   const int64_t batch = k.size(0), tokens = k.size(2), text_tokens = text.size(2);
 
-  const c10::cuda::CUDAGuard device_guard(device);
-  at::Tensor importance = at::empty({batch, tokens}, k.options().dtype(at::kFloat));
-  const at::Tensor image_table = images.contiguous();
-
-  lightkv_cuda::ScoreArgs args;
+  ScoreCall call;
+  call.importance = at::empty({batch, tokens}, k.options().dtype(at::kFloat));
+  call.image_table = images.contiguous();
+  lightkv_cuda::ScoreArgs& args = call.args;
   args.k = describe(k, dtype);
   args.text = describe(text, dtype);
-  args.images = image_table.const_data_ptr<int64_t>();
-  args.num_images = image_table.size(0);
+  args.images = call.image_table.const_data_ptr<int64_t>();
+  args.num_images = call.image_table.size(0);
   if (text_mask.has_value()) {
     args.text_mask = text_mask->const_data_ptr<bool>();
     args.text_mask_stride[0] = text_mask->stride(0);
@@ -90,29 +100,33 @@ at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Ten
     args.sizes_stride[1] = sizes->stride(1);
   }
   args.scale = static_cast<float>(scale);
-  args.importance = importance.data_ptr<float>();
+  args.importance = call.importance.data_ptr<float>();
   // Softmax statistics are kept per (image, text token): I * S rows bound them without reading
   // the table; only when that bound is large is the exact total read back (one sync).
   args.text_capacity = args.num_images * text_tokens;
-  size_t bytes = lightkv_cuda::score_workspace_size(args);
-  if (bytes > kScoreWorkspaceNoSyncLimit) {
-    args.text_capacity = image_table.select(1, 4).clamp_min(0).sum().item<int64_t>();
-    bytes = lightkv_cuda::score_workspace_size(args);
+  call.workspace_bytes = lightkv_cuda::score_workspace_size(args);
+  if (call.workspace_bytes > kScoreWorkspaceNoSyncLimit) {
+    args.text_capacity = call.image_table.select(1, 4).clamp_min(0).sum().item<int64_t>();
+    call.workspace_bytes = lightkv_cuda::score_workspace_size(args);
   }
-  at::Tensor scratch = workspace(bytes, k);
-  C10_CUDA_CHECK(lightkv_cuda::launch_score(args, scratch.data_ptr(), bytes,
-                                            c10::cuda::getCurrentCUDAStream().stream()));
-  return importance;
+  return call;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric, const at::Tensor& importance,
-    const at::Tensor& sizes, const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio,
-    int64_t kept, int64_t max_window, bool token_major) {
+// A merge call, as ScoreCall.
+struct MergeCall {
+  at::Tensor k_out, v_out, sizes_out, index, assignment;
+  at::Tensor weights, token_sizes, tokens_list, offsets_list;
+  lightkv_cuda::MergeArgs args;
+  size_t workspace_bytes = 0;  // 0: no token, nothing to launch
+};
+
+MergeCall prepare_merge(const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
+                        const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
+                        const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window,
+                        bool token_major) {
   LIGHTKV_CHECK(k.is_cuda(), "lightkv::merge: k must be a CUDA tensor, got device ", k.device());
   lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept,
                             max_window);
-  const at::Device device = k.device();
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "merge", "k");
   const lightkv_cuda::DType metric_dtype = kernel_dtype(metric, true, "merge", "metric");
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
@@ -120,49 +134,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
   LIGHTKV_CHECK(batch * tokens == 0 || window_offsets.size(0) >= 2,
                 "lightkv::merge: window_offsets must describe at least one window for ", batch * tokens, " tokens");
 
-  const c10::cuda::CUDAGuard device_guard(device);
+  MergeCall call;
   const auto index_options = k.options().dtype(at::kLong);
-  at::Tensor sizes_out = at::empty({batch, kept}, k.options().dtype(at::kInt));
-  at::Tensor index = at::empty({batch, kept}, index_options);
-  at::Tensor assignment = at::empty({batch, tokens}, index_options);
+  call.sizes_out = at::empty({batch, kept}, k.options().dtype(at::kInt));
+  call.index = at::empty({batch, kept}, index_options);
+  call.assignment = at::empty({batch, tokens}, index_options);
   auto allocate = [&]() {
     if (token_major) return at::empty({batch, kept, heads, dim}, k.options()).permute({0, 2, 1, 3});
     return at::empty({batch, heads, kept, dim}, k.options());
   };
-  at::Tensor k_out = allocate();
-  at::Tensor v_out = allocate();
+  call.k_out = allocate();
+  call.v_out = allocate();
+  call.weights = importance.contiguous();
+  call.token_sizes = sizes.contiguous();
+  call.tokens_list = window_tokens.contiguous();
+  call.offsets_list = window_offsets.contiguous();
 
-  const at::Tensor weights = importance.contiguous();
-  const at::Tensor token_sizes = sizes.contiguous();
-  const at::Tensor tokens_list = window_tokens.contiguous();
-  const at::Tensor offsets_list = window_offsets.contiguous();
-
-  lightkv_cuda::MergeArgs args;
+  lightkv_cuda::MergeArgs& args = call.args;
   args.k = describe(k, dtype);
   args.v = describe(v, dtype);
   args.metric = describe(metric, metric_dtype);
-  args.importance = weights.const_data_ptr<float>();
-  args.sizes = token_sizes.const_data_ptr<int32_t>();
-  args.window_tokens = tokens_list.const_data_ptr<int64_t>();
-  args.total_tokens = tokens_list.size(0);
-  args.window_offsets = offsets_list.const_data_ptr<int64_t>();
-  args.num_windows = offsets_list.size(0) - 1;
+  args.importance = call.weights.const_data_ptr<float>();
+  args.sizes = call.token_sizes.const_data_ptr<int32_t>();
+  args.window_tokens = call.tokens_list.const_data_ptr<int64_t>();
+  args.total_tokens = call.tokens_list.size(0);
+  args.window_offsets = call.offsets_list.const_data_ptr<int64_t>();
+  args.num_windows = call.offsets_list.size(0) - 1;
   args.ratio = ratio;
   args.kept = kept;
   args.max_window = max_window;
-  args.k_out = describe_out(k_out);
-  args.v_out = describe_out(v_out);
-  args.sizes_out = sizes_out.data_ptr<int32_t>();
-  args.index = index.data_ptr<int64_t>();
-  args.assignment = assignment.data_ptr<int64_t>();
+  args.k_out = describe_out(call.k_out);
+  args.v_out = describe_out(call.v_out);
+  args.sizes_out = call.sizes_out.data_ptr<int32_t>();
+  args.index = call.index.data_ptr<int64_t>();
+  args.assignment = call.assignment.data_ptr<int64_t>();
   if (batch * tokens > 0) {
-    const size_t bytes = lightkv_cuda::merge_workspace_size(args);
-    LIGHTKV_CHECK(bytes > 0, "lightkv::merge: could not size the CUDA workspace");
-    at::Tensor scratch = workspace(bytes, k);
-    C10_CUDA_CHECK(lightkv_cuda::launch_merge(args, scratch.data_ptr(), bytes,
+    call.workspace_bytes = lightkv_cuda::merge_workspace_size(args);
+    LIGHTKV_CHECK(call.workspace_bytes > 0, "lightkv::merge: could not size the CUDA workspace");
+  }
+  return call;
+}
+
+at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
+                      const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
+                      double scale) {
+  const c10::cuda::CUDAGuard device_guard(k.device());
+  ScoreCall call = prepare_score(k, text, images, text_mask, sizes, scale);
+  at::Tensor scratch = workspace(call.workspace_bytes, k);
+  C10_CUDA_CHECK(lightkv_cuda::launch_score(call.args, scratch.data_ptr(), call.workspace_bytes,
+                                            c10::cuda::getCurrentCUDAStream().stream()));
+  return call.importance;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric, const at::Tensor& importance,
+    const at::Tensor& sizes, const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio,
+    int64_t kept, int64_t max_window, bool token_major) {
+  const c10::cuda::CUDAGuard device_guard(k.device());
+  MergeCall call = prepare_merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept,
+                                 max_window, token_major);
+  if (call.workspace_bytes > 0) {
+    at::Tensor scratch = workspace(call.workspace_bytes, k);
+    C10_CUDA_CHECK(lightkv_cuda::launch_merge(call.args, scratch.data_ptr(), call.workspace_bytes,
                                               c10::cuda::getCurrentCUDAStream().stream()));
   }
-  return {k_out, v_out, sizes_out, index, assignment};
+  return {call.k_out, call.v_out, call.sizes_out, call.index, call.assignment};
+}
+
+// LIGHTKV_OVERLAP=0 turns the second stream of compress off (for A/B timing and debugging).
+bool overlap_enabled() {
+  const char* knob = std::getenv("LIGHTKV_OVERLAP");
+  return !(knob != nullptr && std::strcmp(knob, "0") == 0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_cuda(
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& text, const at::Tensor& images,
+    const std::optional<at::Tensor>& text_mask, const at::Tensor& sizes, double scale, const at::Tensor& metric,
+    const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio, int64_t kept,
+    int64_t max_window, bool token_major) {
+  const c10::cuda::CUDAGuard device_guard(k.device());
+  ScoreCall score = prepare_score(k, text, images, text_mask, sizes, scale);
+  MergeCall merge = prepare_merge(k, v, metric, score.importance, sizes, window_tokens, window_offsets, ratio, kept,
+                                  max_window, token_major);
+  const size_t score_bytes = (score.workspace_bytes + 255) & ~size_t{255};
+  at::Tensor scratch = workspace(score_bytes + merge.workspace_bytes, k);
+  char* score_workspace = static_cast<char*>(scratch.data_ptr());
+  char* merge_workspace = score_workspace + score_bytes;
+
+  // The merge decisions go first, on a second stream when overlapping: the importance only
+  // enters the values. Everything the side stream touches was allocated before the fork on the
+  // current stream and is freed after the join, so the caching allocator needs no record_stream;
+  // the fork and join are plain event waits, which CUDA graph capture records as edges.
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  if (merge.workspace_bytes > 0) {
+    if (overlap_enabled()) {
+      const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, k.device().index());
+      at::cuda::CUDAEvent fork, join;
+      fork.record(stream);
+      fork.block(side);
+      C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
+                                                          side.stream()));
+      C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+      join.record(side);
+      join.block(stream);
+    } else {
+      C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
+                                                          stream.stream()));
+      C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+    }
+    C10_CUDA_CHECK(lightkv_cuda::launch_merge_values(merge.args, merge_workspace, merge.workspace_bytes,
+                                                     stream.stream()));
+  } else {
+    C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+  }
+  return {merge.k_out, merge.v_out, merge.sizes_out, merge.index, merge.assignment, score.importance};
 }
 
 }  // namespace
@@ -170,4 +255,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
 TORCH_LIBRARY_IMPL(lightkv, CUDA, m) {
   m.impl("score", &score_cuda);
   m.impl("merge", &merge_cuda);
+  m.impl("compress", &compress_cuda);
 }

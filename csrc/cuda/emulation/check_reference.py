@@ -14,7 +14,7 @@ import emulated_ops  # noqa: E402
 import lightkv_ext  # noqa: E402
 from lightkv_ext import ops, reference  # noqa: E402
 
-ops.score, ops.merge = emulated_ops.score, emulated_ops.merge
+ops.score, ops.merge, ops.compress = emulated_ops.score, emulated_ops.merge, emulated_ops.compress
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 failures = 0
 

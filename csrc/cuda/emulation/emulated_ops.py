@@ -1,4 +1,4 @@
-"""lightkv::score / lightkv::merge over the CPU-emulated CUDA kernels, for CPU tensors.
+"""lightkv::score / merge / compress over the CPU-emulated CUDA kernels, for CPU tensors.
 
 The Python twin of csrc/cuda/ops_cuda.cpp (same output allocation, token_major included) over
 libemulated.so built by run.sh. check_reference.py swaps these in for lightkv_ext.ops.
@@ -55,3 +55,11 @@ def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio,
                        arr(v_out.stride()), ptr(sizes_out), ptr(index), ptr(assignment))
     assert rc == 0, rc
     return k_out, v_out, sizes_out, index, assignment
+
+
+def compress(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets, ratio, kept,
+             max_window, token_major):
+    importance = score(k, text, images, text_mask, sizes, scale)
+    merged = merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
+                   token_major)
+    return (*merged, importance)

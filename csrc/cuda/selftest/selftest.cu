@@ -384,12 +384,32 @@ void run_merge_case(const MergeCase& c, uint64_t seed, int64_t max_window) {
   SELFTEST_CUDA(cudaDeviceSynchronize());
   const MergeResult got{sizes_out.download(), index.download(), assignment.download()};
   const std::vector<T> got_k = k_out.download(), got_v = v_out.download();
-  SELFTEST_CUDA(lightkv_cuda::launch_merge(args, workspace.ptr, bytes, nullptr));
+  // Again over a cleared workspace and outputs, in two parts: the decisions on one stream, the
+  // values on another that waits for them by an event (as compress overlaps the decisions with
+  // the scoring).
+  cudaStream_t decide_stream = nullptr, value_stream = nullptr;
+  cudaEvent_t decided = nullptr;
+  SELFTEST_CUDA(cudaStreamCreateWithFlags(&decide_stream, cudaStreamNonBlocking));
+  SELFTEST_CUDA(cudaStreamCreateWithFlags(&value_stream, cudaStreamNonBlocking));
+  SELFTEST_CUDA(cudaEventCreateWithFlags(&decided, cudaEventDisableTiming));
+  SELFTEST_CUDA(cudaMemset(workspace.ptr, 0xFF, bytes));
+  SELFTEST_CUDA(cudaMemset(k_out.ptr, 0xFF, out_count * sizeof(T)));
+  SELFTEST_CUDA(cudaMemset(v_out.ptr, 0xFF, out_count * sizeof(T)));
+  SELFTEST_CUDA(cudaMemset(assignment.ptr, 0xFF, static_cast<size_t>(c.B * c.L) * sizeof(int64_t)));
+  SELFTEST_CUDA(cudaDeviceSynchronize());
+  SELFTEST_CUDA(lightkv_cuda::launch_merge_decisions(args, workspace.ptr, bytes, decide_stream));
+  SELFTEST_CUDA(cudaEventRecord(decided, decide_stream));
+  SELFTEST_CUDA(cudaStreamWaitEvent(value_stream, decided, 0));
+  SELFTEST_CUDA(lightkv_cuda::launch_merge_values(args, workspace.ptr, bytes, value_stream));
+  SELFTEST_CUDA(cudaDeviceSynchronize());
+  SELFTEST_CUDA(cudaEventDestroy(decided));
+  SELFTEST_CUDA(cudaStreamDestroy(value_stream));
+  SELFTEST_CUDA(cudaStreamDestroy(decide_stream));
   const std::vector<T> again_k = k_out.download(), again_v = v_out.download();
   expect(std::memcmp(got_k.data(), again_k.data(), got_k.size() * sizeof(T)) == 0 &&
              std::memcmp(got_v.data(), again_v.data(), got_v.size() * sizeof(T)) == 0 &&
              got.assignment == assignment.download(),
-         c.name + ": not deterministic");
+         c.name + ": not deterministic, or the decisions and values differ on two streams");
 
   // Host oracle: decisions, slots, then the weighted groups.
   const std::vector<int64_t> merged_into = host_match(c, k, tokens, offsets);
