@@ -18,6 +18,7 @@ LOG="$OUT/gpu_check.log"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python3}"
 SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+NCU="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
 declare -a SUMMARY=()
 FAILED=0
@@ -71,6 +72,9 @@ step bench_large 40 "$BENCH --presets video16k llava_next video --json '$OUT/ben
 step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
 # A/B of the merge modes where exact mode runs: the same cases in screened mode (markdown only).
 step kernel_breakdown_screened 20 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
+# Hardware counters of one call per target case (Nsight Compute at the GPU's own clocks): what
+# limits each kernel (speed of light, occupancy, warp stall reasons), appended to kernel_breakdown.md.
+step ncu 90 "for c in llava15:1 llava15:32 video16k:1; do echo \"### Nsight Compute: \$c\"; '$NCU' --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats $PYTHON bench/kernel_breakdown.py --ncu-range --cases \$c; done >> '$OUT/kernel_breakdown.md'"
 # --quick skips torch.compile of the reference (a compile per shape); one full case brings it in.
 step bench_compiled 90 "$PYTHON bench/bench_kernels.py --dtype bfloat16 --presets llava15 --batches 1 --json '$OUT/bench_gpu_compiled.json' | tee -a '$OUT/bench_gpu.md'"
 

@@ -12,7 +12,11 @@ each. The sum is then the one-stream time; bench_kernels.py times the overlap.
 On CPU the rows are the extension's ops. Times are sums over the calls divided by their number;
 share = a row's time / the case's total. `--merge-mode screened` passes the merge op a loose
 max_window, so that CUDA runs its screened matching where it would run the exact one (an A/B of
-the two modes on the same build).
+the two modes on the same build). `--ncu-range` only runs one call per case inside the CUDA
+profiler range, for Nsight Compute's hardware counters (gpu_check.sh's `ncu` step):
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+        python bench/kernel_breakdown.py --ncu-range --cases llava15:32
 """
 from __future__ import annotations
 
@@ -96,10 +100,31 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--merge-mode", choices=("auto", "screened"), default="auto",
                         help="auto: the API's true max_window (default); screened: a loose one")
     parser.add_argument("--json", metavar="PATH", help="write the rows and run metadata as JSON")
+    parser.add_argument("--ncu-range", action="store_true",
+                        help="CUDA: instead of profiling, run each case's compress once (after a warm-up call) "
+                             "between cudaProfilerStart and cudaProfilerStop, for `ncu --profile-from-start off`")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error("--calls must be at least 1")
     return args
+
+
+def ncu_range(cases: Sequence[Tuple[str, int]], dtype: torch.dtype, device: torch.device) -> List[dict]:
+    """One compress per case inside the CUDA profiler range (what ncu reads with --profile-from-start off)."""
+    ran = []
+    for name, batch in cases:
+        case = make_case(PRESETS[name], batch, dtype, device)
+        call = varlen_call(case) if case.preset.varlen else dense_call(lightkv_ext.compress, case)
+        call()
+        torch.cuda.synchronize(device)
+        torch.cuda.profiler.start()
+        call()
+        torch.cuda.synchronize(device)
+        torch.cuda.profiler.stop()
+        ran.append({"preset": name, "batch": batch, "vision_tokens": case.vision_tokens})
+        print(f"ran {name}, batch {batch} ({case.vision_tokens} vision tokens) in the profiler range", flush=True)
+        del case
+    return ran
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -109,6 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("--device cuda: torch reports no CUDA device")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     metadata = run_metadata(device)
+    if args.ncu_range:
+        if device.type != "cuda":
+            raise SystemExit("--ncu-range: needs a CUDA device")
+        return dict(metadata, dtype=str(dtype).replace("torch.", ""), cases=ncu_range(args.cases, dtype, device))
     print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
           f"- {dtype}, {args.calls} profiled calls per case, kernel chaining and second stream off, merge mode {args.merge_mode}\n")
     cases = []

@@ -139,6 +139,19 @@ def test_kernel_breakdown_cpu(bench_modules, tmp_path, merge_mode):
         assert math.isclose(sum(row["share"] for row in rows.values()), 1.0)
 
 
+def test_kernel_breakdown_ncu_range_needs_cuda(bench_modules):
+    with pytest.raises(SystemExit, match="--ncu-range: needs a CUDA device"):
+        bench_modules["kernel_breakdown"].main(["--ncu-range", "--cases", "tiny:1", "--device", "cpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_breakdown_ncu_range_cuda(bench_modules):
+    """Outside ncu the profiler range is a no-op: the calls just run."""
+    result = bench_modules["kernel_breakdown"].main(["--ncu-range", "--cases", "tiny:1", "tiny_varlen:2"])
+    assert [(case["preset"], case["batch"]) for case in result["cases"]] == [("tiny", 1), ("tiny_varlen", 2)]
+
+
 def test_kernel_breakdown_names_and_cases(bench_modules):
     breakdown = bench_modules["kernel_breakdown"]
     signature = ("void lightkv_cuda::(anonymous namespace)::merge_values_kernel<__nv_bfloat16, 8>"

@@ -222,9 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   char* merge_workspace = score_workspace + score_bytes;
 
   // The merge decisions go first, on a second stream when overlapping: the importance only
-  // enters the values. Everything the side stream touches was allocated before the fork on the
-  // current stream and is freed after the join, so the caching allocator needs no record_stream;
-  // the fork and join are plain event waits, which CUDA graph capture records as edges.
+  // enters the values. The memory the side stream reads or writes (inputs, outputs, workspace)
+  // can only be released after the join is enqueued on the current stream, so any reuse of it
+  // there comes after the side stream's work: no record_stream is needed. The fork and the join
+  // are event waits, which CUDA graph capture records as edges.
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   if (merge.workspace_bytes > 0) {
     if (overlap_enabled()) {
