@@ -8,7 +8,7 @@ import torch
 from . import ops
 from ._validate import compress_args, same_kept_per_row, score_args, varlen_args
 from .types import Compressed, CompressedVarlen
-from .windows import full_grid_layout, positions_layout
+from .windows import full_grid_layout, positions_layout, ready_for_any_stream
 
 
 def _interop(fn):
@@ -41,13 +41,13 @@ def _dense_images(batch: int, n_tokens: int, n_text: int, device: torch.device) 
     rows = torch.arange(batch, dtype=torch.int64)[:, None]
     table = torch.tensor([[0, 0, n_tokens, 0, n_text]], dtype=torch.int64).repeat(batch, 1)
     table[:, :1] = rows
-    return table.to(device)
+    return ready_for_any_stream(table.to(device))
 
 
 @functools.lru_cache(maxsize=64)
 def _unit_sizes(shape: tuple, device: torch.device) -> torch.Tensor:
     """Token counts of a first-stage cache: all ones (the ops never write their inputs)."""
-    return torch.ones(shape, dtype=torch.int32, device=device)
+    return ready_for_any_stream(torch.ones(shape, dtype=torch.int32, device=device))
 
 
 @_interop

@@ -8,6 +8,15 @@ from typing import Sequence, Tuple
 import torch
 
 
+def ready_for_any_stream(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, once the current stream has done all its work so far (which wrote it). For
+    device tensors that are cached and then read by later calls on any stream: they wait here
+    once, when built (not while a CUDA graph is being captured, where nothing runs yet)."""
+    if tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
+        torch.cuda.current_stream(tensor.device).synchronize()
+    return tensor
+
+
 def merge_count(n: int, ratio: float) -> int:
     """Number of srcs merged in a window of ``n`` tokens: ``min(floor(ratio*n + 1e-6), n // 2)``."""
     return min(math.floor(float(ratio) * n + 1e-6), n // 2)
@@ -79,7 +88,9 @@ def full_grid_layout(grids: Tuple[Tuple[int, int], ...], windows: Tuple[Tuple[in
         labels.append(window_labels(cells, grid, win) + base)
         counts.append(window_sizes(grid, win))
         base += win[0] * win[1]
-    return _layout(torch.cat(labels), counts, ratio)
+    layout = _layout(torch.cat(labels), counts, ratio)
+    ready_for_any_stream(layout.tokens)  # and the offsets: both were written on the current stream
+    return layout
 
 
 def positions_layout(positions: torch.Tensor, grids: Sequence[Tuple[int, int]],

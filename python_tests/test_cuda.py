@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lightkv_ext
-from lightkv_ext import reference
+from lightkv_ext import api, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -145,7 +145,6 @@ def merge_mode(request, monkeypatch):
     """Each CUDA merge mode (csrc/cuda/merge.cu): the API passes the true largest window, which
     picks exact mode for the windows of these tests; a loose bound picks the screened mode."""
     if request.param == "screened":
-        from lightkv_ext import api
         from lightkv_ext.windows import WindowLayout
 
         true_layout = api.full_grid_layout
@@ -255,6 +254,27 @@ def test_overlapped_decisions_match_one_stream(grid, monkeypatch):
     monkeypatch.setenv("LIGHTKV_OVERLAP", "0")
     one_stream = lightkv_ext.compress(k, v, text, **kwargs)
     assert_bitwise_equal(overlapped, one_stream)
+
+
+def test_cached_tables_are_ready_for_other_streams():
+    """The first call builds and caches the window layout, image table and unit sizes on its stream;
+    a call on another stream right after must not read them before they are written."""
+    for cached in (api._dense_images, api._unit_sizes, api.full_grid_layout):
+        cached.cache_clear()
+    k, v, text = make_inputs(1, 2, 2, 23 * 29, 5, 32, torch.float16, seed=25)  # a shape of this test only
+    kwargs = dict(ratio=0.5, windows=3, grid=(23, 29))
+    busy, other = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (busy, other):
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(busy):
+        torch.cuda._sleep(100_000_000)  # the caches are written behind this (about 50 ms)
+        lightkv_ext.compress(k, v, text, **kwargs)
+    with torch.cuda.stream(other):
+        got = [x.clone() for x in lightkv_ext.compress(k, v, text, **kwargs)]
+    torch.cuda.synchronize()
+    for cached in (api._dense_images, api._unit_sizes, api.full_grid_layout):
+        cached.cache_clear()
+    assert_bitwise_equal(got, lightkv_ext.compress(k, v, text, **kwargs))
 
 
 def test_compress_replays_from_a_cuda_graph():
