@@ -4,6 +4,7 @@ Decisions (index, assignment, sizes) must be identical to the reference; values 
 the dtype's tolerance; repeated runs are bitwise identical.
 """
 import math
+import random
 
 import pytest
 import torch
@@ -106,6 +107,26 @@ def test_compress_matches_reference(B, H_kv, H_q, grid, T, D, windows, ratio, dt
     kwargs = dict(ratio=ratio, windows=windows, grid=grid, text_mask=mask)
     assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
                             reference.compress(k, v, text, **kwargs), dtype)
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_random_shapes_match_reference(seed):
+    """Shapes drawn at random (seeded, so a failure reproduces): grids up to 30 x 30 with uneven
+    windows, GQA, head dims off the vector width, masks, given sizes, every dtype and ratio."""
+    rng = random.Random(seed)
+    h, w = rng.randint(1, 30), rng.randint(1, 30)
+    windows = (rng.randint(1, min(h, 6)), rng.randint(1, min(w, 6)))
+    B, H_kv, group, T = rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 4), rng.randint(1, 40)
+    D, dtype = rng.choice([8, 24, 40, 64, 72, 128, 136, 256]), rng.choice(DTYPES)
+    k, v, text = make_inputs(B, H_kv, H_kv * group, h * w, T, D, dtype, seed=seed)
+    kwargs = dict(ratio=rng.choice([0.1, 0.25, 0.5, 0.75, 0.9]), windows=windows, grid=(h, w))
+    if rng.random() < 0.5:
+        kwargs["text_mask"] = random_mask(B, T, seed=seed)
+    if rng.random() < 0.3:
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        kwargs["sizes"] = torch.randint(1, 5, (B, h * w), device="cuda", generator=gen, dtype=torch.int32)
+    assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs), reference.compress(k, v, text, **kwargs),
+                            dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

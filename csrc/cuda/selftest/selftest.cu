@@ -396,6 +396,8 @@ void run_merge_case(const MergeCase& c, uint64_t seed, int64_t max_window) {
   SELFTEST_CUDA(cudaMemset(k_out.ptr, 0xFF, out_count * sizeof(T)));
   SELFTEST_CUDA(cudaMemset(v_out.ptr, 0xFF, out_count * sizeof(T)));
   SELFTEST_CUDA(cudaMemset(assignment.ptr, 0xFF, static_cast<size_t>(c.B * c.L) * sizeof(int64_t)));
+  SELFTEST_CUDA(cudaMemset(index.ptr, 0xFF, static_cast<size_t>(c.B * kept) * sizeof(int64_t)));
+  SELFTEST_CUDA(cudaMemset(sizes_out.ptr, 0xFF, static_cast<size_t>(c.B * kept) * sizeof(int32_t)));
   SELFTEST_CUDA(cudaDeviceSynchronize());
   SELFTEST_CUDA(lightkv_cuda::launch_merge_decisions(args, workspace.ptr, bytes, decide_stream));
   SELFTEST_CUDA(cudaEventRecord(decided, decide_stream));
@@ -408,7 +410,8 @@ void run_merge_case(const MergeCase& c, uint64_t seed, int64_t max_window) {
   const std::vector<T> again_k = k_out.download(), again_v = v_out.download();
   expect(std::memcmp(got_k.data(), again_k.data(), got_k.size() * sizeof(T)) == 0 &&
              std::memcmp(got_v.data(), again_v.data(), got_v.size() * sizeof(T)) == 0 &&
-             got.assignment == assignment.download(),
+             got.assignment == assignment.download() && got.index == index.download() &&
+             got.sizes == sizes_out.download(),
          c.name + ": not deterministic, or the decisions and values differ on two streams");
 
   // Host oracle: decisions, slots, then the weighted groups.
