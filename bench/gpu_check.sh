@@ -62,7 +62,7 @@ step cmake_selftest 60 "while [ ! -f '$CMAKE_LOG.rc' ]; do sleep 1; done; cat '$
 # pytest-xdist the tests run in two worker processes, and a test that crashes its worker is
 # reported as failed while the others go on.
 PYTEST_EXTRA="$($PYTHON -c 'import pytest_timeout' 2>/dev/null && echo --timeout=60) $($PYTHON -c 'import xdist' 2>/dev/null && printf -- '-n 2')"
-step pytest_gpu 150 "$PYTHON -m pytest -v -rfE --durations=8 --maxfail=5 -p no:cacheprovider $PYTEST_EXTRA -m gpu python_tests/test_cuda.py python_tests/test_bench.py"
+step pytest_gpu 180 "$PYTHON -m pytest -v -rfE --durations=8 --maxfail=5 -p no:cacheprovider $PYTEST_EXTRA -m gpu python_tests/test_cuda.py python_tests/test_bench.py"
 # Sanitizers on the self-test's small cases (every kernel, every dtype, tails and empty windows).
 step memcheck 60 "'$SANITIZER' --tool memcheck --leak-check full --error-exitcode 1 ./build-gpu/lightkv_cuda_selftest --small"
 step racecheck 60 "'$SANITIZER' --tool racecheck --error-exitcode 1 ./build-gpu/lightkv_cuda_selftest --small"
