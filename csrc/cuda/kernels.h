@@ -84,9 +84,9 @@ cudaError_t launch_merge(const MergeArgs& args, void* workspace, size_t workspac
 
 // launch_merge in two parts, called with the same args and workspace, the values after the
 // decisions in stream order. The decisions (which tokens merge: index, assignment and the groups
-// in the workspace) read only the metric and the window tables, never the importance, sizes, k
-// or v, so a caller may run them on another stream while the importance is being computed
-// (compress in csrc/cuda/ops_cuda.cpp does); the values write k_out, v_out and sizes_out.
+// in the workspace) read only the metric (often a view of k) and the window tables, never the
+// importance or sizes, so a caller may run them on another stream while the importance is being
+// computed (compress in csrc/cuda/ops_cuda.cpp does); the values write k_out, v_out and sizes_out.
 cudaError_t launch_merge_decisions(const MergeArgs& args, void* workspace, size_t workspace_bytes,
                                    cudaStream_t stream);
 cudaError_t launch_merge_values(const MergeArgs& args, void* workspace, size_t workspace_bytes,
