@@ -1467,46 +1467,47 @@ cudaError_t launch_decisions(const Params& p, const Plan& plan, const detail::Ke
   return plan.exact ? launch_exact<M>(p, plan, launch) : launch_matching<M>(p, plan, launch);
 }
 
-// Checks the shapes and carves the workspace. *run is false when there is nothing to do.
-cudaError_t begin_merge(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream, Plan* plan,
-                        Workspace* ws, bool* run) {
-  *plan = make_plan(a);
-  *run = false;
-  const bool shapes_ok = a.v.dtype == a.k.dtype && a.k.dtype != DType::Float64 && a.kept >= 0 &&
-                         a.kept <= plan->L && a.num_windows >= 0 && plan->total == plan->tokens &&
-                         plan->L < INT32_MAX && (plan->tokens == 0 || a.num_windows > 0) &&
-                         a.metric.size[0] == plan->B && a.metric.size[1] == plan->L &&
+// A checked merge call: its plan, its carved workspace and a launcher on its stream.
+struct MergeLaunch {
+  Plan plan;
+  Workspace ws;
+  detail::KernelLauncher launch;
+  cudaStream_t stream;
+  bool run;  // false: no token, nothing to launch
+};
+
+// Checks the shapes, carves the workspace and creates the launcher.
+cudaError_t begin_merge(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                        MergeLaunch* m) {
+  m->plan = make_plan(a);
+  m->stream = stream;
+  m->run = false;
+  const Plan& plan = m->plan;
+  const bool shapes_ok = a.v.dtype == a.k.dtype && a.k.dtype != DType::Float64 && a.kept >= 0 && a.kept <= plan.L &&
+                         a.num_windows >= 0 && plan.total == plan.tokens && plan.L < INT32_MAX &&
+                         (plan.tokens == 0 || a.num_windows > 0) &&
+                         a.metric.size[0] == plan.B && a.metric.size[1] == plan.L &&
                          a.k_out.size[2] == a.kept && a.v_out.size[2] == a.kept;
   for (int i = 0; i < 4; ++i) {
     if (a.v.size[i] != a.k.size[i]) return cudaErrorInvalidValue;
   }
   if (!shapes_ok) return cudaErrorInvalidValue;
-  if (plan->tokens == 0) return cudaSuccess;
+  if (plan.tokens == 0) return cudaSuccess;
   size_t cub_bytes = 0;
-  LIGHTKV_RETURN_IF_ERROR(cub_temp_bytes(*plan, stream, &cub_bytes));
+  LIGHTKV_RETURN_IF_ERROR(cub_temp_bytes(plan, stream, &cub_bytes));
   const uintptr_t aligned = (reinterpret_cast<uintptr_t>(workspace) + 255) & ~static_cast<uintptr_t>(255);
-  *ws = carve(*plan, cub_bytes, reinterpret_cast<void*>(aligned));
-  if (workspace == nullptr || workspace_bytes < ws->bytes) return cudaErrorInvalidValue;
-  *run = true;
+  m->ws = carve(plan, cub_bytes, reinterpret_cast<void*>(aligned));
+  if (workspace == nullptr || workspace_bytes < m->ws.bytes) return cudaErrorInvalidValue;
+  LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, rank_select_kernel, &m->launch));
+  m->run = true;
   return cudaSuccess;
 }
 
-}  // namespace
-
-size_t merge_workspace_size(const MergeArgs& args) {
-  const Plan plan = make_plan(args);
-  size_t cub_bytes = 0;
-  if (cub_temp_bytes(plan, nullptr, &cub_bytes) != cudaSuccess) return 0;
-  return carve(plan, cub_bytes, nullptr).bytes;
-}
-
-cudaError_t launch_merge_decisions(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  Plan plan;
-  Workspace ws;
-  bool run = false;
-  LIGHTKV_RETURN_IF_ERROR(begin_merge(a, workspace, workspace_bytes, stream, &plan, &ws, &run));
-  if (!run) return cudaSuccess;
-
+// Steps 1-4: which tokens merge; index, assignment and the groups (never reads the importance).
+cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
+  const Plan& plan = m.plan;
+  const Workspace& ws = m.ws;
+  const detail::KernelLauncher& launch = m.launch;
   Params p{};
   p.metric = a.metric.data;
   for (int i = 0; i < 4; ++i) p.metric_stride[i] = a.metric.stride[i];
@@ -1535,8 +1536,6 @@ cudaError_t launch_merge_decisions(const MergeArgs& a, void* workspace, size_t w
   p.exact_window = a.max_window;
   p.exact_partial = ws.exact_partial;
 
-  detail::KernelLauncher launch;
-  LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, rank_select_kernel, &launch));
   // 1-3: every src's best dst and score, the first r per window merged.
   switch (a.metric.dtype) {
     case DType::Float32:
@@ -1559,19 +1558,14 @@ cudaError_t launch_merge_decisions(const MergeArgs& a, void* workspace, size_t w
     return launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into, plan.B, plan.L, a.kept,
                   plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id, ws.group_begin, ws.group_end);
   }
-  return launch_general_groups(plan, ws, a, launch, stream);
+  return launch_general_groups(plan, ws, a, launch, m.stream);
 }
 
-cudaError_t launch_merge_values(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  Plan plan;
-  Workspace ws;
-  bool run = false;
-  LIGHTKV_RETURN_IF_ERROR(begin_merge(a, workspace, workspace_bytes, stream, &plan, &ws, &run));
-  if (!run || plan.slots == 0) return cudaSuccess;
-  detail::KernelLauncher launch;
-  LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, rank_select_kernel, &launch));
-
-  // 5: weighted merge of k and v straight into the outputs.
+// Step 5: weighted merge of k and v straight into the outputs, and sizes_out.
+cudaError_t average(const MergeArgs& a, const MergeLaunch& m) {
+  const Plan& plan = m.plan;
+  const Workspace& ws = m.ws;
+  if (plan.slots == 0) return cudaSuccess;
   ValueParams vp{};
   vp.H = plan.H;
   vp.D = plan.D;
@@ -1596,20 +1590,44 @@ cudaError_t launch_merge_values(const MergeArgs& a, void* workspace, size_t work
   }
   switch (a.k.dtype) {
     case DType::Float32:
-      return launch_values<float>(vp, plan.slots, launch);
+      return launch_values<float>(vp, plan.slots, m.launch);
     case DType::Float16:
-      return launch_values<__half>(vp, plan.slots, launch);
+      return launch_values<__half>(vp, plan.slots, m.launch);
     case DType::BFloat16:
-      return launch_values<__nv_bfloat16>(vp, plan.slots, launch);
+      return launch_values<__nv_bfloat16>(vp, plan.slots, m.launch);
     case DType::Float64:
       break;
   }
   return cudaErrorInvalidValue;
 }
 
+}  // namespace
+
+size_t merge_workspace_size(const MergeArgs& args) {
+  const Plan plan = make_plan(args);
+  size_t cub_bytes = 0;
+  if (cub_temp_bytes(plan, nullptr, &cub_bytes) != cudaSuccess) return 0;
+  return carve(plan, cub_bytes, nullptr).bytes;
+}
+
+cudaError_t launch_merge_decisions(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  MergeLaunch m;
+  LIGHTKV_RETURN_IF_ERROR(begin_merge(a, workspace, workspace_bytes, stream, &m));
+  return m.run ? decide(a, m) : cudaSuccess;
+}
+
+cudaError_t launch_merge_values(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  MergeLaunch m;
+  LIGHTKV_RETURN_IF_ERROR(begin_merge(a, workspace, workspace_bytes, stream, &m));
+  return m.run ? average(a, m) : cudaSuccess;
+}
+
 cudaError_t launch_merge(const MergeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  LIGHTKV_RETURN_IF_ERROR(launch_merge_decisions(a, workspace, workspace_bytes, stream));
-  return launch_merge_values(a, workspace, workspace_bytes, stream);
+  MergeLaunch m;
+  LIGHTKV_RETURN_IF_ERROR(begin_merge(a, workspace, workspace_bytes, stream, &m));
+  if (!m.run) return cudaSuccess;
+  LIGHTKV_RETURN_IF_ERROR(decide(a, m));
+  return average(a, m);
 }
 
 }  // namespace lightkv_cuda

@@ -227,27 +227,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // there comes after the side stream's work: no record_stream is needed. The fork and the join
   // are event waits, which CUDA graph capture records as edges.
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  if (merge.workspace_bytes > 0) {
-    if (overlap_enabled()) {
-      const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, k.device().index());
-      at::cuda::CUDAEvent fork, join;
-      fork.record(stream);
-      fork.block(side);
-      C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
-                                                          side.stream()));
-      C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
-      join.record(side);
-      join.block(stream);
-    } else {
-      C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
-                                                          stream.stream()));
-      C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
-    }
-    C10_CUDA_CHECK(lightkv_cuda::launch_merge_values(merge.args, merge_workspace, merge.workspace_bytes,
-                                                     stream.stream()));
-  } else {
-    C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+  const bool overlap = merge.workspace_bytes > 0 && overlap_enabled();
+  const c10::cuda::CUDAStream side = overlap ? c10::cuda::getStreamFromPool(false, k.device().index()) : stream;
+  at::cuda::CUDAEvent fork, join;
+  if (overlap) {
+    fork.record(stream);
+    fork.block(side);
   }
+  C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
+                                                      side.stream()));
+  C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+  if (overlap) {
+    join.record(side);
+    join.block(stream);
+  }
+  C10_CUDA_CHECK(lightkv_cuda::launch_merge_values(merge.args, merge_workspace, merge.workspace_bytes,
+                                                   stream.stream()));
   return {merge.k_out, merge.v_out, merge.sizes_out, merge.index, merge.assignment, score.importance};
 }
 
