@@ -109,12 +109,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+def case_call(name: str, batch: int, dtype: torch.dtype, device: torch.device):
+    """The case's inputs and the extension's compress on them (dense or varlen), as a callable."""
+    case = make_case(PRESETS[name], batch, dtype, device)
+    return case, varlen_call(case) if case.preset.varlen else dense_call(lightkv_ext.compress, case)
+
+
 def ncu_range(cases: Sequence[Tuple[str, int]], dtype: torch.dtype, device: torch.device) -> List[dict]:
     """One compress per case inside the CUDA profiler range (what ncu reads with --profile-from-start off)."""
     ran = []
     for name, batch in cases:
-        case = make_case(PRESETS[name], batch, dtype, device)
-        call = varlen_call(case) if case.preset.varlen else dense_call(lightkv_ext.compress, case)
+        case, call = case_call(name, batch, dtype, device)
         call()
         torch.cuda.synchronize(device)
         torch.cuda.profiler.start()
@@ -142,8 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"- {dtype}, {args.calls} profiled calls per case, kernel chaining and second stream off, merge mode {args.merge_mode}\n")
     cases = []
     for name, batch in args.cases:
-        case = make_case(PRESETS[name], batch, dtype, device)
-        call = varlen_call(case) if case.preset.varlen else dense_call(lightkv_ext.compress, case)
+        case, call = case_call(name, batch, dtype, device)
         with loose_window_bound() if args.merge_mode == "screened" else contextlib.nullcontext():
             rows = profile_rows(with_environment(call, LIGHTKV_PDL="0", LIGHTKV_OVERLAP="0"), device, args.calls)
         cases.append({"preset": name, "batch": batch, "vision_tokens": case.vision_tokens, "rows": rows})

@@ -83,13 +83,12 @@ def compress(k, v, text_emb, *, ratio=0.5, windows=1, grid=None, text_mask=None,
     kept = same_kept_per_row(layout.kept)
     metric = k.permute(0, 2, 1, 3) if metric is None else metric.unsqueeze(2)
     token_sizes = args.sizes if args.sizes is not None else _unit_sizes((B, N), k.device)
+    merge_args = (layout.tokens, layout.offsets, args.ratio, kept, layout.max_window, False)
     if args.importance is None:  # one op: scoring and the merge decisions may overlap (CUDA)
         images = _dense_images(B, N, text_emb.shape[2], k.device)
         return Compressed(*ops.compress(k, v, text_emb, images, text_mask, token_sizes, args.scale, metric,
-                                        layout.tokens, layout.offsets, args.ratio, kept, layout.max_window, False))
-    merged = ops.merge(k, v, metric, args.importance, token_sizes, layout.tokens, layout.offsets, args.ratio, kept,
-                       layout.max_window, False)
-    return Compressed(*merged, args.importance)
+                                        *merge_args))
+    return Compressed(*ops.merge(k, v, metric, args.importance, token_sizes, *merge_args), args.importance)
 
 
 @_interop
