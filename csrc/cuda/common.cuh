@@ -149,6 +149,28 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 #endif
 }
 
+// d += A B on one 8 x 8 x 4 tile of float64 (float64 tensor cores, sm_80 on): A 8 x 4 (row
+// major), B 4 x 8 (column major); fragments as in the PTX ISA's "Matrix Fragments for
+// mma.m8n8k4 with .f64 floating point type" (group = lane / 4, quad = lane % 4):
+//   a: A[group][quad]   b: B[quad][group]   d[0], d[1]: D[group][2 quad, +1]
+// Elsewhere (older GPUs, the CPU emulation) the same products gathered with warp shuffles.
+__device__ __forceinline__ void mma_m8n8k4(double (&d)[2], double a, double b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
+               : "+d"(d[0]), "+d"(d[1])
+               : "d"(a), "d"(b));
+#else
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  for (int k = 0; k < 4; ++k) {
+    const double row = __shfl_sync(0xffffffffu, a, 4 * group + k);
+    const double left = __shfl_sync(0xffffffffu, b, 4 * (2 * quad) + k);
+    const double right = __shfl_sync(0xffffffffu, b, 4 * (2 * quad + 1) + k);
+    d[0] = fma(row, left, d[0]);
+    d[1] = fma(row, right, d[1]);
+  }
+#endif
+}
+
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Rows of a strided 4-D tensor can be read 16 bytes (`per_vector` elements) at a time: aligned

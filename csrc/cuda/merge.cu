@@ -5,8 +5,9 @@
 // 4x4 windows, video frames), or at most kExactMaxWindow = 512 and all pairs of all windows cost
 // little next to a screening pass (kExactMaxWork: Qwen2.5-VL images at small batch):
 //   exact_dots_kernel: per (window, tile pair, feature split), float64 dot products of the
-//      (src, dst) pairs of 32 srcs x 32 dsts and squared norms, their metric staged in shared
-//      memory chunk by chunk (a window of at most 64 tokens is one tile pair).
+//      (src, dst) pairs of 32 srcs x 32 dsts on the float64 tensor cores, and squared norms,
+//      their metric staged in shared memory chunk by chunk (a window of at most 64 tokens is one
+//      tile pair).
 //   exact_select_kernel: per window, the splits summed in order, each src's best dst, the srcs
 //      ranked, the first r merged.
 // Screened mode (larger windows, or many mid-sized ones):
@@ -82,12 +83,12 @@ constexpr int64_t kMinSplitChunks = 4;  // feature chunks per split at least: fe
 constexpr int kExactWindow = 64;  // staged tokens per exact_dots item: 32 srcs and 32 dsts
 constexpr int kExactTile = kExactWindow / 2;
 constexpr int64_t kExactMaxWindow = 512;
-constexpr int64_t kExactMaxWork = int64_t{1} << 28;  // float64 FMAs of all pairs (~18 us on an H100), windows > 64
+constexpr int64_t kExactMaxWork = int64_t{1} << 28;  // float64 FMAs of all pairs, windows > 64
 constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all splits, windows > 64 (32 MiB)
 constexpr int kExactThreads = 256;
 constexpr int kSelectThreads = 512;  // exact_select_kernel: a warp per src, 16 srcs at a time
 constexpr int kExactChunk = 64;  // features staged per step, as float64
-constexpr int kExactSide = 4;    // each thread sums a 4 x 4 block of (src, dst) pairs
+constexpr int kExactStride = kExactChunk + 2;  // staged row stride: conflict-free mma fragment loads
 constexpr int kExactHeld = kExactWindow * kExactChunk / kExactThreads;  // staged values per thread
 constexpr int64_t kExactTargetItems = 256;  // feature splits aim at this many (tile pair, split) items: ~2 per SM
 constexpr int64_t kMaxExactSplit = 32;
@@ -758,21 +759,20 @@ __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params 
 // pair (i, j) at i n_dst + j, then the norms by window position. The 64 tokens are staged
 // kExactChunk features at a time, converted to float64 once, the next chunk's loads in flight
 // while the current one is summed; staged row r holds window position r + 64 src_tile for even r
-// and r + 64 dst_tile for odd r. Thread t sums the 4 x 4 pair block t % blocks over the chunk
-// features lane, lane + lanes, ... (lane = t / blocks); the lanes' sums are added in lane order
-// at the end, so the order is fixed. Two blocks per SM: at most 128 registers.
+// and r + 64 dst_tile for odd r (zeros past the tiles). The pairs are 8 x 8 blocks summed on the
+// float64 tensor cores, 4 features per step: warp w sums src block w / 2 with dst blocks
+// 2 (w % 2) and 2 (w % 2) + 1. The squared norms come from the same fragments: the src blocks'
+// from the even warps, the dst blocks' from warps 0 and 1; lane (group, quad) sums the features
+// f with f % 4 == quad of its row, and the four sums are added as (0 + 1) + (2 + 3). Every sum
+// has a fixed order.
 template <typename M>
 __global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
   using S = typename Screen<M>::Stage;
   constexpr int kPerVector = 16 / sizeof(S), kVectorsPerRow = kExactChunk / kPerVector;
-  __shared__ union {
-    double x[kExactWindow][kExactChunk + 1];               // the staged chunk, by staged row
-    double lane_sum[kExactThreads * kExactSide * kExactSide];  // (lane, pair block, 4 x 4)
-  } sm;
+  __shared__ double staged[kExactWindow][kExactStride];
   __shared__ int64_t base[kExactWindow];
-  static_assert(kExactThreads * kExactSide * kExactSide <= kExactWindow * (kExactChunk + 1), "lane sums fit");
-  const int t = threadIdx.x;
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, group = lane / 4, quad = lane % 4;
   // Held value i of this thread: row held_row(i), chunk column held_col (+ i % kPerVector when
   // vectorised), the same column in every chunk, so one FeatureCursor walks it.
   const int held_col = p.vector_stage ? kPerVector * (t % kVectorsPerRow) : t % kExactChunk;
@@ -780,6 +780,8 @@ __global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Para
     return p.vector_stage ? t / kVectorsPerRow + (i / kPerVector) * (kExactThreads / kVectorsPerRow)
                           : t / kExactChunk + i * (kExactThreads / kExactChunk);
   };
+  const int src_block = warp / 2, dst_block = 2 * (warp % 2);
+  const bool sums_src_norms = warp % 2 == 0, sums_dst_norms = src_block == 0;
   const int64_t tile_pairs = p.exact_tiles * p.exact_tiles;
   const int64_t items = p.num_windows * tile_pairs * p.exact_split;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -795,15 +797,12 @@ __global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Para
     const int n_dst = static_cast<int>(min(int64_t{kExactTile}, window_dsts - dst_tile * kExactTile));
     const auto live_row = [&](int r) { return r / 2 < (r % 2 == 0 ? n_src : n_dst); };
     const auto position = [&](int r) { return r + kExactWindow * (r % 2 == 0 ? src_tile : dst_tile); };
-    const int dst_blocks = (n_dst + kExactSide - 1) / kExactSide;
-    const int blocks = (n_src + kExactSide - 1) / kExactSide * dst_blocks, lanes = kExactThreads / blocks;
-    const int block = t % blocks, lane = t / blocks;
-    const int src0 = kExactSide * (block / dst_blocks), dst0 = kExactSide * (block % dst_blocks);
+    // Uniform over the warp: which of its blocks hold pairs.
+    const bool src_live = 8 * src_block < n_src;
+    const bool dst_live[2] = {8 * dst_block < n_dst, 8 * (dst_block + 1) < n_dst};
     const int64_t per_split = ceil_div(p.exact_chunks, p.exact_split) * kExactChunk;
     const int64_t f_begin = split * per_split, f_end = min(p.features, f_begin + per_split);
-    // Thread t < 64 sums the squared norm of staged row t, in one item per token.
-    const bool norm_row = t < kExactWindow && live_row(t) && (t % 2 == 0 ? dst_tile == 0 : src_tile == 0);
-    __syncthreads();  // the previous item is done with the lane sums and the bases
+    __syncthreads();  // the previous item is done with the bases
     for (int r = t; r < kExactWindow; r += kExactThreads) {
       base[r] = live_row(r) ? token_base(p, p.window_tokens[start + position(r)]) : 0;
     }
@@ -831,110 +830,128 @@ __global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Para
       }
       feature.advance(kExactChunk);
     };
-    double acc[kExactSide][kExactSide];
-    constexpr int kNormChains = 4;  // independent sums of columns c % 4: short dependency chains
-    double norm[kNormChains] = {0.0, 0.0, 0.0, 0.0};
-#pragma unroll
-    for (int a = 0; a < kExactSide; ++a)
-#pragma unroll
-      for (int b = 0; b < kExactSide; ++b) acc[a][b] = 0.0;
+    double acc[2][2] = {{0.0, 0.0}, {0.0, 0.0}};
+    double src_norm = 0.0, dst_norm[2] = {0.0, 0.0};
     if (f_begin < f_end) load_chunk(f_begin);
     for (int64_t f0 = f_begin; f0 < f_end; f0 += kExactChunk) {
       __syncthreads();  // the previous chunk is summed
 #pragma unroll
       for (int i = 0; i < kExactHeld; ++i) {
-        sm.x[held_row(i)][held_col + (p.vector_stage ? i % kPerVector : 0)] = staged_to_double<M>(held[i]);
+        staged[held_row(i)][held_col + (p.vector_stage ? i % kPerVector : 0)] = staged_to_double<M>(held[i]);
       }
       __syncthreads();
       if (f0 + kExactChunk < f_end) load_chunk(f0 + kExactChunk);
-      if (lane < lanes) {
-        for (int c = lane; c < kExactChunk; c += lanes) {
-          double src[kExactSide], dst[kExactSide];
+      if (src_live) {
+#pragma unroll 4
+        for (int k0 = 0; k0 < kExactChunk; k0 += 4) {
+          const double a = staged[2 * (8 * src_block + group)][k0 + quad];
+          if (sums_src_norms) src_norm = fma(a, a, src_norm);
 #pragma unroll
-          for (int a = 0; a < kExactSide; ++a) {
-            src[a] = sm.x[2 * (src0 + a)][c];
-            dst[a] = sm.x[2 * (dst0 + a) + 1][c];
+          for (int b = 0; b < 2; ++b) {
+            if (dst_live[b]) {
+              const double x = staged[2 * (8 * (dst_block + b) + group) + 1][k0 + quad];
+              if (sums_dst_norms) dst_norm[b] = fma(x, x, dst_norm[b]);
+              detail::mma_m8n8k4(acc[b], a, x);
+            }
           }
-#pragma unroll
-          for (int a = 0; a < kExactSide; ++a)
-#pragma unroll
-            for (int b = 0; b < kExactSide; ++b) acc[a][b] = fma(src[a], dst[b], acc[a][b]);
-        }
-      }
-      if (norm_row) {
-#pragma unroll
-        for (int c = 0; c < kExactChunk; ++c) {
-          norm[c % kNormChains] = fma(sm.x[t][c], sm.x[t][c], norm[c % kNormChains]);
         }
       }
     }
-    __syncthreads();  // every chunk is summed before the lane sums reuse the stage
-    if (lane < lanes) {
-#pragma unroll
-      for (int a = 0; a < kExactSide; ++a)
-#pragma unroll
-        for (int b = 0; b < kExactSide; ++b) {
-          sm.lane_sum[((lane * blocks + block) * kExactSide + a) * kExactSide + b] = acc[a][b];
-        }
-    }
-    __syncthreads();
     double* out = p.exact_partial + (split * p.total + start) * p.exact_slot;
-    for (int e = t; e < n_src * n_dst; e += kExactThreads) {
-      const int i = e / n_dst, j = e % n_dst;
-      const int at = ((i / kExactSide) * dst_blocks + j / kExactSide) * kExactSide * kExactSide +
-                     (i % kExactSide) * kExactSide + j % kExactSide;
-      double sum = 0.0;
-      for (int l = 0; l < lanes; ++l) sum += sm.lane_sum[l * blocks * kExactSide * kExactSide + at];
-      out[(src_tile * kExactTile + i) * window_dsts + dst_tile * kExactTile + j] = sum;
+    if (src_live) {
+      const int i = 8 * src_block + group;
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 8 * (dst_block + b) + 2 * quad + e;
+          if (dst_live[b] && i < n_src && j < n_dst) {
+            out[(src_tile * kExactTile + i) * window_dsts + dst_tile * kExactTile + j] = acc[b][e];
+          }
+        }
+      }
     }
-    if (norm_row) out[window_srcs * window_dsts + position(t)] = (norm[0] + norm[1]) + (norm[2] + norm[3]);
+    // (0 + 1), (2 + 3), then their sum: addition commutes bitwise, so every lane of a quad agrees.
+#pragma unroll
+    for (int offset = 1; offset <= 2; offset *= 2) {
+      src_norm += __shfl_xor_sync(0xffffffffu, src_norm, offset);
+#pragma unroll
+      for (int b = 0; b < 2; ++b) dst_norm[b] += __shfl_xor_sync(0xffffffffu, dst_norm[b], offset);
+    }
+    double* norm_out = out + window_srcs * window_dsts;
+    if (quad == 0) {
+      const int i = 8 * src_block + group;
+      if (sums_src_norms && dst_tile == 0 && i < n_src) norm_out[position(2 * i)] = src_norm;
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int j = 8 * (dst_block + b) + group;
+        if (sums_dst_norms && src_tile == 0 && j < n_dst) norm_out[position(2 * j + 1)] = dst_norm[b];
+      }
+    }
   }
 }
 
-// Exact mode, one block per window: the float64 sums of exact_dots_kernel added over the feature
-// splits in split order (into shared memory for a window of at most 64 tokens, else in place of
-// split 0's); then what choose_kernel and rank_select_kernel do for screened windows: each src's
-// best dst (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by
-// that score (ties: lower position first), the first r with a dst merged. Writes merged_into of
-// every token of every window (-1: kept; all of a window larger than exact_window, which only a
-// wrong max_window lets through).
+// Exact mode, one block per window: what choose_kernel and rank_select_kernel do for screened
+// windows, from the float64 sums of exact_dots_kernel, each added over the feature splits in split
+// order (into shared memory for a window of at most 64 tokens, else where it is read; no sum is
+// written back, so the loads of a lane's dsts are in flight together). Each src's best dst (largest cosine, ties: lowest dst; NaN never wins),
+// a warp per src, every lane's dsts loaded together; the srcs ranked by that score (ties: lower
+// position first), the first r with a dst merged. Writes merged_into of every token of every
+// window (-1: kept; all of a window larger than exact_window, which only a wrong max_window lets
+// through).
 __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
-  constexpr int kStagedSums = kExactTile * kExactTile + kExactWindow;  // all of a window of at most 64 tokens
-  __shared__ double staged[kStagedSums];
+  constexpr int kDstsPerLane = kMaxSrcs / 32;
+  __shared__ double staged[kExactTile * kExactTile];  // the pair sums of a window of at most 64 tokens
   __shared__ double norm[kExactMaxWindow];  // by window position
   __shared__ double key[kMaxSrcs];
   __shared__ int best_dst[kMaxSrcs];
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const double* __restrict__ partial = p.exact_partial;
   for (int64_t w = blockIdx.x; w < p.num_windows; w += gridDim.x) {
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
     const int64_t r = n <= p.exact_window ? merge_count(p.ratio, n) : 0;
     const int n_src = static_cast<int>((n + 1) / 2), n_dst = static_cast<int>(n / 2), pairs = n_src * n_dst;
+    // The sums of window element e (pair or norm) of split s.
+    const auto split_sums = [&](int64_t s) { return partial + (s * p.total + start) * p.exact_slot; };
     if (r > 0) {  // uniform over the block
-      const bool small = n <= kExactWindow;
-      double* in_place = p.exact_partial + start * p.exact_slot;
       __syncthreads();  // the previous window's ranks are counted
-      for (int e = t; e < pairs + n; e += kSelectThreads) {
-        if (e < pairs && !small && p.exact_split == 1) continue;  // already in place
+      // Small windows: the pair sums too, by all threads (the loads of few per thread in flight).
+      const bool small = n <= kExactWindow;
+      for (int e = (small ? 0 : pairs) + t; e < pairs + n; e += kSelectThreads) {
         double sum = 0.0;
-#pragma unroll 8  // loads in flight together; the sum stays in split order
-        for (int64_t s = 0; s < p.exact_split; ++s) sum += p.exact_partial[(s * p.total + start) * p.exact_slot + e];
+#pragma unroll 8  // the loads of 8 splits in flight together; the sum stays in split order
+        for (int64_t s = 0; s < p.exact_split; ++s) sum += split_sums(s)[e];
         if (e >= pairs) {
           norm[e - pairs] = sqrt(sum);
-        } else if (small) {
-          staged[e] = sum;
         } else {
-          in_place[e] = sum;
+          staged[e] = sum;
         }
       }
       __syncthreads();
-      const double* sums = small ? staged : in_place;
       for (int i = warp; i < n_src; i += kWarps) {
+        double dot[kDstsPerLane];
+#pragma unroll
+        for (int u = 0; u < kDstsPerLane; ++u) dot[u] = 0.0;
+        if (small) {  // uniform: at most 32 dsts, one per lane
+          if (lane < n_dst) dot[0] = staged[i * n_dst + lane];
+        } else {  // the loads of all of a lane's dsts in flight together
+          for (int64_t s = 0; s < p.exact_split; ++s) {
+            const double* row = split_sums(s) + i * n_dst;
+#pragma unroll
+            for (int u = 0; u < kDstsPerLane; ++u) {
+              if (lane + 32 * u < n_dst) dot[u] += row[lane + 32 * u];
+            }
+          }
+        }
         double best = -INFINITY;
         int best_at = -1;
-        for (int j = lane; j < n_dst; j += 32) {  // increasing dst, strict >: the lowest dst wins ties
-          const double value = cosine(sums[i * n_dst + j], norm[2 * i], norm[2 * j + 1]);
+#pragma unroll
+        for (int u = 0; u < kDstsPerLane; ++u) {  // increasing dst, strict >: the lowest dst wins ties
+          const int j = lane + 32 * u;
+          if (j >= n_dst) break;
+          const double value = cosine(dot[u], norm[2 * i], norm[2 * j + 1]);
           if (value > best) {
             best = value;
             best_at = j;

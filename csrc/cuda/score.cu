@@ -7,11 +7,12 @@
 // memory: on tensor cores (mma.sync m16n8k16, 8 warps of 16 x 32) for float16 / bfloat16, 128
 // head dims per staging step (the whole head in the hot case, so one memory round trip per
 // tile), with a SIMT tile product (4 x 4 per thread) for float32. Either way each thread then holds the
-// logits of rows ty + 16 i, columns tx + 16 j, which the passes reduce:
+// logits of rows ty + 16 i, columns tx + 16 j, which the passes reduce in base 2 (logits times
+// log2(e), log2 of the sizes: exp2 is one special-function instruction, exp a few more):
 //   pass 1 (row_stats_kernel): online softmax over column tiles -> per row (max, sum-exp); the
 //           vision tokens of an image may be cut into `nsplit` column ranges, each giving its own
 //           (max, sum) pair that pass 2 combines in split order.
-//   pass 2 (column_mass_kernel): for a column tile, sum exp(l - max) / sum over a range of row
+//   pass 2 (column_mass_kernel): for a column tile, sum 2^(l - max) / sum over a range of row
 //           tiles (`rsplit` ranges per KV head) -> partial[(hk, range), token]; the last of a
 //           column tile's H_kv * rsplit items to finish (a ticket per tile) writes importance =
 //           the sum of the partials in (hk, range) order / (H_q * T_img).
@@ -61,14 +62,14 @@ struct Params {
   const int32_t* sizes;
   int64_t sizes_stride[2];
   int64_t L, S, D, H_kv, H_q, group, num_images;
-  float scale;
+  float scale_log2;             // scale * log2(e): the logits are kept in base 2, l * log2(e)
   const int64_t* raw_images;   // the caller's image table
   int64_t B;
   bool fused_tables;           // at most kFusedImages images: row_stats_kernel writes the tables below
   int64_t* images;             // sanitised, kImageFields per image
   int64_t* offsets;            // kCountArrays arrays of num_images + 1 exclusive offsets
   int64_t* text_counted;       // counted (mask True) text tokens per image
-  float2* stats;               // (text row, H_q, nsplit) -> (max, sum-exp)
+  float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits
   int64_t nsplit;
   float* partial;              // (H_kv * rsplit, B * L)
   int64_t rsplit;
@@ -183,7 +184,7 @@ struct TileSmem {
   int64_t k_base[kTileCols];  // element offset of each column's key vector
   bool row_ok[kTileRows];     // row exists and its text token is counted
   bool col_ok[kTileCols];
-  float bias[kTileCols];      // log(size) or 0
+  float bias[kTileCols];      // log2(size) or 0
 };
 
 // acc[i][j] = <query of row ty + 16 i, key of column tx + 16 j> over the whole head dim.
@@ -323,7 +324,7 @@ __device__ __forceinline__ void setup_cols(const Params& p, TileSmem& sm, const 
     sm.k_base[local] = ok ? img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + l * p.k_stride[2] : 0;
     float bias = 0.f;
     if (ok && p.sizes != nullptr) {
-      bias = logf(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + l * p.sizes_stride[1]]));
+      bias = log2f(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + l * p.sizes_stride[1]]));
     }
     sm.bias[local] = bias;
   }
@@ -413,18 +414,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const
 #pragma unroll
         for (int j = 0; j < kMicro; ++j) {
           const int col = tx + kSide * j;
-          logit[j] = sm.col_ok[col] ? fmaf(p.scale, acc[i][j], sm.bias[col]) : -INFINITY;
+          logit[j] = sm.col_ok[col] ? fmaf(p.scale_log2, acc[i][j], sm.bias[col]) : -INFINITY;
           tile_max = fmaxf(tile_max, logit[j]);
         }
         const float new_max = fmaxf(run_max[i], half_warp_max(tile_max));
         float local = 0.f;
         if (new_max != -INFINITY) {  // uniform over the 16 lanes of the row
 #pragma unroll
-          for (int j = 0; j < kMicro; ++j) local += expf(logit[j] - new_max);
+          for (int j = 0; j < kMicro; ++j) local += exp2f(logit[j] - new_max);
         }
         local = half_warp_sum(local);
         if (new_max != -INFINITY) {
-          run_sum[i] = run_sum[i] * expf(run_max[i] - new_max) + local;
+          run_sum[i] = run_sum[i] * exp2f(run_max[i] - new_max) + local;
           run_max[i] = new_max;
         }
       }
@@ -489,7 +490,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) column_mass_kernel(con
           const float2* st = p.stats + ((text_off[image] + t) * p.H_q + hq) * p.nsplit;
           for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
           for (int64_t s = 0; s < p.nsplit; ++s) {
-            if (st[s].x != -INFINITY) total += st[s].y * expf(st[s].x - m);
+            if (st[s].x != -INFINITY) total += st[s].y * exp2f(st[s].x - m);
           }
         }
         row_max[local] = m;
@@ -507,7 +508,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) column_mass_kernel(con
         for (int i = 0; i < kMicro; ++i) {
           const int row = ty + kSide * i;
           if (row_inv_sum[row] == 0.f) continue;
-          column_sum[j] += expf(fmaf(p.scale, acc[i][j], sm.bias[col]) - row_max[row]) * row_inv_sum[row];
+          column_sum[j] += exp2f(fmaf(p.scale_log2, acc[i][j], sm.bias[col]) - row_max[row]) * row_inv_sum[row];
         }
       }
       __syncthreads();  // rows of this tile are read before the next setup_rows
@@ -550,6 +551,15 @@ bool vector_staging(const ScoreArgs& a) {
 // Upper bound on the column tiles of all images: each image adds at most one partial tile.
 int64_t column_tile_bound(const Plan& plan) { return ceil_div(plan.tokens, kTileCols) + plan.num_images; }
 
+// Upper bound on the row tiles of all images, from shapes alone (the image table is on the
+// device): each image has at most the tiles of all S text tokens, and together at most one
+// partial tile each beyond those of the text_capacity bound.
+int64_t row_tile_bound(const Plan& plan, const ScoreArgs& a) {
+  if (plan.num_images == 0) return 0;
+  return std::min(plan.num_images * ceil_div(plan.group * plan.S, kTileRows),
+                  ceil_div(plan.group * a.text_capacity, kTileRows) + plan.num_images - 1);
+}
+
 Plan make_plan(const ScoreArgs& a) {
   Plan plan{};
   plan.B = a.k.size[0];
@@ -563,9 +573,7 @@ Plan make_plan(const ScoreArgs& a) {
   plan.tokens = plan.B * plan.L;
   // Split the vision tokens (pass 1) or the text rows (pass 2) when there are too few tiles to
   // fill the GPU. The split counts depend on shapes only, so results do not depend on the device.
-  const int64_t row_tiles = std::max<int64_t>(1, std::min(
-      a.num_images * ceil_div(plan.group * plan.S, kTileRows),
-      ceil_div(plan.group * a.text_capacity, kTileRows) + a.num_images));
+  const int64_t row_tiles = std::max<int64_t>(1, row_tile_bound(plan, a));
   plan.nsplit = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, row_tiles * std::max<int64_t>(plan.H_kv, 1)),
                                                ceil_div(std::max<int64_t>(plan.L, 1), kTileCols), int64_t{32}}));
   plan.rsplit = std::max<int64_t>(
@@ -599,8 +607,7 @@ Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
 
 template <typename T>
 cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a, const detail::KernelLauncher& launch) {
-  const int64_t row_items = (ceil_div(plan.group * a.text_capacity, kTileRows) + plan.num_images) *
-                            plan.H_kv * plan.nsplit;
+  const int64_t row_items = row_tile_bound(plan, a) * plan.H_kv * plan.nsplit;
   LIGHTKV_RETURN_IF_ERROR(launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), kThreads, p));
   return launch(column_mass_kernel<T>, detail::grid_for(column_tile_bound(plan) * plan.H_kv * plan.rsplit, kMaxGrid),
                 kThreads, p);
@@ -656,7 +663,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.H_q = plan.H_q;
   p.group = plan.group;
   p.num_images = plan.num_images;
-  p.scale = a.scale;
+  p.scale_log2 = a.scale * 1.4426950408889634f;  // log2(e)
   p.raw_images = a.images;
   p.B = plan.B;
   p.fused_tables = fused_tables;
