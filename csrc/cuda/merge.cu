@@ -88,7 +88,12 @@ constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all spli
 constexpr int kExactThreads = 256;
 constexpr int kSelectThreads = 512;  // exact_select_kernel: a warp per src, 16 srcs at a time
 constexpr int kExactChunk = 64;  // features staged per step, as float64
-constexpr int kExactStride = kExactChunk + 2;  // staged row stride: conflict-free mma fragment loads
+// Staged feature c of a row sits at column c + c / 8: a gap after every 8, so that the 8 doubles a
+// thread stages from one 16-byte load fall on other banks than its neighbours'. Rows are
+// kExactStride doubles apart (10 mod 16: the mma fragments load without bank conflicts).
+constexpr int kExactStride = 74;
+__host__ __device__ constexpr int exact_column(int c) { return c + c / 8; }
+static_assert(exact_column(kExactChunk - 1) < kExactStride, "a staged row fits its stride");
 constexpr int kExactHeld = kExactWindow * kExactChunk / kExactThreads;  // staged values per thread
 constexpr int64_t kExactTargetItems = 256;  // feature splits aim at this many (tile pair, split) items: ~2 per SM
 constexpr int64_t kMaxExactSplit = 32;
@@ -837,19 +842,21 @@ __global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Para
       __syncthreads();  // the previous chunk is summed
 #pragma unroll
       for (int i = 0; i < kExactHeld; ++i) {
-        staged[held_row(i)][held_col + (p.vector_stage ? i % kPerVector : 0)] = staged_to_double<M>(held[i]);
+        staged[held_row(i)][exact_column(held_col + (p.vector_stage ? i % kPerVector : 0))] =
+            staged_to_double<M>(held[i]);
       }
       __syncthreads();
       if (f0 + kExactChunk < f_end) load_chunk(f0 + kExactChunk);
       if (src_live) {
 #pragma unroll 4
         for (int k0 = 0; k0 < kExactChunk; k0 += 4) {
-          const double a = staged[2 * (8 * src_block + group)][k0 + quad];
+          const int c = exact_column(k0 + quad);
+          const double a = staged[2 * (8 * src_block + group)][c];
           if (sums_src_norms) src_norm = fma(a, a, src_norm);
 #pragma unroll
           for (int b = 0; b < 2; ++b) {
             if (dst_live[b]) {
-              const double x = staged[2 * (8 * (dst_block + b) + group) + 1][k0 + quad];
+              const double x = staged[2 * (8 * (dst_block + b) + group) + 1][c];
               if (sums_dst_norms) dst_norm[b] = fma(x, x, dst_norm[b]);
               detail::mma_m8n8k4(acc[b], a, x);
             }
