@@ -14,7 +14,9 @@
 //   images:    (I, 5) int64 on k's device, one row per image:
 //              [batch_row, vis_start, vis_len, text_start, text_len]. The image's vision tokens
 //              are l in [vis_start, vis_start + vis_len) of batch_row, its text tokens are
-//              s in [text_start, text_start + text_len) of the same batch_row.
+//              s in [text_start, text_start + text_len) of the same batch_row. The images'
+//              vision tokens must not overlap: the CPU op raises; the CUDA op cannot check a
+//              device table without a sync, so it stays in bounds but its result is then undefined.
 //   text_mask: optional (B, S) bool; a text token counts only where it is True.
 //   sizes:     optional (B, L) int32; when given, log(sizes) is added to every logit.
 //   For every image, query head h and counted text token t:

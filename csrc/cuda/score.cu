@@ -455,7 +455,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) column_mass_kernel(con
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
   const int64_t* col_tile_off = offsets_of(p, kColTiles);
   const int64_t* text_off = offsets_of(p, kTextRows);
-  const int64_t items = col_tile_off[p.num_images] * p.H_kv * p.rsplit;
+  // Disjoint images have at most ticket_count column tiles; overlapping ones (the contract forbids
+  // them, but only the CPU op can check a device table without a sync) must not index past it.
+  const int64_t items = min(col_tile_off[p.num_images], p.ticket_count) * p.H_kv * p.rsplit;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t tile = item / (p.H_kv * p.rsplit);
     const int64_t hk = (item / p.rsplit) % p.H_kv, range = item % p.rsplit;
