@@ -461,6 +461,21 @@ def test_op_errors_name_the_argument():
                                 0.5, 8, 16, False)
 
 
+def test_score_with_overlapping_images_stays_in_bounds():
+    # The contract forbids overlapping images (the CPU op raises); the CUDA op cannot check its
+    # device table without a sync, so its result is undefined, but it must not index past its
+    # buffers: 4 images over the same 256 tokens have 16 column tiles, more than the 8 tickets
+    # that disjoint images over 256 tokens could need.
+    N, T, D = 256, 5, 32
+    k, _, text = make_inputs(1, 2, 4, N, T, D, torch.float32, seed=16)
+    images = torch.tensor([[0, 0, N, 0, T]] * 4, device="cuda")
+    sizes = torch.ones(1, N, dtype=torch.int32, device="cuda")
+    importance = torch.ops.lightkv.score(k, text, images, None, sizes, 1.0 / math.sqrt(D))
+    torch.cuda.synchronize()
+    assert importance.shape == (1, N)
+    assert torch.isfinite(importance).all() and (importance >= 0).all()
+
+
 def _op_samples():
     B, H_kv, H_q, N, T, D = 2, 2, 4, 16, 5, 32
     k, v, text = make_inputs(B, H_kv, H_q, N, T, D, torch.float32, seed=15)
