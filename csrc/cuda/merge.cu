@@ -872,7 +872,7 @@ __global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Para
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int j = 8 * (dst_block + b) + 2 * quad + e;
-          if (dst_live[b] && i < n_src && j < n_dst) {
+          if (i < n_src && j < n_dst) {  // j < n_dst: dst block b holds pairs
             out[(src_tile * kExactTile + i) * window_dsts + dst_tile * kExactTile + j] = acc[b][e];
           }
         }
@@ -901,11 +901,11 @@ __global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Para
 // Exact mode, one block per window: what choose_kernel and rank_select_kernel do for screened
 // windows, from the float64 sums of exact_dots_kernel, each added over the feature splits in split
 // order (into shared memory for a window of at most 64 tokens, else where it is read; no sum is
-// written back, so the loads of a lane's dsts are in flight together). Each src's best dst (largest cosine, ties: lowest dst; NaN never wins),
-// a warp per src, every lane's dsts loaded together; the srcs ranked by that score (ties: lower
-// position first), the first r with a dst merged. Writes merged_into of every token of every
-// window (-1: kept; all of a window larger than exact_window, which only a wrong max_window lets
-// through).
+// written back, so the loads of a lane's dsts are in flight together). Each src's best dst
+// (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by that
+// score (ties: lower position first), the first r with a dst merged. Writes merged_into of every
+// token of every window (-1: kept; all of a window larger than exact_window, which only a wrong
+// max_window lets through).
 __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
