@@ -87,6 +87,26 @@ __device__ __forceinline__ void wait_async_copies() {
 // Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* at) { return *reinterpret_cast<const uint32_t*>(at); }
 
+// ldmatrix .x4: four 8 x 8 matrices of 16-bit values from shared memory, one warp-wide load. Lane
+// 8 m + r gives the address of row r of matrix m (8 values, 16-byte aligned); lane l receives
+// in r[m] the values 2 (l % 4), +1 of row l / 4 of matrix m (as load_pair). From sm_75 on one
+// instruction; elsewhere (the CPU emulation) the same values gathered with warp shuffles.
+__device__ __forceinline__ void load_matrix_x4(uint32_t (&r)[4], const uint16_t* row_address) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  const unsigned shared_address = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address));
+#else
+  const int lane = threadIdx.x % 32;
+  for (int m = 0; m < 4; ++m) {
+    const unsigned long long row = __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(row_address),
+                                               8 * m + lane / 4);
+    r[m] = load_pair(reinterpret_cast<const uint16_t*>(row) + 2 * (lane % 4));
+  }
+#endif
+}
+
 __device__ __forceinline__ float bits_to_float(uint16_t bits, __nv_bfloat16) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float out;

@@ -4,10 +4,11 @@
 // For one image and one KV head the logits form a (g * T_img) x N_img matrix: rows are the
 // (query head of the group, text token) pairs, columns the image's vision tokens. Both passes
 // compute 64 x 64 logit tiles with float32 accumulation, the head dim staged through shared
-// memory: on tensor cores (mma.sync m16n8k16, 8 warps of 16 x 32) for float16 / bfloat16, 128
-// head dims per staging step (the whole head in the hot case, so one memory round trip per
-// tile), with a SIMT tile product (4 x 4 per thread) for float32. Either way each thread then holds the
-// logits of rows ty + 16 i, columns tx + 16 j, which the passes reduce in base 2 (logits times
+// memory. For float16 / bfloat16 that is on tensor cores (mma.sync m16n8k16, fed by ldmatrix):
+// 4 warps, each holding 16 whole rows of the tile in its accumulators, 128 head dims per staging
+// step (the whole head in the hot case, so the operand a pass keeps fixed is staged once per
+// work item). For float32 it is a SIMT tile product, 16 x 16 threads of 4 x 4 logits. Either way
+// the passes reduce the logits where tile_dot leaves them (TileLayout), in base 2 (logits times
 // log2(e), log2 of the sizes: exp2 is one special-function instruction, exp a few more):
 //   pass 1 (row_stats_kernel): online softmax over column tiles -> per row (max, sum-exp); the
 //           vision tokens of an image may be cut into `nsplit` column ranges, each giving its own
@@ -36,10 +37,6 @@ constexpr int kTileRows = 64;  // (query head, text token) rows per tile
 constexpr int kTileCols = 64;  // vision tokens per tile
 constexpr int kChunkD = 16;    // head-dim slice staged in shared memory (SIMT path)
 constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tensor-core path)
-constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
-constexpr int kBlocksPerSm = 3;  // both passes: a LLaVA-1.5 image's 288 tiles in one wave on an H100
-constexpr int kMicro = 4;
-constexpr int kSide = 16;
 constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
 constexpr int64_t kMaxGrid = 16384;
 constexpr int kOffsetThreads = 512;
@@ -168,17 +165,36 @@ __global__ void __launch_bounds__(kOffsetThreads)
 
 static_assert(kTileRows == kTileCols, "tile_dot stages rows and columns with one index");
 
+// Where tile_dot leaves the logits of a tile: thread t holds rows row(i), i < kRows, at columns
+// col(j), j < kCols. The kRowLanes lanes that share a row are lane ^ 1, ^ 2 .. ^ (kRowLanes / 2);
+// the lanes of a warp that share a column are lane ^ kRowLanes, ^ (2 kRowLanes) .. ^ 16.
+template <typename T, bool kTensorCores = (sizeof(T) == 2)>
+struct TileLayout {  // SIMT: 16 x 16 threads, 4 x 4 logits each
+  static constexpr int kThreads = 256, kBlocksPerSm = 3, kRows = 4, kCols = 4, kRowLanes = 16;
+  __device__ static int row(int i) { return threadIdx.x / 16 + 16 * i; }
+  __device__ static int col(int j) { return threadIdx.x % 16 + 16 * j; }
+};
+template <typename T>
+struct TileLayout<T, true> {  // tensor cores: warp w holds rows 16 w .. 16 w + 15 as mma_m16n8k16 accumulators
+  static constexpr int kThreads = 128, kBlocksPerSm = 5, kRows = 2, kCols = 16, kRowLanes = 4;
+  __device__ static int row(int i) { return 16 * (threadIdx.x / 32) + threadIdx.x % 32 / 4 + 8 * i; }
+  __device__ static int col(int j) { return 8 * (j / 2) + 2 * (threadIdx.x % 4) + j % 2; }
+};
+static_assert(TileLayout<__half>::kThreads / 32 * 16 == kTileRows, "one warp per 16 rows of a tile");
+static_assert(TileLayout<__half>::kThreads >= kTileCols && TileLayout<float>::kThreads >= kTileCols,
+              "a thread per row and per column of a tile");
+
 struct TileSmem {
   union {
     struct {  // SIMT staging, transposed
       float q[kChunkD][kTileRows + 4];
       float k[kChunkD][kTileCols + 4];
     } simt;
-    struct {  // tensor-core staging: raw 16-bit values, rows of 68 words (conflict-free fragments)
+    struct {  // tensor-core staging: raw 16-bit values, rows of 68 words (the 8 rows an ldmatrix
+              // matrix reads start 4 banks apart: conflict-free)
       alignas(16) uint16_t q[kTileRows][kChunkMma + 8];
       alignas(16) uint16_t k[kTileCols][kChunkMma + 8];
     } mma;
-    float logits[kTileRows][kTileCols + 1];  // the finished tensor-core tile
   };
   int64_t q_base[kTileRows];  // element offset of each row's query vector
   int64_t k_base[kTileCols];  // element offset of each column's key vector
@@ -187,88 +203,91 @@ struct TileSmem {
   float bias[kTileCols];      // log2(size) or 0
 };
 
-// acc[i][j] = <query of row ty + 16 i, key of column tx + 16 j> over the whole head dim.
-// Expects q_base/k_base/row_ok/col_ok to be visible to all threads; ends with a barrier.
+// acc[i][j] = <query of row L::row(i), key of column L::col(j)> over the whole head dim, for
+// L = TileLayout<T>. Expects q_base/k_base/row_ok/col_ok to be visible to all threads. With a
+// whole head in one staging step, `rows_staged` / `cols_staged` say that the queries / keys are
+// those the previous call staged, which are then not staged again.
 template <typename T>
-__device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&acc)[kMicro][kMicro]) {
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+__device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool rows_staged, bool cols_staged,
+                                         float (&acc)[TileLayout<T>::kRows][TileLayout<T>::kCols]) {
+  using L = TileLayout<T>;
   if constexpr (sizeof(T) == 2) {
-    // Warp w computes rows 16 (w / 2).., columns 32 (w % 2)..; fragments as in mma_m16n8k16.
+    // Warp w computes rows 16 w.., all 64 columns; fragments as in mma_m16n8k16.
     const uint16_t* __restrict__ text = static_cast<const uint16_t*>(p.text);
     const uint16_t* __restrict__ k = static_cast<const uint16_t*>(p.k);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = 16 * (warp / 2), col0 = 32 * (warp % 2), group = lane / 4, quad = lane % 4;
-    const int kk = threadIdx.x % kChunkMma;
+    const bool whole_head = p.D <= kChunkMma;
+    const bool stage_rows = !(rows_staged && whole_head), stage_cols = !(cols_staged && whole_head);
     constexpr int kVectors = kChunkMma / 8;  // 16-byte vectors per staged row
-    float part[4][4];
+    float part[8][4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkMma) {
-      __syncthreads();  // the previous chunk (or the previous tile's logits) is consumed
+      __syncthreads();  // every warp is done with what this step stages over
       if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of 8
         // All of a thread's copies are in flight together: one memory round trip per chunk.
-        constexpr int kPerThread = kTileRows * kVectors / kThreads;
+        constexpr int kPerThread = kTileRows * kVectors / L::kThreads;
 #pragma unroll 1  // a copy does not wait for its data, so no unrolling is needed (it would spill)
         for (int i = 0; i < kPerThread; ++i) {
-          const int v = threadIdx.x + i * kThreads, row = v / kVectors, at = 8 * (v % kVectors);
+          const int v = threadIdx.x + i * L::kThreads, row = v / kVectors, at = 8 * (v % kVectors);
           const bool in_head = d0 + at < p.D;
-          detail::copy_16_bytes_async(&sm.mma.q[row][at], text + sm.q_base[row] + d0 + at, in_head && sm.row_ok[row]);
-          detail::copy_16_bytes_async(&sm.mma.k[row][at], k + sm.k_base[row] + d0 + at, in_head && sm.col_ok[row]);
+          if (stage_rows) {
+            detail::copy_16_bytes_async(&sm.mma.q[row][at], text + sm.q_base[row] + d0 + at, in_head && sm.row_ok[row]);
+          }
+          if (stage_cols) {
+            detail::copy_16_bytes_async(&sm.mma.k[row][at], k + sm.k_base[row] + d0 + at, in_head && sm.col_ok[row]);
+          }
         }
         detail::wait_async_copies();
       } else {
+        const int kk = threadIdx.x % kChunkMma;
         const int64_t d = d0 + kk;
         const bool live = d < p.D;
-        for (int row = threadIdx.x / kChunkMma; row < kTileRows; row += kThreads / kChunkMma) {
-          sm.mma.q[row][kk] = live && sm.row_ok[row] ? text[sm.q_base[row] + d * p.text_stride[3]] : uint16_t{0};
-          sm.mma.k[row][kk] = live && sm.col_ok[row] ? k[sm.k_base[row] + d * p.k_stride[3]] : uint16_t{0};
+        for (int row = threadIdx.x / kChunkMma; row < kTileRows; row += L::kThreads / kChunkMma) {
+          if (stage_rows) {
+            sm.mma.q[row][kk] = live && sm.row_ok[row] ? text[sm.q_base[row] + d * p.text_stride[3]] : uint16_t{0};
+          }
+          if (stage_cols) {
+            sm.mma.k[row][kk] = live && sm.col_ok[row] ? k[sm.k_base[row] + d * p.k_stride[3]] : uint16_t{0};
+          }
         }
       }
       __syncthreads();
 #pragma unroll
       for (int k0 = 0; k0 < kChunkMma; k0 += 16) {
         if (d0 + k0 >= p.D) break;  // the zero-filled tail of a short head
-        const int r = row0 + group;
-        const uint32_t a[4] = {detail::load_pair(&sm.mma.q[r][k0 + 2 * quad]),
-                               detail::load_pair(&sm.mma.q[r + 8][k0 + 2 * quad]),
-                               detail::load_pair(&sm.mma.q[r][k0 + 8 + 2 * quad]),
-                               detail::load_pair(&sm.mma.q[r + 8][k0 + 8 + 2 * quad])};
+        // Matrices of a: rows +0 / +8 at k0, then at k0 + 8; of b: n-tile 2 np at k0, k0 + 8,
+        // then n-tile 2 np + 1.
+        uint32_t a[4];
+        detail::load_matrix_x4(a, &sm.mma.q[16 * warp + lane % 8 + 8 * (lane / 8 % 2)][k0 + 8 * (lane / 16)]);
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int c = col0 + 8 * nt + group;
-          const uint32_t b[2] = {detail::load_pair(&sm.mma.k[c][k0 + 2 * quad]),
-                                 detail::load_pair(&sm.mma.k[c][k0 + 8 + 2 * quad])};
-          detail::mma_m16n8k16<T>(part[nt], a, b);
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          detail::load_matrix_x4(b, &sm.mma.k[16 * np + 8 * (lane / 16) + lane % 8][k0 + 8 * (lane / 8 % 2)]);
+          const uint32_t left[2] = {b[0], b[1]}, right[2] = {b[2], b[3]};
+          detail::mma_m16n8k16<T>(part[2 * np], a, left);
+          detail::mma_m16n8k16<T>(part[2 * np + 1], a, right);
         }
       }
     }
-    __syncthreads();  // every warp is done with the staging space the logits reuse
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int r = row0 + group, c = col0 + 8 * nt + 2 * quad;
-      sm.logits[r][c] = part[nt][0];
-      sm.logits[r][c + 1] = part[nt][1];
-      sm.logits[r + 8][c] = part[nt][2];
-      sm.logits[r + 8][c + 1] = part[nt][3];
-    }
-    __syncthreads();
+    for (int i = 0; i < L::kRows; ++i)
 #pragma unroll
-    for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) acc[i][j] = sm.logits[ty + kSide * i][tx + kSide * j];
-    __syncthreads();  // the logits are read before the next tile stages over them
+      for (int j = 0; j < L::kCols; ++j) acc[i][j] = part[j / 2][2 * i + j % 2];
   } else {
     const T* __restrict__ text = static_cast<const T*>(p.text);
     const T* __restrict__ k = static_cast<const T*>(p.k);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
+    for (int i = 0; i < L::kRows; ++i) {
 #pragma unroll
-      for (int j = 0; j < kMicro; ++j) acc[i][j] = 0.f;
+      for (int j = 0; j < L::kCols; ++j) acc[i][j] = 0.f;
     }
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkD) {
-      for (int e = threadIdx.x; e < kTileRows * kChunkD; e += kThreads) {
+      __syncthreads();  // every thread is done with the previous chunk
+      for (int e = threadIdx.x; e < kTileRows * kChunkD; e += L::kThreads) {
         const int row = e / kChunkD, kk = e % kChunkD;
         const int64_t d = d0 + kk;
         const bool live = d < p.D;
@@ -278,18 +297,17 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < kChunkD; ++kk) {
-        float a[kMicro], b[kMicro];
+        float a[L::kRows], b[L::kCols];
 #pragma unroll
-        for (int i = 0; i < kMicro; ++i) a[i] = sm.simt.q[kk][ty + kSide * i];
+        for (int i = 0; i < L::kRows; ++i) a[i] = sm.simt.q[kk][ty + 16 * i];
 #pragma unroll
-        for (int j = 0; j < kMicro; ++j) b[j] = sm.simt.k[kk][tx + kSide * j];
+        for (int j = 0; j < L::kCols; ++j) b[j] = sm.simt.k[kk][tx + 16 * j];
 #pragma unroll
-        for (int i = 0; i < kMicro; ++i) {
+        for (int i = 0; i < L::kRows; ++i) {
 #pragma unroll
-          for (int j = 0; j < kMicro; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+          for (int j = 0; j < L::kCols; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
         }
       }
-      __syncthreads();
     }
   }
 }
@@ -298,64 +316,72 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, float (&
 // text token text_start + r % T_img.
 __device__ __forceinline__ void setup_rows(const Params& p, TileSmem& sm, const int64_t* img,
                                            int64_t hk, int64_t row_tile) {
+  const int local = threadIdx.x;
+  if (local >= kTileRows) return;
   const int64_t tl = img[kTextLen];
-  for (int local = threadIdx.x; local < kTileRows; local += kThreads) {
-    const int64_t r = row_tile * kTileRows + local;
-    bool ok = r < p.group * tl;
-    int64_t base = 0;
-    if (ok) {
-      const int64_t hq = hk * p.group + r / tl, s = img[kTextStart] + r % tl;
-      ok = p.text_mask == nullptr ||
-           p.text_mask[img[kRow] * p.mask_stride[0] + s * p.mask_stride[1]];
-      base = img[kRow] * p.text_stride[0] + hq * p.text_stride[1] + s * p.text_stride[2];
-    }
-    sm.row_ok[local] = ok;
-    sm.q_base[local] = base;
+  const int64_t r = row_tile * kTileRows + local;
+  bool ok = r < p.group * tl;
+  int64_t base = 0;
+  if (ok) {
+    const int64_t hq = hk * p.group + r / tl, s = img[kTextStart] + r % tl;
+    ok = p.text_mask == nullptr || p.text_mask[img[kRow] * p.mask_stride[0] + s * p.mask_stride[1]];
+    base = img[kRow] * p.text_stride[0] + hq * p.text_stride[1] + s * p.text_stride[2];
   }
+  sm.row_ok[local] = ok;
+  sm.q_base[local] = base;
 }
 
 __device__ __forceinline__ void setup_cols(const Params& p, TileSmem& sm, const int64_t* img,
                                            int64_t hk, int64_t col_tile) {
-  for (int local = threadIdx.x; local < kTileCols; local += kThreads) {
-    const int64_t c = col_tile * kTileCols + local;
-    const bool ok = c < img[kVisLen];
-    const int64_t l = img[kVisStart] + c;
-    sm.col_ok[local] = ok;
-    sm.k_base[local] = ok ? img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + l * p.k_stride[2] : 0;
-    float bias = 0.f;
-    if (ok && p.sizes != nullptr) {
-      bias = log2f(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + l * p.sizes_stride[1]]));
-    }
-    sm.bias[local] = bias;
+  const int local = threadIdx.x;
+  if (local >= kTileCols) return;
+  const int64_t c = col_tile * kTileCols + local;
+  const bool ok = c < img[kVisLen];
+  const int64_t l = img[kVisStart] + c;
+  sm.col_ok[local] = ok;
+  sm.k_base[local] = ok ? img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + l * p.k_stride[2] : 0;
+  float bias = 0.f;
+  if (ok && p.sizes != nullptr) {
+    bias = log2f(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + l * p.sizes_stride[1]]));
   }
+  sm.bias[local] = bias;
 }
 
-// Sum / max over the 16 lanes that share a row (tx = lane % 16 inside one half warp). The xor
-// butterfly leaves the same value in all 16 lanes.
-__device__ __forceinline__ float half_warp_max(float v) {
+// Max / sum over the lanes that share a row of L (the xor butterfly leaves it in all of them).
+template <typename L>
+__device__ __forceinline__ float max_over_row_lanes(float v) {
 #pragma unroll
-  for (int offset = kSide / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = L::kRowLanes / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
-__device__ __forceinline__ float half_warp_sum(float v) {
+template <typename L>
+__device__ __forceinline__ float sum_over_row_lanes(float v) {
 #pragma unroll
-  for (int offset = kSide / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = L::kRowLanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+// Sum over the lanes of a warp that share a column of L.
+template <typename L>
+__device__ __forceinline__ float sum_over_column_lanes(float v) {
+#pragma unroll
+  for (int offset = L::kRowLanes; offset < 32; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const Params p) {
+__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
+    row_stats_kernel(const Params p) {
   detail::await_previous_kernel();
+  using L = TileLayout<T>;
   __shared__ TileSmem sm;
   __shared__ int64_t fused_images[kFusedImages * kImageFields];
   __shared__ int64_t fused_offsets[2][kFusedImages + 1];  // row tiles, text rows
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
   const int64_t* images = p.images;
   const int64_t* row_tile_off = offsets_of(p, kRowTiles);
   const int64_t* text_off = offsets_of(p, kTextRows);
   if (p.fused_tables) {  // uniform: image_offsets_kernel's work (it was not launched)
     if (blockIdx.x == 0) {  // the tables column_mass_kernel reads
-      write_images<kThreads>(p.raw_images, p.num_images, p.B, p.L, p.S, p.text_mask, p.mask_stride[0],
+      write_images<L::kThreads>(p.raw_images, p.num_images, p.B, p.L, p.S, p.text_mask, p.mask_stride[0],
                              p.mask_stride[1], p.images, p.text_counted);
       if (threadIdx.x < kCountArrays) {
         serial_offsets(threadIdx.x, p.raw_images, p.num_images, p.B, p.L, p.S, p.group,
@@ -378,8 +404,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const
   const int64_t items = row_tile_off[p.num_images] * p.H_kv * p.nsplit;
   // Tokens of no image score 0; column_mass_kernel writes the others. Its tickets start at 0.
   // (This saves memset launches.)
-  const int64_t first = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(L::kThreads) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * L::kThreads;
   for (int64_t token = first; token < p.tokens; token += stride) p.importance[token] = 0.f;
   for (int64_t tile = first; tile < p.ticket_count; tile += stride) p.tickets[tile] = 0;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -396,34 +422,34 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const
     __syncthreads();  // the previous item is done with the shared row data
     setup_rows(p, sm, img, hk, row_tile);
     __syncthreads();  // row_ok is read below even when this split has no column tile
-    float run_max[kMicro], run_sum[kMicro];
+    float run_max[L::kRows], run_sum[L::kRows];
 #pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
+    for (int i = 0; i < L::kRows; ++i) {
       run_max[i] = -INFINITY;
       run_sum[i] = 0.f;
     }
     for (int64_t col_tile = col_begin; col_tile < col_end; ++col_tile) {
       setup_cols(p, sm, img, hk, col_tile);
       __syncthreads();
-      float acc[kMicro][kMicro];
-      tile_dot<T>(p, sm, acc);
+      float acc[L::kRows][L::kCols];
+      tile_dot<T>(p, sm, /*rows_staged=*/col_tile > col_begin, /*cols_staged=*/false, acc);
 #pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-        float logit[kMicro];
+      for (int i = 0; i < L::kRows; ++i) {
+        float logit[L::kCols];
         float tile_max = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < kMicro; ++j) {
-          const int col = tx + kSide * j;
+        for (int j = 0; j < L::kCols; ++j) {
+          const int col = L::col(j);
           logit[j] = sm.col_ok[col] ? fmaf(p.scale_log2, acc[i][j], sm.bias[col]) : -INFINITY;
           tile_max = fmaxf(tile_max, logit[j]);
         }
-        const float new_max = fmaxf(run_max[i], half_warp_max(tile_max));
+        const float new_max = fmaxf(run_max[i], max_over_row_lanes<L>(tile_max));
         float local = 0.f;
-        if (new_max != -INFINITY) {  // uniform over the 16 lanes of the row
+        if (new_max != -INFINITY) {  // uniform over the lanes of the row
 #pragma unroll
-          for (int j = 0; j < kMicro; ++j) local += exp2f(logit[j] - new_max);
+          for (int j = 0; j < L::kCols; ++j) local += exp2f(logit[j] - new_max);
         }
-        local = half_warp_sum(local);
+        local = sum_over_row_lanes<L>(local);
         if (new_max != -INFINITY) {
           run_sum[i] = run_sum[i] * exp2f(run_max[i] - new_max) + local;
           run_max[i] = new_max;
@@ -431,11 +457,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const
       }
       __syncthreads();  // columns of this tile are read before the next setup_cols
     }
-    if (tx == 0) {
+    if (threadIdx.x % L::kRowLanes == 0) {
       const int64_t tl = img[kTextLen];
 #pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-        const int local_row = ty + kSide * i;
+      for (int i = 0; i < L::kRows; ++i) {
+        const int local_row = L::row(i);
         if (!sm.row_ok[local_row]) continue;
         const int64_t r = row_tile * kTileRows + local_row;
         const int64_t hq = hk * p.group + r / tl, t = r % tl;
@@ -446,13 +472,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) row_stats_kernel(const
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) column_mass_kernel(const Params p) {
+__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
+    column_mass_kernel(const Params p) {
   detail::await_previous_kernel();
+  using L = TileLayout<T>;
   __shared__ TileSmem sm;
   __shared__ float row_max[kTileRows];
   __shared__ float row_inv_sum[kTileRows];
-  __shared__ float column_part[kSide][kTileCols];
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  __shared__ float column_part[L::kThreads / 32][kTileCols];  // per warp
   const int64_t* col_tile_off = offsets_of(p, kColTiles);
   const int64_t* text_off = offsets_of(p, kTextRows);
   // Disjoint images have at most ticket_count column tiles; overlapping ones (the contract forbids
@@ -480,17 +507,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) column_mass_kernel(con
 
     __syncthreads();  // the previous item is done with the shared column data
     setup_cols(p, sm, img, hk, col_tile);
-    float column_sum[kMicro] = {0.f, 0.f, 0.f, 0.f};
+    float column_sum[L::kCols];
+#pragma unroll
+    for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
     for (int64_t row_tile = row_begin; row_tile < row_end; ++row_tile) {
       setup_rows(p, sm, img, hk, row_tile);
       __syncthreads();
-      for (int local = threadIdx.x; local < kTileRows; local += kThreads) {
+      if (threadIdx.x < kTileRows) {
+        const int local = threadIdx.x;
         float m = -INFINITY, total = 0.f;
         if (sm.row_ok[local]) {
           const int64_t r = row_tile * kTileRows + local;
           const int64_t hq = hk * p.group + r / tl, t = r % tl;
           const float2* st = p.stats + ((text_off[image] + t) * p.H_q + hq) * p.nsplit;
+          // Unrolled so that the loads of 8 splits are in flight together (the order is kept).
+#pragma unroll 8
           for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
+#pragma unroll 8
           for (int64_t s = 0; s < p.nsplit; ++s) {
             if (st[s].x != -INFINITY) total += st[s].y * exp2f(st[s].x - m);
           }
@@ -500,15 +533,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) column_mass_kernel(con
         row_inv_sum[local] = total > 0.f ? 1.f / total : 0.f;
       }
       // tile_dot's first barrier publishes row_max / row_inv_sum as well.
-      float acc[kMicro][kMicro];
-      tile_dot<T>(p, sm, acc);
+      float acc[L::kRows][L::kCols];
+      tile_dot<T>(p, sm, /*rows_staged=*/false, /*cols_staged=*/row_tile > row_begin, acc);
 #pragma unroll
-      for (int j = 0; j < kMicro; ++j) {
-        const int col = tx + kSide * j;
+      for (int j = 0; j < L::kCols; ++j) {
+        const int col = L::col(j);
         if (!sm.col_ok[col]) continue;
 #pragma unroll
-        for (int i = 0; i < kMicro; ++i) {
-          const int row = ty + kSide * i;
+        for (int i = 0; i < L::kRows; ++i) {
+          const int row = L::row(i);
           if (row_inv_sum[row] == 0.f) continue;
           column_sum[j] += exp2f(fmaf(p.scale_log2, acc[i][j], sm.bias[col]) - row_max[row]) * row_inv_sum[row];
         }
@@ -516,20 +549,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) column_mass_kernel(con
       __syncthreads();  // rows of this tile are read before the next setup_rows
     }
 #pragma unroll
-    for (int j = 0; j < kMicro; ++j) column_part[ty][tx + kSide * j] = column_sum[j];
+    for (int j = 0; j < L::kCols; ++j) column_sum[j] = sum_over_column_lanes<L>(column_sum[j]);
+    if (threadIdx.x % 32 < L::kRowLanes) {  // the lanes holding the warp's column sums
+#pragma unroll
+      for (int j = 0; j < L::kCols; ++j) column_part[threadIdx.x / 32][L::col(j)] = column_sum[j];
+    }
     __syncthreads();
-    for (int local = threadIdx.x; local < kTileCols; local += kThreads) {
-      if (!sm.col_ok[local]) continue;
+    const int local = threadIdx.x;
+    const bool live = local < kTileCols && sm.col_ok[local];
+    const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + local;
+    if (live) {
       float total = 0.f;
-      for (int y = 0; y < kSide; ++y) total += column_part[y][local];
-      const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + local;
+      for (int w = 0; w < L::kThreads / 32; ++w) total += column_part[w][local];
       p.partial[(hk * p.rsplit + range) * p.tokens + token] = total;
     }
     const int64_t parts = p.H_kv * p.rsplit;
     if (!detail::last_to_arrive(&p.tickets[tile], static_cast<unsigned int>(parts))) continue;
-    for (int local = threadIdx.x; local < kTileCols; local += kThreads) {
-      if (!sm.col_ok[local]) continue;
-      const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + local;
+    if (live) {
       float total = 0.f;
 #pragma unroll 8  // the loads of 8 parts in flight together; the sum stays in part order
       for (int64_t part = 0; part < parts; ++part) total += __ldcg(&p.partial[part * p.tokens + token]);
@@ -610,9 +646,10 @@ Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
 template <typename T>
 cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a, const detail::KernelLauncher& launch) {
   const int64_t row_items = row_tile_bound(plan, a) * plan.H_kv * plan.nsplit;
-  LIGHTKV_RETURN_IF_ERROR(launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), kThreads, p));
+  LIGHTKV_RETURN_IF_ERROR(
+      launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), TileLayout<T>::kThreads, p));
   return launch(column_mass_kernel<T>, detail::grid_for(column_tile_bound(plan) * plan.H_kv * plan.rsplit, kMaxGrid),
-                kThreads, p);
+                TileLayout<T>::kThreads, p);
 }
 
 }  // namespace

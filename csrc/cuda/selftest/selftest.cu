@@ -527,6 +527,14 @@ int main(int argc, char** argv) {
                                  {{0, 0, 256, 0, 5}, {0, 0, 256, 0, 5}, {0, 0, 256, 0, 5}, {0, 0, 256, 0, 5}},
                                  false, false, {0, 1, 2, 3}},
                                 7, /*overlapping=*/true);
+  // Tensor-core staging: a head of two staging steps; then one split per pass over a short image
+  // (long k and text rows bound the tiles high), so the operand a pass keeps fixed stays staged:
+  // the queries over 4 column tiles in row_stats_kernel, the keys over 2 row tiles in column_mass_kernel.
+  run_score_case<__nv_bfloat16>({"bf16 D=160", 1, 2, 4, 130, 40, 160, {{0, 0, 130, 0, 40}}, true, true, {0, 1, 2, 3}},
+                                8);
+  run_score_case<__half>({"fp16 operands kept staged", 1, 1, 2, 33000, 20000, 24, {{0, 100, 200, 50, 64}}, true,
+                          true, {0, 1, 2, 3}},
+                         9);
   if (!small) {
     run_score_case<__nv_bfloat16>({"bf16 D=256 long", 1, 2, 8, 3000, 50, 256,
                                    {{0, 0, 2880, 0, 50}, {0, 2880, 120, 10, 20}}, true, false, {0, 1, 2, 3}},
