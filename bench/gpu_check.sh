@@ -4,6 +4,9 @@
 # 600 s device call even when steps hang; a step with no time left is reported as skipped.
 # Run from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
 # GPU_CHECK_STEPS="env build_extension ..." runs only the named steps (default: all).
+# GPU_CHECK_BASELINE=DIR adds an A/B on the same GPU: DIR is another source tree of lightkv_ext
+# (e.g. `git archive REV --prefix=baseline/ | tar -x`, untracked); its extension builds in place
+# beside this one, and its per-kernel times on the target cases go to kernel_breakdown.md.
 # All steps log to $OUT/gpu_check.log; a failing step does not stop the later ones; the summary
 # ($OUT/summary.txt) lists each step's result and the script exits non-zero if any step failed.
 # The benchmark tables go to $OUT/bench_gpu.md, their rows to bench_gpu*.json (plot them with
@@ -13,6 +16,7 @@ set -uo pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"  # steps may change directory
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
@@ -56,6 +60,12 @@ CMAKE_LOG=/tmp/lightkv_cmake_build.log
 rm -f "$CMAKE_LOG.rc"
 (cmake -S . -B build-gpu -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-gpu >"$CMAKE_LOG" 2>&1
  echo $? >"$CMAKE_LOG.rc") >"$CMAKE_LOG.configure" 2>&1 &
+BASELINE="${GPU_CHECK_BASELINE:-}"
+BASELINE_LOG=/tmp/lightkv_baseline_build.log
+rm -f "$BASELINE_LOG.rc"
+if [ -n "$BASELINE" ]; then
+  (cd "$BASELINE" && $PYTHON setup.py build_ext --inplace >"$BASELINE_LOG" 2>&1; echo $? >"$BASELINE_LOG.rc") &
+fi
 step build_extension 180 "$PYTHON -m pip install --no-build-isolation --no-deps -e . -v 2>&1 | tail -n 60"
 step cmake_selftest 60 "while [ ! -f '$CMAKE_LOG.rc' ]; do sleep 1; done; cat '$CMAKE_LOG.configure' '$CMAKE_LOG' | tail -n 20; [ \"\$(cat '$CMAKE_LOG.rc')\" = 0 ] && ./build-gpu/lightkv_cuda_selftest"
 # One line per test as it ends, so a step cut by its limit still shows what passed; with
@@ -70,6 +80,9 @@ step racecheck 60 "'$SANITIZER' --tool racecheck --error-exitcode 1 ./build-gpu/
 step bench_targets 80 "$BENCH --presets llava15 qwen25vl --batches 1 32 --json '$OUT/bench_gpu.json' | tee '$OUT/bench_gpu.md'"
 step bench_large 40 "$BENCH --presets video16k llava_next video --json '$OUT/bench_gpu_large.json' | tee -a '$OUT/bench_gpu.md'"
 step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
+if [ -n "$BASELINE" ]; then
+  step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
+fi
 # A/B of the merge modes where exact mode runs: the same cases in screened mode (markdown only).
 step kernel_breakdown_screened 20 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 # Hardware counters of one call per target case (Nsight Compute at the GPU's own clocks): what
