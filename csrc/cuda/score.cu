@@ -279,7 +279,6 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
   } else {
     const T* __restrict__ text = static_cast<const T*>(p.text);
     const T* __restrict__ k = static_cast<const T*>(p.k);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < L::kRows; ++i) {
 #pragma unroll
@@ -299,9 +298,9 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
       for (int kk = 0; kk < kChunkD; ++kk) {
         float a[L::kRows], b[L::kCols];
 #pragma unroll
-        for (int i = 0; i < L::kRows; ++i) a[i] = sm.simt.q[kk][ty + 16 * i];
+        for (int i = 0; i < L::kRows; ++i) a[i] = sm.simt.q[kk][L::row(i)];
 #pragma unroll
-        for (int j = 0; j < L::kCols; ++j) b[j] = sm.simt.k[kk][tx + 16 * j];
+        for (int j = 0; j < L::kCols; ++j) b[j] = sm.simt.k[kk][L::col(j)];
 #pragma unroll
         for (int i = 0; i < L::kRows; ++i) {
 #pragma unroll
