@@ -4,12 +4,12 @@
 // Exact mode, two launches, when every window has at most kExactWindow = 64 tokens (LLaVA-1.5's
 // 4x4 windows, video frames), or at most kExactMaxWindow = 512 and all pairs of all windows cost
 // little next to a screening pass (kExactMaxWork: Qwen2.5-VL images at small batch):
-//   exact_dots_kernel: per (window, tile pair, feature split), float64 dot products of the
-//      (src, dst) pairs of 32 srcs x 32 dsts on the float64 tensor cores, and squared norms,
-//      their metric staged in shared memory chunk by chunk (a window of at most 64 tokens is one
-//      tile pair).
-//   exact_select_kernel: per window, the splits summed in order, each src's best dst, the srcs
-//      ranked, the first r merged.
+//   exact_dots_kernel: one warp per (window, feature split, 8-src block, 8-dst block): float64
+//      dot products of the block pair's (src, dst) pairs on the float64 tensor cores, and squared
+//      norms, the metric rows loaded straight into registers (a 4x4 window is one block pair).
+//   exact_select_kernel: per window (a block per 16 srcs for windows over 64 tokens, the last to
+//      finish ranking), the splits summed in order, each src's best dst, the srcs ranked, the
+//      first r merged.
 // Screened mode (larger windows, or many mid-sized ones):
 //   1. prepare_kernel: per window that merges anything, exclusive offsets of its 64-src tiles
 //      and of its (64-src tile, 64-dst tile) pairs; |metric| per token in float64 (one warp per
@@ -34,9 +34,10 @@
 //      group contiguous in token order: row_groups_kernel (a block scan and a block radix sort
 //      per row) for rows of at most kRowTokens tokens; else kept flags -> cub::DeviceScan ->
 //      slots_kernel -> cub::DeviceRadixSort on (slot, token) -> group_bounds_kernel.
-//   5. merge_values_kernel: one block per (output slot, element chunk, k or v): float32 weighted
-//      sum of the members in that fixed order; single-member groups are copied bitwise. 16-byte
-//      vectors where the layout allows.
+//   5. merge_values_kernel: one block per (output slot, element chunk) of both k and v (the
+//      group's members and weights read once for both): float32 weighted sum of the members in
+//      that fixed order; single-member groups are copied bitwise. 16-byte vectors where the
+//      layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
 // those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 4 launches. Steps 1-4
 // (launch_merge_decisions) never read the importance; step 5 (launch_merge_values) does.
@@ -65,6 +66,7 @@ constexpr int kTile = 64;            // srcs and dsts per screened tile
 constexpr int kScreenThreads = 128;  // 4 warps, each owning a 32 x 32 quarter of the tile
 constexpr int kTopK = 8;             // screened candidates kept per src
 constexpr int kMergeThreads = 128;
+constexpr int kMergeVectors = 2;  // vectors of each of k and v per merge_values thread
 constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int kPrepareThreads = 256;
 constexpr int kRankThreads = 256;
@@ -80,23 +82,17 @@ constexpr int64_t kPartialItems = 512;   // partial mode: at most this many (til
 constexpr int64_t kMaxFeatureSplit = 32;
 constexpr int64_t kMinSplitChunks = 4;  // feature chunks per split at least: fewer would not pay for the sums
 // Exact mode: float64 dot products of all pairs (see the top of the file for when).
-constexpr int kExactWindow = 64;  // staged tokens per exact_dots item: 32 srcs and 32 dsts
-constexpr int kExactTile = kExactWindow / 2;
+constexpr int kExactWindow = 64;  // windows up to this size: exact mode whatever the work
+constexpr int kExactSmallPairs = (kExactWindow / 2) * (kExactWindow / 2);  // pairs of such a window, at most
 constexpr int64_t kExactMaxWindow = 512;
 constexpr int64_t kExactMaxWork = int64_t{1} << 28;  // float64 FMAs of all pairs, windows > 64
 constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all splits, windows > 64 (32 MiB)
-constexpr int kExactThreads = 256;
+constexpr int kExactBlock = 8;  // srcs (and dsts) per exact_dots item: one 8 x 8 float64 mma tile
+constexpr int kExactThreads = 128;  // 4 warps, an item each; 4 blocks per SM (at 5, float16 spills)
+constexpr int kExactVectors = 4;    // 16 bytes of each of its 2 rows a lane loads 4 times per step
+constexpr int64_t kExactTargetWarps = 8192;  // feature splits aim at this many items: ~4 waves of an H100
+constexpr int64_t kMaxExactSplit = 16;  // exact_select_kernel: at most 2 round trips for a window of <= 64 tokens
 constexpr int kSelectThreads = 512;  // exact_select_kernel: a warp per src, 16 srcs at a time
-constexpr int kExactChunk = 64;  // features staged per step, as float64
-// Staged feature c of a row sits at column c + c / 8: a gap after every 8, so that the 8 doubles a
-// thread stages from one 16-byte load fall on other banks than its neighbours'. Rows are
-// kExactStride doubles apart (10 mod 16: the mma fragments load without bank conflicts).
-constexpr int kExactStride = 74;
-__host__ __device__ constexpr int exact_column(int c) { return c + c / 8; }
-static_assert(exact_column(kExactChunk - 1) < kExactStride, "a staged row fits its stride");
-constexpr int kExactHeld = kExactWindow * kExactChunk / kExactThreads;  // staged values per thread
-constexpr int64_t kExactTargetItems = 256;  // feature splits aim at this many (tile pair, split) items: ~2 per SM
-constexpr int64_t kMaxExactSplit = 32;
 
 // Per metric dtype: how screened tiles are staged and accumulated. 16-bit metrics stay as raw
 // bits for the tensor cores; wider ones are staged in their own type.
@@ -147,15 +143,17 @@ struct Params {
   double eps;                  // bound on |screened cosine - exact cosine|
   double* range_value;         // (dst_split, total, kTopK): screened values, best first
   int32_t* range_dst;          // same layout: dst index j (position 2 j + 1), INT_MAX if none
-  double* keys;                // per src slot of a merging window: the exact best similarity
-  int32_t* best_dst;           // and its dst's window position, -1 if none
+  double* keys;                // per src slot of a merging window: the exact best similarity (screened
+  int32_t* best_dst;           // mode, or exact with select_groups > 1) and its dst's window position, -1 if none
   int64_t* merged_into;        // per token: the token it is merged into, -1 if kept
   int64_t exact_window;        // exact mode: the caller's max_window (larger windows stay unmerged)
-  int64_t exact_tiles;         // exact mode: 32-token tiles of the srcs (or dsts) of the largest window
-  int64_t exact_split;         // exact mode: feature splits per tile pair
-  int64_t exact_chunks;        // exact mode: staged chunks of the whole metric
+  int64_t exact_blocks;        // exact mode: 8-token blocks of the srcs (or dsts) of the largest window
+  int64_t exact_split;         // exact mode: feature splits per block pair
+  int64_t exact_steps;         // exact mode: exact_dots_kernel's steps over the whole metric
   int64_t exact_slot;          // exact mode: float64 sums per window token, ceil(exact_window / 4) + 1
   double* exact_partial;       // exact mode: (split, total * exact_slot) float64 sums, by window start
+  int64_t select_groups;       // exact mode: exact_select_kernel's blocks per window, at most
+  unsigned int* select_tickets;  // exact mode, select_groups > 1: per window (exact_dots_kernel zeroes them)
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -757,175 +755,153 @@ __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params 
   }
 }
 
-// Exact mode, item (window, tile pair, feature split) for every window of at most exact_window
-// tokens that merges anything: float64 dot products of the pairs of up to 32 srcs (src tile) and
-// 32 dsts (dst tile) over the split's features, and squared norms of those tokens (srcs in the
-// items of dst tile 0, dsts in those of src tile 0), into exact_partial at the window's start:
-// pair (i, j) at i n_dst + j, then the norms by window position. The 64 tokens are staged
-// kExactChunk features at a time, converted to float64 once, the next chunk's loads in flight
-// while the current one is summed; staged row r holds window position r + 64 src_tile for even r
-// and r + 64 dst_tile for odd r (zeros past the tiles). The pairs are 8 x 8 blocks summed on the
-// float64 tensor cores, 4 features per step: warp w sums src block w / 2 with dst blocks
-// 2 (w % 2) and 2 (w % 2) + 1. The squared norms come from the same fragments: the src blocks'
-// from the even warps, the dst blocks' from warps 0 and 1; lane (group, quad) sums the features
-// f with f % 4 == quad of its row, and the four sums are added as (0 + 1) + (2 + 3). Every sum
-// has a fixed order.
+// Features a warp of exact_dots_kernel covers per step: each lane loads kExactVectors 16-byte
+// vectors of each of its two rows.
 template <typename M>
-__global__ void __launch_bounds__(kExactThreads, 2) exact_dots_kernel(const Params p) {
+__host__ __device__ constexpr int64_t exact_step_features() {
+  return 4 * kExactVectors * (16 / sizeof(typename Screen<M>::Stage));
+}
+
+// Exact mode, one warp per item (window, feature split, 8-src block, 8-dst block), for every window
+// of at most exact_window tokens that merges anything: the float64 dot products of the block pair's
+// (src, dst) pairs over the split's features, and the squared norms of its tokens (the srcs' in the
+// items of dst block 0, the dsts' in those of src block 0), into exact_partial at the window's
+// start: pair (i, j) at i n_dst + j, then the norms by window position. No shared memory and no
+// barrier: lane (group, quad) loads src `group` and dst `group` of its blocks straight into
+// registers, kExactVectors 16-byte vectors of each per step, all of them in flight together. Each
+// value it holds is one k of a float64 mma.m8n8k4 (A[group][quad]: the src's, B[quad][group]: the
+// dst's), so the accumulators end as D[group][2 quad, +1], and the lane sums its rows' squares in
+// the same order; the quad then adds its four norm sums as (0 + 1) + (2 + 3). Which lane holds
+// which feature depends on the layout only, never on a token's position: equal tokens get equal sums.
+template <typename M>
+__global__ void __launch_bounds__(kExactThreads, 4) exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
   using S = typename Screen<M>::Stage;
-  constexpr int kPerVector = 16 / sizeof(S), kVectorsPerRow = kExactChunk / kPerVector;
-  __shared__ double staged[kExactWindow][kExactStride];
-  __shared__ int64_t base[kExactWindow];
-  const int t = threadIdx.x, warp = t / 32, lane = t % 32, group = lane / 4, quad = lane % 4;
-  // Held value i of this thread: row held_row(i), chunk column held_col (+ i % kPerVector when
-  // vectorised), the same column in every chunk, so one FeatureCursor walks it.
-  const int held_col = p.vector_stage ? kPerVector * (t % kVectorsPerRow) : t % kExactChunk;
-  const auto held_row = [&](int i) {
-    return p.vector_stage ? t / kVectorsPerRow + (i / kPerVector) * (kExactThreads / kVectorsPerRow)
-                          : t / kExactChunk + i * (kExactThreads / kExactChunk);
-  };
-  const int src_block = warp / 2, dst_block = 2 * (warp % 2);
-  const bool sums_src_norms = warp % 2 == 0, sums_dst_norms = src_block == 0;
-  const int64_t tile_pairs = p.exact_tiles * p.exact_tiles;
-  const int64_t items = p.num_windows * tile_pairs * p.exact_split;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t w = item / (tile_pairs * p.exact_split), split = item % p.exact_split;
-    const int pair = static_cast<int>(item / p.exact_split % tile_pairs);
-    const int src_tile = pair / static_cast<int>(p.exact_tiles), dst_tile = pair % static_cast<int>(p.exact_tiles);
-    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
-    const int64_t window_srcs = (n + 1) / 2, window_dsts = n / 2;
-    // Uniform over the block: windows too large or not merging, tiles past the window's end.
-    if (n > p.exact_window || merge_count(p.ratio, n) == 0) continue;
-    if (src_tile * kExactTile >= window_srcs || dst_tile * kExactTile >= window_dsts) continue;
-    const int n_src = static_cast<int>(min(int64_t{kExactTile}, window_srcs - src_tile * kExactTile));
-    const int n_dst = static_cast<int>(min(int64_t{kExactTile}, window_dsts - dst_tile * kExactTile));
-    const auto live_row = [&](int r) { return r / 2 < (r % 2 == 0 ? n_src : n_dst); };
-    const auto position = [&](int r) { return r + kExactWindow * (r % 2 == 0 ? src_tile : dst_tile); };
-    // Uniform over the warp: which of its blocks hold pairs.
-    const bool src_live = 8 * src_block < n_src;
-    const bool dst_live[2] = {8 * dst_block < n_dst, 8 * (dst_block + 1) < n_dst};
-    const int64_t per_split = ceil_div(p.exact_chunks, p.exact_split) * kExactChunk;
-    const int64_t f_begin = split * per_split, f_end = min(p.features, f_begin + per_split);
-    __syncthreads();  // the previous item is done with the bases
-    for (int r = t; r < kExactWindow; r += kExactThreads) {
-      base[r] = live_row(r) ? token_base(p, p.window_tokens[start + position(r)]) : 0;
+  constexpr int kPerVector = 16 / sizeof(S);
+  constexpr int64_t kStep = exact_step_features<M>();
+  constexpr int kWarps = kExactThreads / 32;
+  const S* __restrict__ metric = static_cast<const S*>(p.metric);
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  const int64_t blocks = p.exact_blocks, block_pairs = blocks * blocks;
+  const int64_t items = p.num_windows * p.exact_split * block_pairs;
+  const int64_t per_split = ceil_div(p.exact_steps, p.exact_split) * kStep;
+  if (p.select_tickets != nullptr) {  // exact_select_kernel's tickets start at 0
+    for (int64_t w = blockIdx.x * int64_t{kExactThreads} + threadIdx.x; w < p.num_windows;
+         w += int64_t{gridDim.x} * kExactThreads) {
+      p.select_tickets[w] = 0;
     }
-    __syncthreads();
-
-    S held[kExactHeld];
-    FeatureCursor feature(p, f_begin + held_col);
-    const auto load_chunk = [&](int64_t f0) {  // into `held`; zeros past the tiles or the split
-      const bool in_range = f0 + held_col < f_end;
-      const int64_t offset = in_range ? feature.offset() : 0;
-      if (p.vector_stage) {
-#pragma unroll
-        for (int v = 0; v < kExactHeld / kPerVector; ++v) {
-          const int row = held_row(v * kPerVector);
-          const S* from = static_cast<const S*>(p.metric) + base[row] + offset;
-          const uint4 raw = detail::load_16_bytes(in_range && live_row(row), from);
-          memcpy(&held[v * kPerVector], &raw, 16);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kExactHeld; ++i) {
-          const int row = held_row(i);
-          held[i] = in_range && live_row(row) ? stage_value<M>(p, base[row] + offset) : S(0);
-        }
-      }
-      feature.advance(kExactChunk);
+  }
+  for (int64_t item = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32; item < items;
+       item += int64_t{gridDim.x} * kWarps) {
+    const int64_t w = item / (p.exact_split * block_pairs), split = item / block_pairs % p.exact_split;
+    const int64_t src_block = item % block_pairs / blocks, dst_block = item % blocks;
+    const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
+    const int64_t n_src = (n + 1) / 2, n_dst = n / 2;
+    // Uniform over the warp: windows too large or not merging, blocks past the window's end.
+    if (n > p.exact_window || merge_count(p.ratio, n) == 0) continue;
+    if (src_block * kExactBlock >= n_src || dst_block * kExactBlock >= n_dst) continue;
+    const int64_t src = src_block * kExactBlock + group, dst = dst_block * kExactBlock + group;  // this lane's rows
+    const bool src_live = src < n_src, dst_live = dst < n_dst;
+    const int64_t src_base = src_live ? token_base(p, p.window_tokens[start + 2 * src]) : 0;
+    const int64_t dst_base = dst_live ? token_base(p, p.window_tokens[start + 2 * dst + 1]) : 0;
+    const int64_t f_begin = split * per_split, f_end = min(p.features, f_begin + per_split);
+    // Vector v of the lane in a step: features kPerVector (quad + 4 v) + 0 .. kPerVector - 1 of it,
+    // whatever the layout (so are the sums); one cursor walks the lane's vectors.
+    FeatureCursor feature(p, f_begin + kPerVector * quad);
+    double acc[2] = {0.0, 0.0}, src_norm = 0.0, dst_norm = 0.0;
+    const auto add = [&](S a, S b) {  // the next held value of each row
+      const double x = staged_to_double<M>(a), y = staged_to_double<M>(b);
+      src_norm = fma(x, x, src_norm);
+      dst_norm = fma(y, y, dst_norm);
+      detail::mma_m8n8k4(acc, x, y);
     };
-    double acc[2][2] = {{0.0, 0.0}, {0.0, 0.0}};
-    double src_norm = 0.0, dst_norm[2] = {0.0, 0.0};
-    if (f_begin < f_end) load_chunk(f_begin);
-    for (int64_t f0 = f_begin; f0 < f_end; f0 += kExactChunk) {
-      __syncthreads();  // the previous chunk is summed
+    for (int64_t f0 = f_begin; f0 < f_end; f0 += kStep) {  // zeros past the split or the window
+      if (p.vector_stage) {
+        uint4 a_raw[kExactVectors], b_raw[kExactVectors];
 #pragma unroll
-      for (int i = 0; i < kExactHeld; ++i) {
-        staged[held_row(i)][exact_column(held_col + (p.vector_stage ? i % kPerVector : 0))] =
-            staged_to_double<M>(held[i]);
-      }
-      __syncthreads();
-      if (f0 + kExactChunk < f_end) load_chunk(f0 + kExactChunk);
-      if (src_live) {
-#pragma unroll 4
-        for (int k0 = 0; k0 < kExactChunk; k0 += 4) {
-          const int c = exact_column(k0 + quad);
-          const double a = staged[2 * (8 * src_block + group)][c];
-          if (sums_src_norms) src_norm = fma(a, a, src_norm);
+        for (int v = 0; v < kExactVectors; ++v) {
+          const bool in_range = f0 + kPerVector * (quad + 4 * v) < f_end;
+          a_raw[v] = detail::load_16_bytes(in_range && src_live, metric + src_base + feature.offset());
+          b_raw[v] = detail::load_16_bytes(in_range && dst_live, metric + dst_base + feature.offset());
+          feature.advance(4 * kPerVector);
+        }
 #pragma unroll
-          for (int b = 0; b < 2; ++b) {
-            if (dst_live[b]) {
-              const double x = staged[2 * (8 * (dst_block + b) + group) + 1][c];
-              if (sums_dst_norms) dst_norm[b] = fma(x, x, dst_norm[b]);
-              detail::mma_m8n8k4(acc[b], a, x);
-            }
+        for (int v = 0; v < kExactVectors; ++v) {
+          S a[kPerVector], b[kPerVector];
+          memcpy(a, &a_raw[v], 16);
+          memcpy(b, &b_raw[v], 16);
+#pragma unroll
+          for (int e = 0; e < kPerVector; ++e) add(a[e], b[e]);
+        }
+      } else {  // odd layouts: the same values in the same order, one at a time
+#pragma unroll 1
+        for (int v = 0; v < kExactVectors; ++v) {
+          const int64_t first = f0 + kPerVector * (quad + 4 * v);
+          FeatureCursor at = feature;
+#pragma unroll
+          for (int e = 0; e < kPerVector; ++e) {
+            const bool in_range = first + e < f_end;
+            add(in_range && src_live ? stage_value<M>(p, src_base + at.offset()) : S(0),
+                in_range && dst_live ? stage_value<M>(p, dst_base + at.offset()) : S(0));
+            at.advance(1);
           }
+          feature.advance(4 * kPerVector);
         }
       }
     }
     double* out = p.exact_partial + (split * p.total + start) * p.exact_slot;
-    if (src_live) {
-      const int i = 8 * src_block + group;
 #pragma unroll
-      for (int b = 0; b < 2; ++b) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 8 * (dst_block + b) + 2 * quad + e;
-          if (i < n_src && j < n_dst) {  // j < n_dst: dst block b holds pairs
-            out[(src_tile * kExactTile + i) * window_dsts + dst_tile * kExactTile + j] = acc[b][e];
-          }
-        }
-      }
+    for (int e = 0; e < 2; ++e) {
+      const int64_t j = dst_block * kExactBlock + 2 * quad + e;
+      if (src_live && j < n_dst) out[src * n_dst + j] = acc[e];
     }
     // (0 + 1), (2 + 3), then their sum: addition commutes bitwise, so every lane of a quad agrees.
 #pragma unroll
     for (int offset = 1; offset <= 2; offset *= 2) {
       src_norm += __shfl_xor_sync(0xffffffffu, src_norm, offset);
-#pragma unroll
-      for (int b = 0; b < 2; ++b) dst_norm[b] += __shfl_xor_sync(0xffffffffu, dst_norm[b], offset);
+      dst_norm += __shfl_xor_sync(0xffffffffu, dst_norm, offset);
     }
-    double* norm_out = out + window_srcs * window_dsts;
-    if (quad == 0) {
-      const int i = 8 * src_block + group;
-      if (sums_src_norms && dst_tile == 0 && i < n_src) norm_out[position(2 * i)] = src_norm;
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        const int j = 8 * (dst_block + b) + group;
-        if (sums_dst_norms && src_tile == 0 && j < n_dst) norm_out[position(2 * j + 1)] = dst_norm[b];
-      }
-    }
+    double* norm_out = out + n_src * n_dst;
+    if (quad == 0 && dst_block == 0 && src_live) norm_out[2 * src] = src_norm;
+    if (quad == 0 && src_block == 0 && dst_live) norm_out[2 * dst + 1] = dst_norm;
   }
 }
 
-// Exact mode, one block per window: what choose_kernel and rank_select_kernel do for screened
-// windows, from the float64 sums of exact_dots_kernel, each added over the feature splits in split
-// order (into shared memory for a window of at most 64 tokens, else where it is read; no sum is
-// written back, so the loads of a lane's dsts are in flight together). Each src's best dst
-// (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by that
-// score (ties: lower position first), the first r with a dst merged. Writes merged_into of every
-// token of every window (-1: kept; all of a window larger than exact_window, which only a wrong
-// max_window lets through).
+// Exact mode: what choose_kernel and rank_select_kernel do for screened windows, from the float64
+// sums of exact_dots_kernel, each added over the feature splits in split order. Each src's best
+// dst (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by that
+// score (ties: lower position first), the first r with a dst merged. A window of at most 64 tokens
+// is one block's, its pair sums in shared memory. A larger one is spread over a block per 16 srcs
+// (select_groups per window at most), each warp reading its src's dsts' sums where they are (the
+// loads of all of a lane's dsts, of 4 splits, in flight together) and writing the src's score and
+// dst to keys / best_dst; the last of the window's blocks to finish (a ticket per window) ranks
+// it. Writes merged_into of every token of every window (-1: kept; all of a window larger than
+// exact_window, which only a wrong max_window lets through).
 __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
   constexpr int kDstsPerLane = kMaxSrcs / 32;
-  __shared__ double staged[kExactTile * kExactTile];  // the pair sums of a window of at most 64 tokens
+  __shared__ double staged[kExactSmallPairs];  // the pair sums of a window of at most 64 tokens
   __shared__ double norm[kExactMaxWindow];  // by window position
   __shared__ double key[kMaxSrcs];
-  __shared__ int best_dst[kMaxSrcs];
+  __shared__ int best_dst[kMaxSrcs];  // window position, -1 if none
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
   const double* __restrict__ partial = p.exact_partial;
-  for (int64_t w = blockIdx.x; w < p.num_windows; w += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < p.num_windows * p.select_groups; item += gridDim.x) {
+    const int64_t w = item / p.select_groups;
+    const int group = static_cast<int>(item % p.select_groups);
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
     const int64_t r = n <= p.exact_window ? merge_count(p.ratio, n) : 0;
     const int n_src = static_cast<int>((n + 1) / 2), n_dst = static_cast<int>(n / 2), pairs = n_src * n_dst;
+    const bool small = n <= kExactWindow;
+    // Uniform over the block: the blocks that share the window, one unless it is large and merges.
+    const int groups = small || r == 0 ? 1 : ceil_div(n_src, kWarps);
+    if (group >= groups) continue;
     // The sums of window element e (pair or norm) of split s.
     const auto split_sums = [&](int64_t s) { return partial + (s * p.total + start) * p.exact_slot; };
-    if (r > 0) {  // uniform over the block
+    if (r > 0) {
       __syncthreads();  // the previous window's ranks are counted
       // Small windows: the pair sums too, by all threads (the loads of few per thread in flight).
-      const bool small = n <= kExactWindow;
       for (int e = (small ? 0 : pairs) + t; e < pairs + n; e += kSelectThreads) {
         double sum = 0.0;
 #pragma unroll 8  // the loads of 8 splits in flight together; the sum stays in split order
@@ -937,13 +913,15 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
         }
       }
       __syncthreads();
-      for (int i = warp; i < n_src; i += kWarps) {
+      const int first_src = small ? 0 : group * kWarps, end_src = small ? n_src : min(n_src, first_src + kWarps);
+      for (int i = first_src + warp; i < end_src; i += kWarps) {
         double dot[kDstsPerLane];
 #pragma unroll
         for (int u = 0; u < kDstsPerLane; ++u) dot[u] = 0.0;
         if (small) {  // uniform: at most 32 dsts, one per lane
           if (lane < n_dst) dot[0] = staged[i * n_dst + lane];
-        } else {  // the loads of all of a lane's dsts in flight together
+        } else {  // the loads of all of a lane's dsts, of 4 splits, in flight together; sums in split order
+#pragma unroll 4
           for (int64_t s = 0; s < p.exact_split; ++s) {
             const double* row = split_sums(s) + i * n_dst;
 #pragma unroll
@@ -973,10 +951,23 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
             best_at = other_at;
           }
         }
-        if (lane == 0) {
-          key[i] = best;  // -inf without a comparable dst (NaN metric): never merged
-          best_dst[i] = best_at;
+        // best: -inf without a comparable dst (NaN metric), never merged.
+        const int dst_position = best_at >= 0 ? 2 * best_at + 1 : -1;
+        if (lane == 0 && small) {
+          key[i] = best;
+          best_dst[i] = dst_position;
+        } else if (lane == 0) {
+          p.keys[start + 2 * i] = best;
+          p.best_dst[start + 2 * i] = dst_position;
         }
+      }
+      __syncthreads();
+    }
+    if (!small && r > 0) {  // uniform over the block
+      if (!detail::last_to_arrive(&p.select_tickets[w], static_cast<unsigned int>(groups))) continue;
+      for (int i = t; i < n_src; i += kSelectThreads) {
+        key[i] = __ldcg(p.keys + start + 2 * i);
+        best_dst[i] = __ldcg(p.best_dst + start + 2 * i);
       }
       __syncthreads();
     }
@@ -986,7 +977,7 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
         const int i = static_cast<int>(position / 2);
         int64_t rank = 0;
         for (int other = 0; other < n_src; ++other) rank += key[other] > key[i] || (key[other] == key[i] && other < i);
-        if (rank < r && best_dst[i] >= 0) into = p.window_tokens[start + 2 * best_dst[i] + 1];
+        if (rank < r && best_dst[i] >= 0) into = p.window_tokens[start + best_dst[i]];
       }
       p.merged_into[p.window_tokens[start + position]] = into;
     }
@@ -1141,7 +1132,7 @@ __device__ __forceinline__ void store_vec(T* ptr, const Vec<T, VEC>& value) {
   }
 }
 
-struct ValueParams {  // k (blockIdx.z == 0) and v (blockIdx.z == 1)
+struct ValueParams {  // k (tensor 0) and v (tensor 1)
   const void* x[2];
   int64_t x_stride[2][4];
   void* out[2];
@@ -1152,9 +1143,13 @@ struct ValueParams {  // k (blockIdx.z == 0) and v (blockIdx.z == 1)
   const int64_t* members;  // token ids sorted by (slot, token)
   const float* importance;
   const int32_t* sizes;
-  int32_t* sizes_out;  // written by the k blocks of element chunk 0
+  int32_t* sizes_out;  // written by the blocks of element chunk 0
 };
 
+// One block per (output slot, element chunk): the chunk is kMergeVectors vectors of VEC elements
+// per thread, of k and of v alike, so the group's bounds, members and weights (a chain of
+// dependent loads) are read once for 2 kMergeVectors vectors per thread, and every member's loads
+// of them are in flight together. Each output element is the members' weighted sum in member order.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const ValueParams p) {
   detail::await_previous_kernel();
@@ -1167,33 +1162,77 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
   __shared__ float weight_total;
   __shared__ int64_t size_total;
 
-  const int tensor = blockIdx.z;
-  const T* __restrict__ x = static_cast<const T*>(p.x[tensor]);
-  T* __restrict__ out = static_cast<T*>(p.out[tensor]);
-  const int64_t* x_stride = p.x_stride[tensor];
-  const int64_t* out_stride = p.out_stride[tensor];
-  const bool writes_sizes = tensor == 0 && blockIdx.y == 0 && threadIdx.x == 0;
+  const bool writes_sizes = blockIdx.y == 0 && threadIdx.x == 0;
   const int64_t vectors_per_head = p.D / VEC;
-  const int64_t e = static_cast<int64_t>(blockIdx.y) * kMergeThreads + threadIdx.x;
-  const bool live = e < p.H * vectors_per_head;
-  const int64_t h = live ? e / vectors_per_head : 0;
-  const int64_t d = live ? (e % vectors_per_head) * VEC : 0;
+  // Vector u of this thread, in each tensor: (head, d) offsets from a token's row.
+  bool live[kMergeVectors];
+  int64_t x_offset[2][kMergeVectors], out_offset[2][kMergeVectors];
+#pragma unroll
+  for (int u = 0; u < kMergeVectors; ++u) {
+    const int64_t e = (static_cast<int64_t>(blockIdx.y) * kMergeVectors + u) * kMergeThreads + threadIdx.x;
+    live[u] = e < p.H * vectors_per_head;
+    const int64_t h = live[u] ? e / vectors_per_head : 0, d = live[u] ? (e % vectors_per_head) * VEC : 0;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      x_offset[t][u] = h * p.x_stride[t][1] + d * p.x_stride[t][3];
+      out_offset[t][u] = h * p.out_stride[t][1] + d * p.out_stride[t][3];
+    }
+  }
 
   for (int64_t slot = blockIdx.x; slot < p.slots; slot += gridDim.x) {
     const int64_t begin = p.group_begin[slot], end = p.group_end[slot];
     if (end <= begin) continue;  // no member (only with a wrong `kept`): leave the slot alone
     const int64_t b = slot / p.kept, m = slot % p.kept;
-    T* out_at = out + b * out_stride[0] + h * out_stride[1] + m * out_stride[2] + d * out_stride[3];
-    const int64_t x_head = b * x_stride[0] + h * x_stride[1] + d * x_stride[3];
+    const auto x_row = [&](int t, int64_t l) {  // token l of row b in tensor t
+      return static_cast<const T*>(p.x[t]) + b * p.x_stride[t][0] + l * p.x_stride[t][2];
+    };
+    const auto out_row = [&](int t) {  // output token m of row b in tensor t
+      return static_cast<T*>(p.out[t]) + b * p.out_stride[t][0] + m * p.out_stride[t][2];
+    };
     if (end - begin == 1) {  // kept token without merged srcs: bitwise copy
       const int64_t l = p.members[begin] - b * p.L;
-      if (live) store_vec<T, VEC>(out_at, load_vec<T, VEC>(x + x_head + l * x_stride[2]));
+      Vec<T, VEC> value[2][kMergeVectors];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+#pragma unroll
+        for (int u = 0; u < kMergeVectors; ++u) {
+          if (live[u]) value[t][u] = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+#pragma unroll
+        for (int u = 0; u < kMergeVectors; ++u) {
+          if (live[u]) store_vec<T, VEC>(out_row(t) + out_offset[t][u], value[t][u]);
+        }
+      }
       if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
       continue;
     }
-    float sum[VEC];  // weighted; equal weights in a second pass if the group's weight is 0
+    float sum[2][kMergeVectors][VEC];  // weighted; equal weights in a second pass if the group's weight is 0
+    const auto add_member = [&](int64_t l, float weight) {  // sum += weight x[l], every vector of the thread
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) sum[i] = 0.f;
+      for (int t = 0; t < 2; ++t) {
+#pragma unroll
+        for (int u = 0; u < kMergeVectors; ++u) {
+          if (!live[u]) continue;
+          const Vec<T, VEC> value = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) sum[t][u][k] = fmaf(weight, to_float(value.v[k]), sum[t][u][k]);
+        }
+      }
+    };
+    const auto clear = [&] {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+#pragma unroll
+        for (int u = 0; u < kMergeVectors; ++u) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) sum[t][u][k] = 0.f;
+        }
+      }
+    };
+    clear();
     if (threadIdx.x == 0) {
       weight_total = 0.f;
       size_total = 0;
@@ -1217,35 +1256,29 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       }
       __syncthreads();
       const int count = static_cast<int>(min(static_cast<int64_t>(kMergeThreads), end - chunk));
-      if (live) {
-        for (int i = 0; i < count; ++i) {
-          const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + member_l[i] * x_stride[2]);
-          const float wi = member_w[i];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) sum[k] = fmaf(wi, to_float(value.v[k]), sum[k]);
-        }
-      }
+      for (int i = 0; i < count; ++i) add_member(member_l[i], member_w[i]);
       __syncthreads();  // members of this chunk (and the reduce storage) are free again
     }
     const float total = weight_total;
     // Weight 0 (rare: given zeros, or attention underflow): the plain sum, in the same member
-    // order. A second pass keeps the common path at one accumulator per element (registers).
-    if (total == 0.f && live) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) sum[k] = 0.f;
+    // order (1 x + s == x + s exactly). A second pass keeps the common path at one accumulator per
+    // element (registers).
+    if (total == 0.f) {
+      clear();
 #pragma unroll 1
-      for (int64_t j = begin; j < end; ++j) {
-        const Vec<T, VEC> value = load_vec<T, VEC>(x + x_head + (p.members[j] - b * p.L) * x_stride[2]);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum[k] += to_float(value.v[k]);
-      }
+      for (int64_t j = begin; j < end; ++j) add_member(p.members[j] - b * p.L, 1.f);
     }
-    if (live) {
-      Vec<T, VEC> result;
-      const float divisor = total == 0.f ? static_cast<float>(end - begin) : total;
+    const float divisor = total == 0.f ? static_cast<float>(end - begin) : total;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) result.v[k] = detail::from_float<T>(sum[k] / divisor);
-      store_vec<T, VEC>(out_at, result);
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int u = 0; u < kMergeVectors; ++u) {
+        if (!live[u]) continue;
+        Vec<T, VEC> result;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) result.v[k] = detail::from_float<T>(sum[t][u][k] / divisor);
+        store_vec<T, VEC>(out_row(t) + out_offset[t][u], result);
+      }
     }
     if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
     __syncthreads();  // weight_total / size_total are read before the next slot resets them
@@ -1262,7 +1295,7 @@ cudaError_t launch_values(const ValueParams& vp, int64_t slots, const detail::Ke
   }
   const int vec = vectorised ? kVec : 1;
   const dim3 grid(detail::grid_for(slots, kMaxGrid),
-                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads)), 2);
+                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads * kMergeVectors)));
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   return vectorised ? launch(merge_values_kernel<T, kVec>, grid, kMergeThreads, vp)
                     : launch(merge_values_kernel<T, 1>, grid, kMergeThreads, vp);
@@ -1275,10 +1308,11 @@ struct Plan {
   int64_t partial_capacity;  // elements of the partial-mode buffer
   size_t acc_bytes;          // bytes of a screened dot product
   bool exact;                // exact mode (see the top of the file)
-  int64_t exact_tiles;       // exact mode: 32-token src (or dst) tiles of the largest window
+  int64_t exact_blocks;      // exact mode: 8-token src (or dst) blocks of the largest window
   int64_t exact_slot;        // exact mode: float64 sums per window token
-  int64_t exact_chunks;      // exact mode: staged chunks of kExactChunk features of the whole metric
-  int64_t exact_split;       // exact mode: feature splits per tile pair (shape-only)
+  int64_t exact_steps;       // exact mode: exact_dots_kernel's steps over the whole metric
+  int64_t exact_split;       // exact mode: feature splits per block pair (shape-only)
+  int64_t select_groups;     // exact mode: exact_select_kernel's blocks per window, at most
   bool row_groups;           // rows short enough for row_groups_kernel
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
   int row_key_bits;  // the same for row_groups_kernel's row-local slots
@@ -1318,16 +1352,22 @@ Plan make_plan(const MergeArgs& a) {
   plan.exact = a.max_window <= kExactWindow ||
                (a.max_window <= kExactMaxWindow && exact_sums <= kExactMaxSums &&
                 exact_sums * plan.features <= kExactMaxWork);
-  plan.exact_tiles = plan.exact ? std::max<int64_t>(1, ceil_div(ceil_div(std::max<int64_t>(a.max_window, 0), 2), kExactTile))
-                                 : 1;
-  // Exact mode splits the features when the tile pairs are too few to fill the GPU.
-  plan.exact_chunks = ceil_div(plan.features, kExactChunk);
-  const int64_t tile_pairs = std::max<int64_t>(plan.windows, 1) * plan.exact_tiles * plan.exact_tiles;
+  plan.exact_blocks =
+      plan.exact ? std::max<int64_t>(1, ceil_div(ceil_div(std::max<int64_t>(a.max_window, 0), 2), kExactBlock)) : 1;
+  // Exact mode splits the features when the block pairs are too few to fill the GPU.
+  const int64_t step = wide                               ? exact_step_features<double>()
+                       : a.metric.dtype == DType::Float32 ? exact_step_features<float>()
+                                                          : exact_step_features<__half>();
+  plan.exact_steps = ceil_div(plan.features, step);
+  const int64_t block_pairs = std::max<int64_t>(plan.windows, 1) * plan.exact_blocks * plan.exact_blocks;
   const int64_t exact_split = std::max<int64_t>(
-      1, std::min({ceil_div(kExactTargetItems, tile_pairs), kMaxExactSplit, plan.exact_chunks,
+      1, std::min({ceil_div(kExactTargetWarps, block_pairs), kMaxExactSplit, plan.exact_steps,
                    kExactMaxSums / std::max<int64_t>(exact_sums, 1)}));
   plan.exact_split =  // none empty
-      plan.exact_chunks > 0 ? ceil_div(plan.exact_chunks, ceil_div(plan.exact_chunks, exact_split)) : 1;
+      plan.exact_steps > 0 ? ceil_div(plan.exact_steps, ceil_div(plan.exact_steps, exact_split)) : 1;
+  plan.select_groups = plan.exact && a.max_window > kExactWindow
+                           ? ceil_div(ceil_div(a.max_window, 2), kSelectThreads / 32)
+                           : 1;
   // Partial mode can only pay off when the src tiles may be too few to fill the GPU.
   plan.partial_capacity = !plan.exact && plan.max_feature_split >= 2 && src_tiles < kPartialItems
                               ? kPartialItems * kTile * kTile
@@ -1340,6 +1380,7 @@ Plan make_plan(const MergeArgs& a) {
 
 struct Workspace {  // the screened mode's arrays are empty in exact mode, the general slot path's when plan.row_groups
   double* exact_partial;
+  unsigned int* select_tickets;
   int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
   double* norms;
   double* keys;
@@ -1379,11 +1420,13 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   Workspace ws{};
   const int64_t general = plan.row_groups ? 0 : plan.tokens;
   const int64_t screened = plan.exact ? 0 : 1;
+  const int64_t ranked_in_global = !plan.exact || plan.select_groups > 1 ? 1 : 0;  // keys and best_dst
   ws.exact_partial = carver.take<double>(plan.exact ? plan.exact_split * plan.total * plan.exact_slot : 0);
+  ws.select_tickets = carver.take<unsigned int>(plan.exact && plan.select_groups > 1 ? plan.windows : 0);
   ws.offsets = carver.take<int64_t>(screened * 2 * (plan.windows + 1));
   ws.norms = carver.take<double>(screened * plan.tokens);
-  ws.keys = carver.take<double>(screened * plan.total);
-  ws.best_dst = carver.take<int32_t>(screened * plan.total);
+  ws.keys = carver.take<double>(ranked_in_global * plan.total);
+  ws.best_dst = carver.take<int32_t>(ranked_in_global * plan.total);
   ws.range_value = carver.take<double>(screened * plan.dst_split * plan.total * kTopK);
   ws.range_dst = carver.take<int32_t>(screened * plan.dst_split * plan.total * kTopK);
   ws.partial = carver.take<char>(plan.partial_capacity * static_cast<int64_t>(plan.acc_bytes));
@@ -1476,13 +1519,15 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
 template <typename M>
 cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLauncher& launch) {
   p.vector_stage = vector_staging<M>(p);
-  p.exact_tiles = plan.exact_tiles;
+  p.exact_blocks = plan.exact_blocks;
   p.exact_split = plan.exact_split;
-  p.exact_chunks = plan.exact_chunks;
+  p.exact_steps = plan.exact_steps;
   p.exact_slot = plan.exact_slot;
-  const int64_t items = plan.windows * plan.exact_tiles * plan.exact_tiles * plan.exact_split;
-  LIGHTKV_RETURN_IF_ERROR(launch(exact_dots_kernel<M>, detail::grid_for(items, kMaxGrid), kExactThreads, p));
-  return launch(exact_select_kernel, detail::grid_for(plan.windows, kMaxGrid), kSelectThreads, p);
+  p.select_groups = plan.select_groups;
+  const int64_t items = plan.windows * plan.exact_split * plan.exact_blocks * plan.exact_blocks;
+  LIGHTKV_RETURN_IF_ERROR(launch(exact_dots_kernel<M>, detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid),
+                                 kExactThreads, p));
+  return launch(exact_select_kernel, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
 }
 
 // Steps 1-3: merged_into of every token.
@@ -1559,6 +1604,7 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.merged_into = ws.merged_into;
   p.exact_window = a.max_window;
   p.exact_partial = ws.exact_partial;
+  p.select_tickets = ws.select_tickets;
 
   // 1-3: every src's best dst and score, the first r per window merged.
   switch (a.metric.dtype) {

@@ -1,8 +1,8 @@
 """The CPU-emulated CUDA kernels through the public API against lightkv_ext.reference.
 
 Run by run.sh: the shape matrix of python_tests/test_cuda.py at small sizes (uneven windows,
-1x1 grid, GQA, masked text, second stage with sizes/positions, ties, zero-weight groups, varlen,
-strided inputs). Exits non-zero on any mismatch.
+1x1 grid, GQA, masked text, second stage with sizes/positions, ties, explicit metrics, zero-weight
+groups, varlen, strided inputs). Exits non-zero on any mismatch.
 """
 import os
 import sys
@@ -69,6 +69,13 @@ k[:, :, 8:16] = k[:, :, 0:1]
 k[:, :, 40:48] = k[:, :, 32:40]
 kw = dict(ratio=0.5, windows=(2, 2), grid=(8, 8))
 check("ties", lightkv_ext.compress(k, v, text, **kw), reference.compress(k, v, text, **kw), torch.float32)
+# explicit metrics: float64, and a 16-bit one of odd width with a stride (loaded one value at a time)
+k, v, text = inputs(2, 2, 4, 64, 5, 32, torch.bfloat16, 8)
+g = torch.Generator().manual_seed(8)
+for name, metric in (("metric float64", torch.randn(2, 64, 40, dtype=torch.float64, generator=g)),
+                     ("metric bf16 odd strided", torch.randn(2, 64, 42, generator=g).to(torch.bfloat16)[:, :, ::2])):
+    kw = dict(ratio=0.5, windows=2, grid=(8, 8), metric=metric)
+    check(name, lightkv_ext.compress(k, v, text, **kw), reference.compress(k, v, text, **kw), torch.bfloat16)
 # zero-weight groups
 k, v, text = inputs(2, 2, 2, 30, 4, 32, torch.float16, 6)
 imp = torch.rand(2, 30); imp[0, :12] = 0
