@@ -552,6 +552,9 @@ int main(int argc, char** argv) {
                                   13);
   }
   run_merge_case<__nv_bfloat16>({"bf16 one window 300", 1, 2, 300, 64, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 16);
+  // Windows as large as exact mode takes: 256 srcs, 16 exact_select_kernel blocks per window, 8
+  // dsts per lane.
+  run_merge_case<__half>({"fp16 windows of 512", 1, 1, 1023, 32, {512, 511}, 0.5, false, {0, 1, 2, 3}, 6}, 25);
   run_merge_case<__half>({"fp16 uneven small windows", 2, 2, 200, 24, {0, 1, 2, 3, 17, 64, 61, 52}, 0.5, true,
                           {0, 2, 1, 3}, 12},
                          24);
