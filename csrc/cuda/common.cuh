@@ -201,7 +201,8 @@ inline bool rows_16_byte_aligned(const void* data, const int64_t* stride, int64_
 }
 
 // Carves one caller-provided buffer into 256-byte aligned arrays. With a null base it only
-// counts bytes, so the size query and the launch share one layout description.
+// counts bytes, so the size query and the launch share one layout description. An empty array
+// gets the address where the next one starts, not null: nothing may be written through it.
 class WorkspaceCarver {
  public:
   explicit WorkspaceCarver(void* base) : base_(static_cast<char*>(base)) {}

@@ -153,7 +153,7 @@ struct Params {
   int64_t exact_slot;          // exact mode: float64 sums per window token, ceil(exact_window / 4) + 1
   double* exact_partial;       // exact mode: (split, total * exact_slot) float64 sums, by window start
   int64_t select_groups;       // exact mode: exact_select_kernel's blocks per window, at most
-  unsigned int* select_tickets;  // exact mode, select_groups > 1: per window (exact_dots_kernel zeroes them)
+  unsigned int* select_tickets;  // per window if exact and select_groups > 1 (zeroed by exact_dots), else null
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -1604,7 +1604,8 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.merged_into = ws.merged_into;
   p.exact_window = a.max_window;
   p.exact_partial = ws.exact_partial;
-  p.select_tickets = ws.select_tickets;
+  // Not the carved pointer when there are no tickets: an empty array still has an address.
+  p.select_tickets = plan.exact && plan.select_groups > 1 ? ws.select_tickets : nullptr;
 
   // 1-3: every src's best dst and score, the first r per window merged.
   switch (a.metric.dtype) {
