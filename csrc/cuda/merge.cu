@@ -6,7 +6,8 @@
 // little next to a screening pass (kExactMaxWork: Qwen2.5-VL images at small batch):
 //   exact_dots_kernel: one warp per (window, feature split, 8-src block, 8-dst block): float64
 //      dot products of the block pair's (src, dst) pairs on the float64 tensor cores, and squared
-//      norms, the metric rows loaded straight into registers (a 4x4 window is one block pair).
+//      norms, the metric rows loaded straight into registers (LLaVA-1.5's 36-token windows are
+//      3 x 3 block pairs).
 //   exact_select_kernel: per window (a block per 16 srcs for windows over 64 tokens, the last to
 //      finish ranking), the splits summed in order, each src's best dst, the srcs ranked, the
 //      first r merged.
@@ -772,7 +773,7 @@ __host__ __device__ constexpr int64_t exact_step_features() {
 // value it holds is one k of a float64 mma.m8n8k4 (A[group][quad]: the src's, B[quad][group]: the
 // dst's), so the accumulators end as D[group][2 quad, +1], and the lane sums its rows' squares in
 // the same order; the quad then adds its four norm sums as (0 + 1) + (2 + 3). Which lane holds
-// which feature depends on the layout only, never on a token's position: equal tokens get equal sums.
+// which feature depends on neither the layout nor a token's position: equal tokens get equal sums.
 template <typename M>
 __global__ void __launch_bounds__(kExactThreads, 4) exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
