@@ -154,7 +154,7 @@ struct Params {
   int64_t exact_slot;          // exact mode: float64 sums per window token, ceil(exact_window / 4) + 1
   double* exact_partial;       // exact mode: (split, total * exact_slot) float64 sums, by window start
   int64_t select_groups;       // exact mode: exact_select_kernel's blocks per window, at most
-  unsigned int* select_tickets;  // per window if exact and select_groups > 1 (zeroed by exact_dots), else null
+  unsigned int* select_tickets;  // per window if select_groups > 1 (zeroed by exact_dots), else null
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -1179,6 +1179,16 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       out_offset[t][u] = h * p.out_stride[t][1] + d * p.out_stride[t][3];
     }
   }
+  // f(tensor, u) for each live vector u of this thread, of k (tensor 0) and v (tensor 1).
+  const auto for_each_vector = [&](auto&& f) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int u = 0; u < kMergeVectors; ++u) {
+        if (live[u]) f(t, u);
+      }
+    }
+  };
 
   for (int64_t slot = blockIdx.x; slot < p.slots; slot += gridDim.x) {
     const int64_t begin = p.group_begin[slot], end = p.group_end[slot];
@@ -1193,37 +1203,20 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
     if (end - begin == 1) {  // kept token without merged srcs: bitwise copy
       const int64_t l = p.members[begin] - b * p.L;
       Vec<T, VEC> value[2][kMergeVectors];
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-#pragma unroll
-        for (int u = 0; u < kMergeVectors; ++u) {
-          if (live[u]) value[t][u] = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]);
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-#pragma unroll
-        for (int u = 0; u < kMergeVectors; ++u) {
-          if (live[u]) store_vec<T, VEC>(out_row(t) + out_offset[t][u], value[t][u]);
-        }
-      }
+      for_each_vector([&](int t, int u) { value[t][u] = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]); });
+      for_each_vector([&](int t, int u) { store_vec<T, VEC>(out_row(t) + out_offset[t][u], value[t][u]); });
       if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
       continue;
     }
     float sum[2][kMergeVectors][VEC];  // weighted; equal weights in a second pass if the group's weight is 0
     const auto add_member = [&](int64_t l, float weight) {  // sum += weight x[l], every vector of the thread
+      for_each_vector([&](int t, int u) {
+        const Vec<T, VEC> value = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]);
 #pragma unroll
-      for (int t = 0; t < 2; ++t) {
-#pragma unroll
-        for (int u = 0; u < kMergeVectors; ++u) {
-          if (!live[u]) continue;
-          const Vec<T, VEC> value = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) sum[t][u][k] = fmaf(weight, to_float(value.v[k]), sum[t][u][k]);
-        }
-      }
+        for (int k = 0; k < VEC; ++k) sum[t][u][k] = fmaf(weight, to_float(value.v[k]), sum[t][u][k]);
+      });
     };
-    const auto clear = [&] {
+    const auto clear = [&] {  // dead vectors too: skipping them costs 20 registers (ptxas)
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
 #pragma unroll
@@ -1270,17 +1263,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       for (int64_t j = begin; j < end; ++j) add_member(p.members[j] - b * p.L, 1.f);
     }
     const float divisor = total == 0.f ? static_cast<float>(end - begin) : total;
+    for_each_vector([&](int t, int u) {
+      Vec<T, VEC> result;
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-#pragma unroll
-      for (int u = 0; u < kMergeVectors; ++u) {
-        if (!live[u]) continue;
-        Vec<T, VEC> result;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) result.v[k] = detail::from_float<T>(sum[t][u][k] / divisor);
-        store_vec<T, VEC>(out_row(t) + out_offset[t][u], result);
-      }
-    }
+      for (int k = 0; k < VEC; ++k) result.v[k] = detail::from_float<T>(sum[t][u][k] / divisor);
+      store_vec<T, VEC>(out_row(t) + out_offset[t][u], result);
+    });
     if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
     __syncthreads();  // weight_total / size_total are read before the next slot resets them
   }
@@ -1381,7 +1369,7 @@ Plan make_plan(const MergeArgs& a) {
 
 struct Workspace {  // the screened mode's arrays are empty in exact mode, the general slot path's when plan.row_groups
   double* exact_partial;
-  unsigned int* select_tickets;
+  unsigned int* select_tickets;  // null unless plan.select_groups > 1
   int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
   double* norms;
   double* keys;
@@ -1423,7 +1411,8 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   const int64_t screened = plan.exact ? 0 : 1;
   const int64_t ranked_in_global = !plan.exact || plan.select_groups > 1 ? 1 : 0;  // keys and best_dst
   ws.exact_partial = carver.take<double>(plan.exact ? plan.exact_split * plan.total * plan.exact_slot : 0);
-  ws.select_tickets = carver.take<unsigned int>(plan.exact && plan.select_groups > 1 ? plan.windows : 0);
+  // Null when unneeded (an empty carved array would have the next one's address).
+  ws.select_tickets = plan.select_groups > 1 ? carver.take<unsigned int>(plan.windows) : nullptr;
   ws.offsets = carver.take<int64_t>(screened * 2 * (plan.windows + 1));
   ws.norms = carver.take<double>(screened * plan.tokens);
   ws.keys = carver.take<double>(ranked_in_global * plan.total);
@@ -1605,8 +1594,7 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.merged_into = ws.merged_into;
   p.exact_window = a.max_window;
   p.exact_partial = ws.exact_partial;
-  // Not the carved pointer when there are no tickets: an empty array still has an address.
-  p.select_tickets = plan.exact && plan.select_groups > 1 ? ws.select_tickets : nullptr;
+  p.select_tickets = ws.select_tickets;
 
   // 1-3: every src's best dst and score, the first r per window merged.
   switch (a.metric.dtype) {
