@@ -1039,10 +1039,11 @@ __global__ void __launch_bounds__(kRowThreads)
   detail::await_previous_kernel();
   using RowScan = cub::BlockScan<int32_t, kRowThreads>;
   using RowSort = cub::BlockRadixSort<uint32_t, kRowThreads, kRowItems, uint32_t>;
-  __shared__ union {
+  union Storage {
     typename RowScan::TempStorage scan;
     typename RowSort::TempStorage sort;
-  } storage;
+  };
+  __shared__ Storage storage;
   __shared__ uint32_t slot_of[kRowThreads * kRowItems];  // slot of each kept token by l, then the sorted slots
   const uint32_t none = static_cast<uint32_t>(kept);  // slot key of padding and of slots >= kept
   for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {

@@ -1,11 +1,13 @@
 // CPU emulation of the CUDA subset the lightkv kernels use, to check their logic on machines
 // without a GPU (see run.sh). Every CUDA thread is an OS thread, __syncthreads is a std::barrier
-// over the block, warp shuffles go through a per-warp slot array, blocks and kernels run one
-// after another (so `__shared__` can be a function-local static, and kernel chaining is moot),
-// and the CUB algorithms are plain host versions with the same results. Tensor-core mma runs in
-// its warp-shuffle form (common.cuh), which checks the kernels' fragment layouts. Grid x is
-// capped (kernels walk their work in grid-stride loops, so a small grid must give the same
-// answer). Built with -fsanitize=thread it also finds shared-memory races (a missing
+// over the block, warp shuffles go through a per-warp slot array, and `__shared__` variables are
+// per block (to_cpp.py turns each declaration into a block_shared lookup). Blocks of a plain
+// launch run one after another (so kernel chaining is moot), with grid x capped (kernels walk
+// their work in grid-stride loops, so a small grid must give the same answer); the blocks of a
+// cooperative launch all run at once, uncapped, as a GPU keeps them co-resident, so blocks may
+// wait for each other. The CUB algorithms are plain host versions with the same results.
+// Tensor-core mma runs in its warp-shuffle form (common.cuh), which checks the kernels' fragment
+// layouts. Built with -fsanitize=thread it also finds shared-memory races (a missing
 // __syncthreads).
 #pragma once
 #include <cuda_runtime.h>
@@ -19,6 +21,9 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <new>
+#include <unordered_map>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -34,7 +39,6 @@
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 using std::min;
@@ -44,41 +48,91 @@ using std::isfinite;
 namespace emu {
 inline thread_local dim3 tidx, bidx;
 inline dim3 bdim, gdim;
-inline std::barrier<>* block_barrier = nullptr;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-inline std::vector<std::array<uint64_t, 32>> warp_slots;
 // Grids of up to kGridCap blocks run whole: kernels whose blocks have fixed roles use no more
 // (image_offsets_kernel: one block per count array; prepare_kernel: two offsets blocks).
-inline constexpr unsigned kGridCap = 3;
+inline constexpr unsigned kGridCap = 4;
 
-// Runs `body` as every thread of every block.
-inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
-  if (grid.x > kGridCap) grid.x = kGridCap;
-  gdim = grid;
-  bdim = block;
+// What the threads of one block share: barriers, shuffle slots, shared memory.
+struct Block {
+  explicit Block(unsigned threads) : barrier(threads), slots(threads / 32) {
+    for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
+  }
+  ~Block() {
+    for (auto& entry : shared) ::operator delete(entry.second, std::align_val_t{64});
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<std::array<uint64_t, 32>> slots;
+  std::mutex shared_mutex;
+  std::unordered_map<const void*, void*> shared;  // by declaration
+};
+inline thread_local Block* block = nullptr;
+inline std::barrier<>* grid_barrier = nullptr;  // cooperative launches only
+
+// This block's instance of the `__shared__` variable declared at `key`, uninitialised (0xCD),
+// as on a GPU.
+template <typename T>
+T& block_shared(const void* key) {
+  std::lock_guard<std::mutex> lock(block->shared_mutex);
+  void*& at = block->shared[key];
+  if (at == nullptr) {
+    at = ::operator new(sizeof(T), std::align_val_t{64});
+    std::memset(at, 0xCD, sizeof(T));
+  }
+  return *static_cast<T*>(at);
+}
+
+// Runs `body` as every thread of the blocks in `blocks`, all at once.
+inline void run_blocks(const std::vector<dim3>& blocks, unsigned threads, const std::function<void()>& body) {
+  std::vector<std::unique_ptr<Block>> contexts;
+  for (size_t b = 0; b < blocks.size(); ++b) contexts.emplace_back(new Block(threads));
+  std::vector<std::thread> workers;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    for (unsigned t = 0; t < threads; ++t) {
+      workers.emplace_back([&, b, t] {
+        tidx = dim3(t, 0, 0);
+        bidx = blocks[b];
+        block = contexts[b].get();
+        body();
+      });
+    }
+  }
+  for (auto& worker : workers) worker.join();
+}
+
+inline unsigned checked_block_size(dim3 block) {
   const unsigned n = block.x * block.y * block.z;
   if (n % 32 != 0) {
     std::fprintf(stderr, "cuda_on_cpu: block size %u is not a multiple of 32\n", n);
     std::abort();
   }
+  return n;
+}
+
+// A plain launch: the blocks one after another.
+inline void launch(dim3 grid, dim3 block_size, const std::function<void()>& body) {
+  if (grid.x > kGridCap) grid.x = kGridCap;
+  gdim = grid;
+  bdim = block_size;
+  const unsigned n = checked_block_size(block_size);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::barrier<> bar(n);
-        block_barrier = &bar;
-        warp_barriers.clear();
-        for (unsigned w = 0; w < n / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
-        warp_slots.assign(n / 32, {});
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < n; ++t) {
-          threads.emplace_back([&, t, x, y, z] {
-            tidx = dim3(t, 0, 0);
-            bidx = dim3(x, y, z);
-            body();
-          });
-        }
-        for (auto& th : threads) th.join();
-      }
+      for (unsigned x = 0; x < grid.x; ++x) run_blocks({dim3(x, y, z)}, n, body);
+}
+
+// A cooperative launch: every block at once, with a grid-wide barrier.
+inline void launch_cooperative(dim3 grid, dim3 block_size, const std::function<void()>& body) {
+  gdim = grid;
+  bdim = block_size;
+  const unsigned n = checked_block_size(block_size);
+  std::vector<dim3> blocks;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  std::barrier<> all(static_cast<std::ptrdiff_t>(blocks.size() * n));
+  grid_barrier = &all;
+  run_blocks(blocks, n, body);
+  grid_barrier = nullptr;
 }
 }  // namespace emu
 
@@ -94,6 +148,11 @@ class KernelLauncher {
     emu::launch(grid, block, [&] { kernel(args...); });
     return cudaSuccess;
   }
+  template <typename... Params, typename... Args>
+  cudaError_t cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
+    emu::launch_cooperative(grid, block, [&] { kernel(args...); });
+    return cudaSuccess;
+  }
 };
 }  // namespace lightkv_cuda::detail
 
@@ -102,7 +161,7 @@ class KernelLauncher {
 #define blockDim emu::bdim
 #define gridDim emu::gdim
 
-inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { emu::block->barrier.arrive_and_wait(); }
 
 template <typename T>
 inline T __shfl_sync(unsigned, T v, int src_lane) {
@@ -110,10 +169,10 @@ inline T __shfl_sync(unsigned, T v, int src_lane) {
   const unsigned t = emu::tidx.x, w = t / 32, lane = t % 32;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  emu::warp_slots[w][lane] = bits;
-  emu::warp_barriers[w]->arrive_and_wait();
-  uint64_t other = emu::warp_slots[w][src_lane % 32];
-  emu::warp_barriers[w]->arrive_and_wait();
+  emu::block->slots[w][lane] = bits;
+  emu::block->warp_barriers[w]->arrive_and_wait();
+  uint64_t other = emu::block->slots[w][src_lane % 32];
+  emu::block->warp_barriers[w]->arrive_and_wait();
   T out;
   std::memcpy(&out, &other, sizeof(T));
   return out;
@@ -122,8 +181,7 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int offset) {
   return __shfl_sync(mask, v, static_cast<int>(emu::tidx.x % 32) ^ offset);
 }
-// Blocks run one after another, so device-wide ordering holds already; the atomics and fences
-// still order the threads of one block for ThreadSanitizer.
+// Real atomics and fences: the blocks of a cooperative launch run at once.
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_add(value);
 }
