@@ -15,6 +15,10 @@
 
 #include "kernels.h"
 
+#ifndef LIGHTKV_CUDA_EMULATION
+#include <cooperative_groups.h>
+#endif
+
 // Returns from the enclosing host function on the first CUDA error.
 #define LIGHTKV_RETURN_IF_ERROR(expr)       \
   do {                                      \
@@ -291,10 +295,56 @@ __device__ __forceinline__ bool last_to_arrive(unsigned int* counter, unsigned i
   return is_last;
 }
 
+// Waits until every block of the grid has reached this point, and shows each block what the
+// others wrote before it. Cooperative launches only (KernelLauncher::cooperative).
+__device__ __forceinline__ void grid_barrier() {
+#ifdef LIGHTKV_CUDA_EMULATION
+  emu::grid_barrier->arrive_and_wait();
+#else
+  cooperative_groups::this_grid().sync();
+#endif
+}
+
+// Spins until *counter == value, counter written by other blocks (atomics): calling thread only.
+// What the writers wrote before their release (a fence, then the atomic) is visible after it;
+// a barrier then shows it to the whole block. Blocks may wait for each other only in a
+// cooperative launch, whose blocks are all resident.
+__device__ __forceinline__ void wait_for_count(const unsigned int* counter, unsigned int value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  for (;;) {
+    unsigned int seen;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    if (seen == value) break;
+    __nanosleep(32);
+  }
+#elif defined(LIGHTKV_CUDA_EMULATION)
+  while (std::atomic_ref<unsigned int>(*const_cast<unsigned int*>(counter)).load(std::memory_order_acquire) != value) {
+    std::this_thread::yield();
+  }
+#else
+  while (*static_cast<const volatile unsigned int*>(counter) != value) {
+  }
+  __threadfence();
+#endif
+}
+
 // Grid size for a grid-stride loop over at most `items` work items.
 inline unsigned int grid_for(int64_t items, int64_t cap) {
   const int64_t g = items < 1 ? 1 : (items < cap ? items : cap);
   return static_cast<unsigned int>(g);
+}
+
+// How many blocks of `kernel`, `threads` threads each, the current device holds at once (0 if it
+// cannot launch cooperatively): the largest grid of a cooperative launch.
+template <typename... Params>
+cudaError_t resident_blocks(void (*kernel)(Params...), int threads, int64_t* out) {
+  int device = 0, cooperative = 0, sms = 0, per_sm = 0;
+  LIGHTKV_RETURN_IF_ERROR(cudaGetDevice(&device));
+  LIGHTKV_RETURN_IF_ERROR(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  LIGHTKV_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  LIGHTKV_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  *out = cooperative ? static_cast<int64_t>(sms) * per_sm : 0;
+  return cudaSuccess;
 }
 
 #ifndef LIGHTKV_CUDA_EMULATION  // the CPU emulation brings its own launcher
@@ -320,17 +370,33 @@ class KernelLauncher {
     cudaLaunchAttribute chained{};
     chained.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     chained.val.programmaticStreamSerializationAllowed = 1;
+    return launch(kernel, grid, block, chained_ ? &chained : nullptr, std::forward<Args>(args)...);
+  }
+
+  // The same as a cooperative launch, unchained: all `grid` blocks are resident at once (at
+  // most resident_blocks of them), so they may wait for each other and call grid_barrier.
+  template <typename... Params, typename... Args>
+  cudaError_t cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
+    cudaLaunchAttribute cooperative{};
+    cooperative.id = cudaLaunchAttributeCooperative;
+    cooperative.val.cooperative = 1;
+    return launch(kernel, grid, block, &cooperative, std::forward<Args>(args)...);
+  }
+
+ private:
+  template <typename... Params, typename... Args>
+  cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaLaunchAttribute* attribute,
+                     Args&&... args) const {
     cudaLaunchConfig_t config{};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = 0;
     config.stream = stream_;
-    config.attrs = &chained;
-    config.numAttrs = chained_ ? 1 : 0;
+    config.attrs = attribute;
+    config.numAttrs = attribute != nullptr ? 1 : 0;
     return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   }
 
- private:
   cudaStream_t stream_ = nullptr;
   bool chained_ = false;
 };

@@ -17,12 +17,21 @@
 //           tiles (`rsplit` ranges per KV head) -> partial[(hk, range), token]; the last of a
 //           column tile's H_kv * rsplit items to finish (a ticket per tile) writes importance =
 //           the sum of the partials in (hk, range) order / (H_q * T_img).
+// Where every image's column tiles fit on the GPU at once and its text makes at most
+// kOnePassRowTiles row tiles (LLaVA-1.5 and Qwen2.5-VL images up to 16k tokens, at any batch),
+// one_pass_kernel does both in one cooperative launch instead: each 64 x 64 tile's logits are
+// computed once, kept in registers while the tiles of the same rows combine their row stats, and
+// then summed into column masses (half the tensor-core work and exponentials, and one read of
+// k). LIGHTKV_SCORE_PASSES=2 forces the two passes. The two ways round differently (last bits).
 // Work items are enumerated from per-image tile counts built on the device (no host sync), by
-// image_offsets_kernel, or for at most kFusedImages images by row_stats_kernel itself; every
-// block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
+// image_offsets_kernel, or for at most kFusedImages images by the scoring kernels themselves;
+// every block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
 // bitwise reproducible.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 
@@ -43,11 +52,15 @@ constexpr int kOffsetThreads = 512;
 // Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
 // reads, block 0 the ones column_mass_kernel reads): image_offsets_kernel is not launched.
 constexpr int64_t kFusedImages = 8;
+// one_pass_kernel: tile stats one block combines (one load of each per thread in flight), and
+// the most row tiles an image may have (its partial sums are kept per row tile).
+constexpr int kCombineTiles = 16;
+constexpr int64_t kOnePassRowTiles = 16;
 
 // Sanitised image table columns.
 enum ImageField { kRow = 0, kVisStart, kVisLen, kTextStart, kTextLen, kImageFields };
 // Per-image count arrays fed to the offsets scan.
-enum CountArray { kRowTiles = 0, kColTiles, kTextRows, kCountArrays };
+enum CountArray { kRowTiles = 0, kColTiles, kTextRows, kTileItems, kCountArrays };
 
 struct Params {
   const void* k;
@@ -66,12 +79,19 @@ struct Params {
   int64_t* images;             // sanitised, kImageFields per image
   int64_t* offsets;            // kCountArrays arrays of num_images + 1 exclusive offsets
   int64_t* text_counted;       // counted (mask True) text tokens per image
-  float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits
+  float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits; one pass: see below
   int64_t nsplit;
   float* partial;              // (H_kv * rsplit, B * L)
   int64_t rsplit;
   unsigned int* tickets;       // per column tile: its column_mass items done (row_stats_kernel zeroes them)
   int64_t ticket_count;
+  // one_pass_kernel (stats is then per item its tile's (max, sum) per row, overwritten at the
+  // first item of a chunk of kCombineTiles items of a group by the chunk's, and at the first
+  // item of a group by the group's (max, 1 / sum)):
+  unsigned int* chunk_tickets;  // at a chunk's first item: its items done
+  unsigned int* group_tickets;  // at a group's first item: its chunks combined, + 1 once final
+  int64_t item_capacity;        // items the arrays above hold
+  int64_t row_tile_capacity;    // partial's row tiles per KV head
   int64_t tokens;              // B * L
   bool vector_stage;           // tensor-core path: stage the head dim with 16-byte loads (vector_staging)
   float* importance;
@@ -103,6 +123,8 @@ __device__ __forceinline__ int64_t image_count(int array, const Image& im, int64
       return ceil_div(group * im.text_len, kTileRows);
     case kColTiles:
       return ceil_div(im.vis_len, kTileCols);
+    case kTileItems:  // one_pass_kernel's items: at least one row of tiles, for the uniform importance
+      return max(ceil_div(group * im.text_len, kTileRows), int64_t{1}) * ceil_div(im.vis_len, kTileCols);
     default:
       return im.text_len;
   }
@@ -367,6 +389,26 @@ __device__ __forceinline__ float sum_over_column_lanes(float v) {
   return v;
 }
 
+// The tile's column sums: each thread's column_sum (over its rows of L) summed over the lanes of
+// its warp that share the column, then over the warps in order (through `column_part`); thread
+// c < kTileCols gets column c's. Ends with the block's threads done writing `column_part`.
+template <typename L>
+__device__ __forceinline__ float column_total(float (&column_sum)[L::kCols],
+                                              float (&column_part)[L::kThreads / 32][kTileCols]) {
+#pragma unroll
+  for (int j = 0; j < L::kCols; ++j) column_sum[j] = sum_over_column_lanes<L>(column_sum[j]);
+  if (threadIdx.x % 32 < L::kRowLanes) {  // the lanes holding the warp's column sums
+#pragma unroll
+    for (int j = 0; j < L::kCols; ++j) column_part[threadIdx.x / 32][L::col(j)] = column_sum[j];
+  }
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x < kTileCols) {
+    for (int w = 0; w < L::kThreads / 32; ++w) total += column_part[w][threadIdx.x];
+  }
+  return total;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
     row_stats_kernel(const Params p) {
@@ -547,21 +589,11 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       }
       __syncthreads();  // rows of this tile are read before the next setup_rows
     }
-#pragma unroll
-    for (int j = 0; j < L::kCols; ++j) column_sum[j] = sum_over_column_lanes<L>(column_sum[j]);
-    if (threadIdx.x % 32 < L::kRowLanes) {  // the lanes holding the warp's column sums
-#pragma unroll
-      for (int j = 0; j < L::kCols; ++j) column_part[threadIdx.x / 32][L::col(j)] = column_sum[j];
-    }
-    __syncthreads();
+    const float part_sum = column_total<L>(column_sum, column_part);
     const int local = threadIdx.x;
     const bool live = local < kTileCols && sm.col_ok[local];
     const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + local;
-    if (live) {
-      float total = 0.f;
-      for (int w = 0; w < L::kThreads / 32; ++w) total += column_part[w][local];
-      p.partial[(hk * p.rsplit + range) * p.tokens + token] = total;
-    }
+    if (live) p.partial[(hk * p.rsplit + range) * p.tokens + token] = part_sum;
     const int64_t parts = p.H_kv * p.rsplit;
     if (!detail::last_to_arrive(&p.tickets[tile], static_cast<unsigned int>(parts))) continue;
     if (live) {
@@ -573,8 +605,185 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
   }
 }
 
+// (max, sum) of the softmax over the columns of `count` pairs (max, sum of 2^(l - max)) of the
+// same row, at `at`, `at + stride`, ..., combined online in that order (one read of each pair:
+// the loads of 8 in flight together). Reads with __ldcg (other blocks wrote the pairs).
+__device__ __forceinline__ float2 combine_row_stats(const float2* at, int64_t stride, int64_t count) {
+  float m = -INFINITY, total = 0.f;
+#pragma unroll 8
+  for (int64_t i = 0; i < count; ++i) {
+    const float2 pair = __ldcg(&at[i * stride]);
+    if (pair.x == -INFINITY) continue;  // no column of the row counts there
+    const float new_max = fmaxf(m, pair.x);
+    total = total * exp2f(m - new_max) + pair.y * exp2f(pair.x - new_max);
+    m = new_max;
+  }
+  return make_float2(m, total);
+}
+
+// Both passes in one, for images whose column tiles all fit on the GPU at once. A work item is one
+// 64 x 64 logit tile: (image, row tile, KV head, column tile), column tiles innermost, so the
+// items of a group, (image, row tile, KV head), are consecutive. An item computes its tile's
+// logits once and keeps them in registers as 2^(l - m) with m its tile's row maximum, writes
+// each row's (m, sum), and then waits until its group's rows are final: the last of each chunk
+// of kCombineTiles items to finish combines the chunk's pairs, the last chunk to do so combines
+// the chunks' and publishes (max, 1 / sum), each in a fixed order. The item's column masses are
+// then its values times 2^(m - max) / sum, summed over its rows as in column_mass_kernel, and the
+// last of a column tile's H_kv * row tiles items sums their partials into the importance.
+// Waiting is safe because the launch is cooperative (every block resident) and blocks walk the
+// items in order, gridDim.x apart: the unfinished item of lowest index belongs to a group whose
+// other items are at most a group's size (<= gridDim.x, see make_plan) later, so each of them is
+// the current item of its block (or done), and none of those waits for anything later.
+template <typename T>
+__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
+    one_pass_kernel(const Params p) {
+  detail::await_previous_kernel();
+  using L = TileLayout<T>;
+  __shared__ TileSmem sm;
+  __shared__ float column_part[L::kThreads / 32][kTileCols];  // per warp
+  __shared__ int64_t fused_images[kFusedImages * kImageFields];
+  __shared__ int64_t fused_counted[kFusedImages];
+  __shared__ int64_t fused_offsets[2][kFusedImages + 1];  // column tiles, tile items
+  const int64_t* images = p.images;
+  const int64_t* text_counted = p.text_counted;
+  const int64_t* col_tile_off = offsets_of(p, kColTiles);
+  const int64_t* item_off = offsets_of(p, kTileItems);
+  if (p.fused_tables) {  // uniform: every block builds the tables it reads (image_offsets_kernel did not run)
+    write_images<L::kThreads>(p.raw_images, p.num_images, p.B, p.L, p.S, p.text_mask, p.mask_stride[0],
+                              p.mask_stride[1], fused_images, fused_counted);
+    if (threadIdx.x < 2) {
+      serial_offsets(threadIdx.x == 0 ? kColTiles : kTileItems, p.raw_images, p.num_images, p.B, p.L, p.S, p.group,
+                     fused_offsets[threadIdx.x]);
+    }
+    __syncthreads();
+    images = fused_images;
+    text_counted = fused_counted;
+    col_tile_off = fused_offsets[0];
+    item_off = fused_offsets[1];
+  }
+  // Tokens of no image score 0, and every counter starts at 0, before any block goes on.
+  const int64_t first = blockIdx.x * static_cast<int64_t>(L::kThreads) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * L::kThreads;
+  for (int64_t token = first; token < p.tokens; token += stride) p.importance[token] = 0.f;
+  for (int64_t tile = first; tile < p.ticket_count; tile += stride) p.tickets[tile] = 0;
+  for (int64_t item = first; item < p.item_capacity; item += stride) {
+    p.chunk_tickets[item] = 0;
+    p.group_tickets[item] = 0;
+  }
+  detail::grid_barrier();
+  // More items or column tiles than disjoint images can have: overlapping images, which the
+  // contract forbids (only the CPU op can check a device table without a sync). Nothing is
+  // scored then (a uniform decision, so no block waits for an item that never runs).
+  const int64_t items = p.H_kv * item_off[p.num_images];
+  if (items > p.item_capacity || col_tile_off[p.num_images] > p.ticket_count) return;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t image = find_segment(item_off, p.num_images, item / p.H_kv);
+    const int64_t* img = images + image * kImageFields;
+    const int64_t col_tiles = ceil_div(img[kVisLen], kTileCols);
+    const int64_t local = item - p.H_kv * item_off[image];
+    const int64_t col_tile = local % col_tiles, hk = local / col_tiles % p.H_kv;
+    const int64_t row_tile = local / col_tiles / p.H_kv;
+    const int64_t counted = text_counted[image];
+    if (counted == 0) {  // no text to attend (uniform over the image's items): uniform importance
+      const int64_t c = col_tile * kTileCols + threadIdx.x;
+      if (hk == 0 && row_tile == 0 && threadIdx.x < kTileCols && c < img[kVisLen]) {
+        p.importance[img[kRow] * p.L + img[kVisStart] + c] = 1.f / static_cast<float>(img[kVisLen]);
+      }
+      continue;
+    }
+    __syncthreads();  // the previous item is done with the shared row and column data
+    setup_rows(p, sm, img, hk, row_tile);
+    setup_cols(p, sm, img, hk, col_tile);
+    float value[L::kRows][L::kCols];  // the logits, then 2^(l - tile_max)
+    tile_dot<T>(p, sm, /*rows_staged=*/false, /*cols_staged=*/false, value);  // publishes the setup first
+    float tile_max[L::kRows];
+#pragma unroll
+    for (int i = 0; i < L::kRows; ++i) {
+      float row_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < L::kCols; ++j) {
+        const int col = L::col(j);
+        value[i][j] = sm.col_ok[col] ? fmaf(p.scale_log2, value[i][j], sm.bias[col]) : -INFINITY;
+        row_max = fmaxf(row_max, value[i][j]);
+      }
+      tile_max[i] = max_over_row_lanes<L>(row_max);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < L::kCols; ++j) {
+        value[i][j] = tile_max[i] != -INFINITY ? exp2f(value[i][j] - tile_max[i]) : 0.f;
+        sum += value[i][j];
+      }
+      sum = sum_over_row_lanes<L>(sum);
+      const int row = L::row(i);
+      if (threadIdx.x % L::kRowLanes == 0) {
+        p.stats[item * kTileRows + row] = sm.row_ok[row] ? make_float2(tile_max[i], sum) : make_float2(-INFINITY, 0.f);
+      }
+    }
+
+    const int64_t group_first = item - col_tile;
+    const int64_t chunks = ceil_div(col_tiles, kCombineTiles);
+    const int64_t chunk_first = group_first + col_tile / kCombineTiles * kCombineTiles;
+    const int64_t chunk_items = min(static_cast<int64_t>(kCombineTiles), group_first + col_tiles - chunk_first);
+    if (detail::last_to_arrive(&p.chunk_tickets[chunk_first], static_cast<unsigned int>(chunk_items))) {
+      // Thread r combines row r, and writes the result over the chunk's first pair of that row.
+      if (threadIdx.x < kTileRows) {
+        float2* at = p.stats + chunk_first * kTileRows + threadIdx.x;
+        *at = combine_row_stats(at, kTileRows, chunk_items);
+      }
+      if (detail::last_to_arrive(&p.group_tickets[group_first], static_cast<unsigned int>(chunks))) {
+        if (threadIdx.x < kTileRows) {
+          float2* at = p.stats + group_first * kTileRows + threadIdx.x;
+          const float2 row = combine_row_stats(at, kCombineTiles * kTileRows, chunks);
+          // A row whose logits are all -inf (every size 0) contributes nothing.
+          *at = make_float2(row.x, row.y > 0.f ? 1.f / row.y : 0.f);
+        }
+        __threadfence();  // the final rows before the count that publishes them
+        __syncthreads();
+        if (threadIdx.x == 0) atomicAdd(&p.group_tickets[group_first], 1u);
+      }
+    }
+    if (threadIdx.x == 0) detail::wait_for_count(&p.group_tickets[group_first], static_cast<unsigned int>(chunks + 1));
+    __syncthreads();
+
+    float column_sum[L::kCols];
+#pragma unroll
+    for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < L::kRows; ++i) {
+      const int row = L::row(i);
+      const float2 final_row = __ldcg(&p.stats[group_first * kTileRows + row]);  // (max, 1 / sum)
+      const bool counts = sm.row_ok[row] && final_row.y > 0.f && tile_max[i] != -INFINITY;
+      const float factor = counts ? exp2f(tile_max[i] - final_row.x) * final_row.y : 0.f;
+#pragma unroll
+      for (int j = 0; j < L::kCols; ++j) column_sum[j] = fmaf(value[i][j], factor, column_sum[j]);
+    }
+    const float part_sum = column_total<L>(column_sum, column_part);
+    const int col = threadIdx.x;
+    const bool live = col < kTileCols && sm.col_ok[col];
+    const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + col;
+    if (live) p.partial[(hk * p.row_tile_capacity + row_tile) * p.tokens + token] = part_sum;
+    const int64_t row_tiles = ceil_div(p.group * img[kTextLen], kTileRows);
+    const int64_t parts = p.H_kv * row_tiles;
+    if (!detail::last_to_arrive(&p.tickets[col_tile_off[image] + col_tile], static_cast<unsigned int>(parts))) {
+      continue;
+    }
+    if (live) {
+      float total = 0.f;
+#pragma unroll 8  // the loads of 8 parts in flight together; the sum stays in (KV head, row tile) order
+      for (int64_t part = 0; part < parts; ++part) {
+        const int64_t slot = part / row_tiles * p.row_tile_capacity + part % row_tiles;
+        total += __ldcg(&p.partial[slot * p.tokens + token]);
+      }
+      p.importance[token] = total / static_cast<float>(p.H_q * counted);
+    }
+  }
+}
+
 struct Plan {
   int64_t B, H_kv, L, S, D, H_q, group, num_images, nsplit, rsplit, tokens;
+  // one_pass_kernel, when it applies: the grid (0: the two passes run instead), and bounds on
+  // its items and on the row tiles of an image
+  int64_t one_pass_grid, item_capacity, row_tile_capacity;
 };
 
 // 16-byte staging loads (16-bit types only) need contiguous head dims, a multiple of 8 of them,
@@ -597,6 +806,48 @@ int64_t row_tile_bound(const Plan& plan, const ScoreArgs& a) {
                   ceil_div(plan.group * a.text_capacity, kTileRows) + plan.num_images - 1);
 }
 
+// Blocks of one_pass_kernel<T> the current device holds at once, queried once per device (0 when
+// unknown or when the device cannot launch cooperatively).
+template <typename T>
+int64_t one_pass_resident_blocks() {
+  constexpr int kDevices = 64;
+  static std::atomic<int64_t> known[kDevices];  // blocks + 1; 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int64_t blocks = known[device].load(std::memory_order_relaxed) - 1;
+  if (blocks < 0) {
+    if (detail::resident_blocks(one_pass_kernel<T>, TileLayout<T>::kThreads, &blocks) != cudaSuccess) {
+      (void)cudaGetLastError();
+      blocks = 0;
+    }
+    known[device].store(blocks + 1, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+int64_t resident_one_pass_blocks(DType dtype) {
+  switch (dtype) {
+    case DType::Float32:
+      return one_pass_resident_blocks<float>();
+    case DType::Float16:
+      return one_pass_resident_blocks<__half>();
+    case DType::BFloat16:
+      return one_pass_resident_blocks<__nv_bfloat16>();
+    default:
+      return 0;
+  }
+}
+
+// LIGHTKV_SCORE_PASSES=2 runs the two passes even where one_pass_kernel applies (for A/B timing
+// and debugging).
+bool two_passes_forced() {
+  const char* knob = std::getenv("LIGHTKV_SCORE_PASSES");
+  return knob != nullptr && std::strcmp(knob, "2") == 0;
+}
+
 Plan make_plan(const ScoreArgs& a) {
   Plan plan{};
   plan.B = a.k.size[0];
@@ -616,6 +867,18 @@ Plan make_plan(const ScoreArgs& a) {
   plan.rsplit = std::max<int64_t>(
       1, std::min({ceil_div(kTargetBlocks, column_tile_bound(plan) * std::max<int64_t>(plan.H_kv, 1)),
                    ceil_div(std::max<int64_t>(plan.group * plan.S, 1), kTileRows), int64_t{16}}));
+  // One pass needs every group's column tiles (up to those of L tokens) resident at once, and
+  // few row tiles per image (partial holds them all). Its items: H_kv * sum over images of
+  // max(row tiles, 1) * column tiles, bounded by the largest factor times the other's sum.
+  plan.row_tile_capacity = std::max<int64_t>(1, ceil_div(plan.group * plan.S, kTileRows));
+  const int64_t most_col_tiles = ceil_div(plan.L, kTileCols);
+  plan.item_capacity =
+      plan.H_kv * std::min(plan.row_tile_capacity * column_tile_bound(plan),
+                           (row_tile_bound(plan, a) + plan.num_images) * most_col_tiles);
+  if (plan.row_tile_capacity <= kOnePassRowTiles && !two_passes_forced()) {
+    const int64_t resident = resident_one_pass_blocks(a.k.dtype);
+    if (most_col_tiles <= resident) plan.one_pass_grid = std::min(plan.item_capacity, resident);
+  }
   return plan;
 }
 
@@ -626,24 +889,33 @@ struct Workspace {
   int64_t* text_counted;
   float2* stats;
   float* partial;
+  unsigned int* chunk_tickets;  // one pass only
+  unsigned int* group_tickets;  // one pass only
   size_t bytes;
 };
 
 Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
   detail::WorkspaceCarver carver(base);
   Workspace ws{};
+  const bool one_pass = plan.one_pass_grid > 0;
   ws.images = carver.take<int64_t>(plan.num_images * kImageFields);
   ws.offsets = carver.take<int64_t>((plan.num_images + 1) * kCountArrays);
   ws.text_counted = carver.take<int64_t>(plan.num_images);
-  ws.stats = carver.take<float2>(a.text_capacity * plan.H_q * plan.nsplit);
-  ws.partial = carver.take<float>(plan.H_kv * plan.rsplit * plan.tokens);
+  ws.stats = carver.take<float2>(one_pass ? plan.item_capacity * kTileRows : a.text_capacity * plan.H_q * plan.nsplit);
+  ws.partial = carver.take<float>(plan.H_kv * (one_pass ? plan.row_tile_capacity : plan.rsplit) * plan.tokens);
   ws.tickets = carver.take<unsigned int>(column_tile_bound(plan));
+  ws.chunk_tickets = carver.take<unsigned int>(one_pass ? plan.item_capacity : 0);
+  ws.group_tickets = carver.take<unsigned int>(one_pass ? plan.item_capacity : 0);
   ws.bytes = carver.bytes();
   return ws;
 }
 
 template <typename T>
 cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a, const detail::KernelLauncher& launch) {
+  if (plan.one_pass_grid > 0) {
+    return launch.cooperative(one_pass_kernel<T>, static_cast<unsigned int>(plan.one_pass_grid),
+                              TileLayout<T>::kThreads, p);
+  }
   const int64_t row_items = row_tile_bound(plan, a) * plan.H_kv * plan.nsplit;
   LIGHTKV_RETURN_IF_ERROR(
       launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), TileLayout<T>::kThreads, p));
@@ -674,7 +946,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
 
   detail::KernelLauncher launch;
   LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, image_offsets_kernel, &launch));
-  const bool fused_tables = plan.num_images <= kFusedImages;
+  const bool fused_tables = plan.num_images <= kFusedImages;  // the kernels build the image tables
   if (!fused_tables) {
     LIGHTKV_RETURN_IF_ERROR(launch(image_offsets_kernel, kCountArrays, kOffsetThreads, a.images, plan.num_images,
                                    plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
@@ -714,6 +986,10 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.rsplit = plan.rsplit;
   p.tickets = ws.tickets;
   p.ticket_count = column_tile_bound(plan);
+  p.chunk_tickets = ws.chunk_tickets;
+  p.group_tickets = ws.group_tickets;
+  p.item_capacity = plan.one_pass_grid > 0 ? plan.item_capacity : 0;
+  p.row_tile_capacity = plan.row_tile_capacity;
   p.tokens = plan.tokens;
   p.importance = a.importance;
   p.vector_stage = vector_staging(a);
