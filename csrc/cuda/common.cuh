@@ -347,6 +347,12 @@ cudaError_t resident_blocks(void (*kernel)(Params...), int threads, int64_t* out
   return cudaSuccess;
 }
 
+// Whether the environment sets the run-time knob `name` to `value` (read at every call).
+inline bool knob_is(const char* name, const char* value) {
+  const char* knob = std::getenv(name);
+  return knob != nullptr && std::strcmp(knob, value) == 0;
+}
+
 #ifndef LIGHTKV_CUDA_EMULATION  // the CPU emulation brings its own launcher
 // Launches kernels on one stream, chained (see await_previous_kernel) when the code that runs
 // was compiled for compute capability 9.0 or later (PTX of an older target, compiled just in
@@ -358,9 +364,8 @@ class KernelLauncher {
   static cudaError_t create(cudaStream_t stream, void (*probe)(Params...), KernelLauncher* out) {
     cudaFuncAttributes attributes{};
     LIGHTKV_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, probe));
-    const char* knob = std::getenv("LIGHTKV_PDL");
     out->stream_ = stream;
-    out->chained_ = attributes.ptxVersion >= 90 && !(knob != nullptr && std::strcmp(knob, "0") == 0);
+    out->chained_ = attributes.ptxVersion >= 90 && !knob_is("LIGHTKV_PDL", "0");
     return cudaSuccess;
   }
 

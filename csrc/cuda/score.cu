@@ -30,8 +30,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
 
@@ -809,7 +807,7 @@ int64_t row_tile_bound(const Plan& plan, const ScoreArgs& a) {
 // Blocks of one_pass_kernel<T> the current device holds at once, queried once per device (0 when
 // unknown or when the device cannot launch cooperatively).
 template <typename T>
-int64_t one_pass_resident_blocks() {
+int64_t one_pass_residency() {
   constexpr int kDevices = 64;
   static std::atomic<int64_t> known[kDevices];  // blocks + 1; 0: not asked yet
   int device = 0;
@@ -828,14 +826,14 @@ int64_t one_pass_resident_blocks() {
   return blocks;
 }
 
-int64_t resident_one_pass_blocks(DType dtype) {
+int64_t one_pass_residency(DType dtype) {  // the same for the element type `dtype`
   switch (dtype) {
     case DType::Float32:
-      return one_pass_resident_blocks<float>();
+      return one_pass_residency<float>();
     case DType::Float16:
-      return one_pass_resident_blocks<__half>();
+      return one_pass_residency<__half>();
     case DType::BFloat16:
-      return one_pass_resident_blocks<__nv_bfloat16>();
+      return one_pass_residency<__nv_bfloat16>();
     default:
       return 0;
   }
@@ -843,10 +841,7 @@ int64_t resident_one_pass_blocks(DType dtype) {
 
 // LIGHTKV_SCORE_PASSES=2 runs the two passes even where one_pass_kernel applies (for A/B timing
 // and debugging).
-bool two_passes_forced() {
-  const char* knob = std::getenv("LIGHTKV_SCORE_PASSES");
-  return knob != nullptr && std::strcmp(knob, "2") == 0;
-}
+bool two_passes_forced() { return detail::knob_is("LIGHTKV_SCORE_PASSES", "2"); }
 
 Plan make_plan(const ScoreArgs& a) {
   Plan plan{};
@@ -876,7 +871,7 @@ Plan make_plan(const ScoreArgs& a) {
       plan.H_kv * std::min(plan.row_tile_capacity * column_tile_bound(plan),
                            (row_tile_bound(plan, a) + plan.num_images) * most_col_tiles);
   if (plan.row_tile_capacity <= kOnePassRowTiles && !two_passes_forced()) {
-    const int64_t resident = resident_one_pass_blocks(a.k.dtype);
+    const int64_t resident = one_pass_residency(a.k.dtype);
     if (most_col_tiles <= resident) plan.one_pass_grid = std::min(plan.item_capacity, resident);
   }
   return plan;

@@ -109,15 +109,22 @@ inline unsigned checked_block_size(dim3 block) {
   return n;
 }
 
+// The blocks of `grid`, x fastest.
+inline std::vector<dim3> blocks_of(dim3 grid) {
+  std::vector<dim3> blocks;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  return blocks;
+}
+
 // A plain launch: the blocks one after another.
 inline void launch(dim3 grid, dim3 block_size, const std::function<void()>& body) {
   if (grid.x > kGridCap) grid.x = kGridCap;
   gdim = grid;
   bdim = block_size;
   const unsigned n = checked_block_size(block_size);
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) run_blocks({dim3(x, y, z)}, n, body);
+  for (const dim3& one : blocks_of(grid)) run_blocks({one}, n, body);
 }
 
 // A cooperative launch: every block at once, with a grid-wide barrier.
@@ -125,10 +132,7 @@ inline void launch_cooperative(dim3 grid, dim3 block_size, const std::function<v
   gdim = grid;
   bdim = block_size;
   const unsigned n = checked_block_size(block_size);
-  std::vector<dim3> blocks;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  const std::vector<dim3> blocks = blocks_of(grid);
   std::barrier<> all(static_cast<std::ptrdiff_t>(blocks.size() * n));
   grid_barrier = &all;
   run_blocks(blocks, n, body);
