@@ -83,8 +83,10 @@ step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_
 if [ -n "$BASELINE" ]; then
   step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
 fi
-# A/B of the scoring: the two passes where the one-pass cooperative kernel runs (markdown only).
-step kernel_breakdown_two_passes 20 "{ echo; echo '## Two scoring passes (LIGHTKV_SCORE_PASSES=2)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=2 $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
+# Where the host time of an eager call goes (varlen and dense): syncs, Python, launches (log only).
+step profile_host 40 "$PYTHON bench/profile_host.py"
+# A/B of the scoring: the opt-in one-pass cooperative kernel instead of the two passes (markdown only).
+step kernel_breakdown_one_pass 20 "{ echo; echo '## One scoring pass (LIGHTKV_SCORE_PASSES=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=1 $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of the merge modes where exact mode runs: the same cases in screened mode (markdown only).
 step kernel_breakdown_screened 20 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 # Hardware counters of one call per target case (Nsight Compute at the GPU's own clocks): what

@@ -43,7 +43,6 @@
 // those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 4 launches. Steps 1-4
 // (launch_merge_decisions) never read the importance; step 5 (launch_merge_values) does.
 #include <cub/block/block_radix_sort.cuh>
-#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
@@ -68,6 +67,7 @@ constexpr int kScreenThreads = 128;  // 4 warps, each owning a 32 x 32 quarter o
 constexpr int kTopK = 8;             // screened candidates kept per src
 constexpr int kMergeThreads = 128;
 constexpr int kMergeVectors = 2;  // vectors of each of k and v per merge_values thread
+constexpr int kMergeBlocksPerSm = 8;  // merge_values_kernel: at most 64 registers
 constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int kPrepareThreads = 256;
 constexpr int kRankThreads = 256;
@@ -1151,35 +1151,33 @@ struct ValueParams {  // k (tensor 0) and v (tensor 1)
 // One block per (output slot, element chunk): the chunk is kMergeVectors vectors of VEC elements
 // per thread, of k and of v alike, so the group's bounds, members and weights (a chain of
 // dependent loads) are read once for 2 kMergeVectors vectors per thread, and every member's loads
-// of them are in flight together. Each output element is the members' weighted sum in member order.
+// of them are in flight together. Each output element is the members' weighted sum in member
+// order, divided by the weights' sum, also in member order (as the CPU op sums them): every
+// thread adds the weights up itself from shared memory, which is cheaper than a block reduction
+// for the typical group of 2 members. 8 blocks per SM hide the chain's latency.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const ValueParams p) {
+__global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values_kernel(const ValueParams p) {
   detail::await_previous_kernel();
-  using WeightReduce = cub::BlockReduce<float, kMergeThreads>;
-  using SizeReduce = cub::BlockReduce<int64_t, kMergeThreads>;
-  __shared__ typename WeightReduce::TempStorage weight_storage;
-  __shared__ typename SizeReduce::TempStorage size_storage;
   __shared__ int64_t member_l[kMergeThreads];
   __shared__ float member_w[kMergeThreads];
-  __shared__ float weight_total;
-  __shared__ int64_t size_total;
+  __shared__ int32_t member_size[kMergeThreads];
 
   const bool writes_sizes = blockIdx.y == 0 && threadIdx.x == 0;
-  const int64_t vectors_per_head = p.D / VEC;
-  // Vector u of this thread, in each tensor: (head, d) offsets from a token's row.
+  const int vectors_per_head = static_cast<int>(p.D / VEC);
+  const int head_vectors = static_cast<int>(p.H) * vectors_per_head;  // < 2^24 (launch_values)
+  // Vector u of this thread: head and first element, in both tensors (the offsets from a token's
+  // row are recomputed where used: two multiply-adds, cheaper than 16 registers).
   bool live[kMergeVectors];
-  int64_t x_offset[2][kMergeVectors], out_offset[2][kMergeVectors];
+  int head[kMergeVectors], elem[kMergeVectors];
 #pragma unroll
   for (int u = 0; u < kMergeVectors; ++u) {
-    const int64_t e = (static_cast<int64_t>(blockIdx.y) * kMergeVectors + u) * kMergeThreads + threadIdx.x;
-    live[u] = e < p.H * vectors_per_head;
-    const int64_t h = live[u] ? e / vectors_per_head : 0, d = live[u] ? (e % vectors_per_head) * VEC : 0;
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      x_offset[t][u] = h * p.x_stride[t][1] + d * p.x_stride[t][3];
-      out_offset[t][u] = h * p.out_stride[t][1] + d * p.out_stride[t][3];
-    }
+    const int e = (static_cast<int>(blockIdx.y) * kMergeVectors + u) * kMergeThreads + static_cast<int>(threadIdx.x);
+    live[u] = e < head_vectors;
+    head[u] = live[u] ? e / vectors_per_head : 0;
+    elem[u] = live[u] ? (e % vectors_per_head) * VEC : 0;
   }
+  const auto x_offset = [&](int t, int u) { return head[u] * p.x_stride[t][1] + elem[u] * p.x_stride[t][3]; };
+  const auto out_offset = [&](int t, int u) { return head[u] * p.out_stride[t][1] + elem[u] * p.out_stride[t][3]; };
   // f(tensor, u) for each live vector u of this thread, of k (tensor 0) and v (tensor 1).
   const auto for_each_vector = [&](auto&& f) {
 #pragma unroll
@@ -1204,15 +1202,15 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
     if (end - begin == 1) {  // kept token without merged srcs: bitwise copy
       const int64_t l = p.members[begin] - b * p.L;
       Vec<T, VEC> value[2][kMergeVectors];
-      for_each_vector([&](int t, int u) { value[t][u] = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]); });
-      for_each_vector([&](int t, int u) { store_vec<T, VEC>(out_row(t) + out_offset[t][u], value[t][u]); });
+      for_each_vector([&](int t, int u) { value[t][u] = load_vec<T, VEC>(x_row(t, l) + x_offset(t, u)); });
+      for_each_vector([&](int t, int u) { store_vec<T, VEC>(out_row(t) + out_offset(t, u), value[t][u]); });
       if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
       continue;
     }
     float sum[2][kMergeVectors][VEC];  // weighted; equal weights in a second pass if the group's weight is 0
     const auto add_member = [&](int64_t l, float weight) {  // sum += weight x[l], every vector of the thread
       for_each_vector([&](int t, int u) {
-        const Vec<T, VEC> value = load_vec<T, VEC>(x_row(t, l) + x_offset[t][u]);
+        const Vec<T, VEC> value = load_vec<T, VEC>(x_row(t, l) + x_offset(t, u));
 #pragma unroll
         for (int k = 0; k < VEC; ++k) sum[t][u][k] = fmaf(weight, to_float(value.v[k]), sum[t][u][k]);
       });
@@ -1228,33 +1226,26 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       }
     };
     clear();
-    if (threadIdx.x == 0) {
-      weight_total = 0.f;
-      size_total = 0;
-    }
+    float total = 0.f;
+    int64_t size_total = 0;
     for (int64_t chunk = begin; chunk < end; chunk += kMergeThreads) {
       const int64_t j = chunk + threadIdx.x;
-      float w = 0.f;
-      int64_t size = 0;
       if (j < end) {
         const int64_t g = p.members[j];
-        w = p.importance[g];
-        size = p.sizes[g];
         member_l[threadIdx.x] = g - b * p.L;
-        member_w[threadIdx.x] = w;
-      }
-      const float chunk_weight = WeightReduce(weight_storage).Sum(w);
-      const int64_t chunk_size = SizeReduce(size_storage).Sum(size);
-      if (threadIdx.x == 0) {  // chunks added in order: fixed summation order
-        weight_total += chunk_weight;
-        size_total += chunk_size;
+        member_w[threadIdx.x] = p.importance[g];
+        member_size[threadIdx.x] = p.sizes[g];
       }
       __syncthreads();
       const int count = static_cast<int>(min(static_cast<int64_t>(kMergeThreads), end - chunk));
-      for (int i = 0; i < count; ++i) add_member(member_l[i], member_w[i]);
-      __syncthreads();  // members of this chunk (and the reduce storage) are free again
+      for (int i = 0; i < count; ++i) {
+        const float w = member_w[i];
+        total += w;
+        size_total += member_size[i];
+        add_member(member_l[i], w);
+      }
+      __syncthreads();  // members of this chunk are read before the next chunk (or slot) overwrites them
     }
-    const float total = weight_total;
     // Weight 0 (rare: given zeros, or attention underflow): the plain sum, in the same member
     // order (1 x + s == x + s exactly). A second pass keeps the common path at one accumulator per
     // element (registers).
@@ -1268,10 +1259,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_values_kernel(const Value
       Vec<T, VEC> result;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) result.v[k] = detail::from_float<T>(sum[t][u][k] / divisor);
-      store_vec<T, VEC>(out_row(t) + out_offset[t][u], result);
+      store_vec<T, VEC>(out_row(t) + out_offset(t, u), result);
     });
     if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
-    __syncthreads();  // weight_total / size_total are read before the next slot resets them
   }
 }
 

@@ -17,12 +17,13 @@
 //           tiles (`rsplit` ranges per KV head) -> partial[(hk, range), token]; the last of a
 //           column tile's H_kv * rsplit items to finish (a ticket per tile) writes importance =
 //           the sum of the partials in (hk, range) order / (H_q * T_img).
-// Where every image's column tiles fit on the GPU at once and its text makes at most
-// kOnePassRowTiles row tiles (LLaVA-1.5 and Qwen2.5-VL images up to 16k tokens, at any batch),
-// one_pass_kernel does both in one cooperative launch instead: each 64 x 64 tile's logits are
-// computed once, kept in registers while the tiles of the same rows combine their row stats, and
-// then summed into column masses (half the tensor-core work and exponentials, and one read of
-// k). LIGHTKV_SCORE_PASSES=2 forces the two passes. The two ways round differently (last bits).
+// With LIGHTKV_SCORE_PASSES=1, where every image's column tiles fit on the GPU at once and its
+// text makes at most kOnePassRowTiles row tiles, one_pass_kernel does both in one cooperative
+// launch instead: each 64 x 64 tile's logits are computed once, kept in registers while the tiles
+// of the same rows combine their row stats, and then summed into column masses (half the
+// tensor-core work and exponentials, and one read of k). It is opt-in because it measured slower
+// (H100: 410 us against 289 us for the two passes at LLaVA-1.5 batch 32; a block idles while
+// its group's tiles finish). The two ways round differently (last bits).
 // Work items are enumerated from per-image tile counts built on the device (no host sync), by
 // image_offsets_kernel, or for at most kFusedImages images by the scoring kernels themselves;
 // every block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
@@ -839,9 +840,9 @@ int64_t one_pass_residency(DType dtype) {  // the same for the element type `dty
   }
 }
 
-// LIGHTKV_SCORE_PASSES=2 runs the two passes even where one_pass_kernel applies (for A/B timing
-// and debugging).
-bool two_passes_forced() { return detail::knob_is("LIGHTKV_SCORE_PASSES", "2"); }
+// LIGHTKV_SCORE_PASSES=1 runs one_pass_kernel where it applies. Opt-in: measured on an H100 it
+// is slower than the two passes at every target shape (its waits leave the SMs idle; README).
+bool one_pass_requested() { return detail::knob_is("LIGHTKV_SCORE_PASSES", "1"); }
 
 Plan make_plan(const ScoreArgs& a) {
   Plan plan{};
@@ -870,7 +871,7 @@ Plan make_plan(const ScoreArgs& a) {
   plan.item_capacity =
       plan.H_kv * std::min(plan.row_tile_capacity * column_tile_bound(plan),
                            (row_tile_bound(plan, a) + plan.num_images) * most_col_tiles);
-  if (plan.row_tile_capacity <= kOnePassRowTiles && !two_passes_forced()) {
+  if (plan.row_tile_capacity <= kOnePassRowTiles && one_pass_requested()) {
     const int64_t resident = one_pass_residency(a.k.dtype);
     if (most_col_tiles <= resident) plan.one_pass_grid = std::min(plan.item_capacity, resident);
   }
