@@ -47,6 +47,7 @@ constexpr int kChunkD = 16;    // head-dim slice staged in shared memory (SIMT p
 constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tensor-core path)
 constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
 constexpr int64_t kMaxGrid = 16384;
+constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see column_run)
 constexpr int kOffsetThreads = 512;
 // Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
 // reads, block 0 the ones column_mass_kernel reads): image_offsets_kernel is not launched.
@@ -82,6 +83,7 @@ struct Params {
   int64_t nsplit;
   float* partial;              // (H_kv * rsplit, B * L)
   int64_t rsplit;
+  int64_t column_run;          // column_mass_kernel: consecutive items per block
   unsigned int* tickets;       // per column tile: its column_mass items done (row_stats_kernel zeroes them)
   int64_t ticket_count;
   // one_pass_kernel (stats is then per item its tile's (max, sum) per row, overwritten at the
@@ -524,10 +526,16 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
   const int64_t* text_off = offsets_of(p, kTextRows);
   // Disjoint images have at most ticket_count column tiles; overlapping ones (the contract forbids
   // them, but only the CPU op can check a device table without a sync) must not index past it.
-  const int64_t items = min(col_tile_off[p.num_images], p.ticket_count) * p.H_kv * p.rsplit;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t tile = item / (p.H_kv * p.rsplit);
-    const int64_t hk = (item / p.rsplit) % p.H_kv, range = item % p.rsplit;
+  const int64_t tiles = min(col_tile_off[p.num_images], p.ticket_count);
+  const int64_t items = tiles * p.H_kv * p.rsplit;
+  // Each block takes runs of column_run consecutive items (column tiles innermost), gridDim.x runs
+  // apart, so that an item whose range is the single row tile of the item before (LLaVA-1.5:
+  // every item of a run within an image) finds that tile's queries and row stats still staged.
+  const int64_t run = p.column_run, run_stride = (static_cast<int64_t>(gridDim.x) - 1) * run;
+  int64_t staged_image = -1, staged_hk = -1, staged_row_tile = -1;
+  for (int64_t item = blockIdx.x * run; item < items; item += (item + 1) % run == 0 ? run_stride + 1 : 1) {
+    const int64_t tile = item % tiles;
+    const int64_t hk = item / tiles / p.rsplit, range = item / tiles % p.rsplit;
     const int64_t image = find_segment(col_tile_off, p.num_images, tile);
     const int64_t* img = p.images + image * kImageFields;
     const int64_t col_tile = tile - col_tile_off[image];
@@ -551,9 +559,13 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
 #pragma unroll
     for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
     for (int64_t row_tile = row_begin; row_tile < row_end; ++row_tile) {
-      setup_rows(p, sm, img, hk, row_tile);
+      const bool rows_staged = image == staged_image && hk == staged_hk && row_tile == staged_row_tile;
+      staged_image = image;
+      staged_hk = hk;
+      staged_row_tile = row_tile;
+      if (!rows_staged) setup_rows(p, sm, img, hk, row_tile);
       __syncthreads();
-      if (threadIdx.x < kTileRows) {
+      if (threadIdx.x < kTileRows && !rows_staged) {
         const int local = threadIdx.x;
         float m = -INFINITY, total = 0.f;
         if (sm.row_ok[local]) {
@@ -574,7 +586,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       }
       // tile_dot's first barrier publishes row_max / row_inv_sum as well.
       float acc[L::kRows][L::kCols];
-      tile_dot<T>(p, sm, /*rows_staged=*/false, /*cols_staged=*/row_tile > row_begin, acc);
+      tile_dot<T>(p, sm, rows_staged, /*cols_staged=*/row_tile > row_begin, acc);
 #pragma unroll
       for (int j = 0; j < L::kCols; ++j) {
         const int col = L::col(j);
@@ -796,6 +808,11 @@ bool vector_staging(const ScoreArgs& a) {
 // Upper bound on the column tiles of all images: each image adds at most one partial tile.
 int64_t column_tile_bound(const Plan& plan) { return ceil_div(plan.tokens, kTileCols) + plan.num_images; }
 
+// Upper bound on column_mass_kernel's items, and the run of them each of its blocks takes: one
+// item while that makes at most kColumnBlocks blocks (shape-only, so device independent).
+int64_t column_items(const Plan& plan) { return column_tile_bound(plan) * plan.H_kv * plan.rsplit; }
+int64_t column_run(const Plan& plan) { return std::max<int64_t>(1, ceil_div(column_items(plan), kColumnBlocks)); }
+
 // Upper bound on the row tiles of all images, from shapes alone (the image table is on the
 // device): each image has at most the tiles of all S text tokens, and together at most one
 // partial tile each beyond those of the text_capacity bound.
@@ -915,7 +932,7 @@ cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a,
   const int64_t row_items = row_tile_bound(plan, a) * plan.H_kv * plan.nsplit;
   LIGHTKV_RETURN_IF_ERROR(
       launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), TileLayout<T>::kThreads, p));
-  return launch(column_mass_kernel<T>, detail::grid_for(column_tile_bound(plan) * plan.H_kv * plan.rsplit, kMaxGrid),
+  return launch(column_mass_kernel<T>, detail::grid_for(ceil_div(column_items(plan), column_run(plan)), kMaxGrid),
                 TileLayout<T>::kThreads, p);
 }
 
@@ -980,6 +997,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.nsplit = plan.nsplit;
   p.partial = ws.partial;
   p.rsplit = plan.rsplit;
+  p.column_run = column_run(plan);
   p.tickets = ws.tickets;
   p.ticket_count = column_tile_bound(plan);
   p.chunk_tickets = ws.chunk_tickets;

@@ -548,6 +548,11 @@ int main(int argc, char** argv) {
   }
   run_score_case<float>({"fp32 single token image", 1, 1, 1, 1, 1, 8, {{0, 0, 1, 0, 1}}, false, true, {0, 1, 2, 3}},
                         4);
+  // Long rows bound column_mass_kernel's items above 2048: each block takes a run of 3, across the
+  // images' 6 column tiles and the 2 KV heads, reusing the staged queries within an image.
+  run_score_case<__nv_bfloat16>({"bf16 runs of column items", 1, 2, 2, 140000, 14, 16,
+                                 {{0, 0, 130, 0, 9}, {0, 130, 170, 9, 5}}, true, true, {0, 1, 2, 3}},
+                                26);
   // One pass over 18 column tiles: two chunks of tile stats combined, then the chunks' (the
   // emulator holds 24 blocks at once, a GPU hundreds).
   run_score_case<__nv_bfloat16>({"bf16 one pass, 18 column tiles", 1, 1, 2, 1100, 9, 16, {{0, 0, 1100, 0, 9}},
