@@ -117,6 +117,21 @@ def test_varlen_equals_per_image_compress(dtype):
     assert packed.k.is_contiguous()
 
 
+def test_varlen_results_do_not_share_the_cached_tables():
+    """The offsets a call returns are its own: writing them leaves the next call of the same
+    shapes (whose tables come from the cache) unchanged."""
+    grids, ks, vs, texts = _pack()
+    args = (torch.cat(ks), torch.cat(vs), torch.cat(texts), _cumsum(len(k) for k in ks), grids)
+    first = lightkv_ext.compress_varlen(*args, windows=1)
+    want = first.cu_seqlens.clone(), first.index.clone(), first.assignment.clone()
+    first.cu_seqlens.fill_(-1)
+    first.index.fill_(-1)
+    first.assignment.fill_(-1)
+    again = lightkv_ext.compress_varlen(*args, windows=1)
+    assert all(torch.equal(got, expected) for got, expected in
+               zip((again.cu_seqlens, again.index, again.assignment), want))
+
+
 def test_varlen_second_stage_with_positions_and_shared_prompt():
     grids, ks, vs, texts = _pack()
     k, v, text = torch.cat(ks), torch.cat(vs), torch.cat(texts[:1])
