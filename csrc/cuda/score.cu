@@ -858,7 +858,7 @@ int64_t one_pass_residency(DType dtype) {  // the same for the element type `dty
 }
 
 // LIGHTKV_SCORE_PASSES=1 runs one_pass_kernel where it applies. Opt-in: measured on an H100 it
-// is slower than the two passes at every target shape (its waits leave the SMs idle; README).
+// is slower than the two passes, or at best equal (its waits leave the SMs idle; README).
 bool one_pass_requested() { return detail::knob_is("LIGHTKV_SCORE_PASSES", "1"); }
 
 Plan make_plan(const ScoreArgs& a) {
