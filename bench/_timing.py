@@ -126,6 +126,14 @@ def time_on(device: torch.device, fn: Callable[[], object], *, quick: bool) -> T
     return time_cpu(fn, warmup=2, min_reps=5, max_reps=100, budget_s=2.0)
 
 
+def cli_device(choice: Optional[str]) -> torch.device:
+    """The device a `--device` option names (default: cuda when available, else cpu)."""
+    device = torch.device(choice or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch reports no CUDA device")
+    return device
+
+
 def device_description(device: torch.device) -> str:
     """Human-readable name of the device: GPU name, or the CPU model as lscpu reports it."""
     if device.type == "cuda":

@@ -30,7 +30,7 @@ import torch
 import lightkv_ext
 from lightkv_ext import reference
 
-from _timing import (format_number, load_pyplot, markdown_table, run_metadata, save_figure, time_on,
+from _timing import (cli_device, format_number, load_pyplot, markdown_table, run_metadata, save_figure, time_on,
                      write_json)
 
 RATIO = 0.5
@@ -425,9 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.replot:
         return replot(args.replot, args.plot)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch reports no CUDA device")
+    device = cli_device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     metadata = run_metadata(device)
 

@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 import lightkv_ext
 from lightkv_ext import api
 from lightkv_ext.windows import WindowLayout
-from _timing import format_number, markdown_table, run_metadata, write_json
+from _timing import cli_device, format_number, markdown_table, run_metadata, write_json
 from bench_kernels import PRESETS, dense_call, make_case, varlen_call, with_environment
 
 DEFAULT_CASES = ("llava15:1", "llava15:32", "qwen25vl:1", "video:1", "video16k:1")
@@ -134,9 +134,7 @@ def ncu_range(cases: Sequence[Tuple[str, int]], dtype: torch.dtype, device: torc
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch reports no CUDA device")
+    device = cli_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     metadata = run_metadata(device)
     if args.ncu_range:

@@ -47,6 +47,7 @@ sys.path[:0] = [HERE, ROOT]  # bench_kernels (and its _timing), then this tree's
 import torch  # noqa: E402
 
 import lightkv_ext  # noqa: E402
+from _timing import cli_device, device_description  # noqa: E402
 from bench_kernels import PRESETS, dense_call, make_case, varlen_call  # noqa: E402
 
 TIMED_CALLS, CPROFILE_CALLS, TORCH_PROFILER_CALLS, WARMUP_CALLS = 50, 20, 5, 5
@@ -222,12 +223,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch reports no CUDA device")
+    device = cli_device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"profile_host: {name}, torch {torch.__version__}, {dtype}, batch 1, ratio 0.5 "
+    print(f"profile_host: {device_description(device)}, torch {torch.__version__}, {dtype}, batch 1, ratio 0.5 "
           f"(host time: perf_counter around one call, GPU synchronised before it)")
 
     reference = make_case(PRESETS["llava15"], 1, dtype, device)  # the dense API, for comparison

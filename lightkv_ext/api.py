@@ -49,14 +49,14 @@ def _varlen_tables(starts: tuple, text_ranges: tuple, kept: tuple, device: torch
     """Tables of a varlen pack that depend on its shapes only, built on the host and moved to the
     device once: the image table of ``lightkv::score``, the output offsets, and per output slot
     and per input token the first row of its image (in the input and in the output)."""
-    counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])])
+    counts = [b - a for a, b in zip(starts, starts[1:])]
     images = torch.tensor([[0, start, n, t0, t1 - t0] for start, n, (t0, t1)
-                           in zip(starts, counts.tolist(), text_ranges)], dtype=torch.int64).reshape(-1, 5)
+                           in zip(starts, counts, text_ranges)], dtype=torch.int64).reshape(-1, 5)
     kept = torch.tensor(kept, dtype=torch.int64)
     cu_out = torch.zeros(len(kept) + 1, dtype=torch.int32)
     torch.cumsum(kept, 0, out=cu_out[1:])
     slot_base = torch.tensor(starts[:-1], dtype=torch.int64).repeat_interleave(kept)
-    token_base = cu_out[:-1].long().repeat_interleave(counts)
+    token_base = cu_out[:-1].long().repeat_interleave(torch.tensor(counts))
     return tuple(ready_for_any_stream(t.to(device)) for t in (images, cu_out, slot_base, token_base))
 
 

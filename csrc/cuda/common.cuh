@@ -328,6 +328,13 @@ __device__ __forceinline__ void wait_for_count(const unsigned int* counter, unsi
 #endif
 }
 
+// Every thread of the grid sets its share of a[0, n) to `value`: a memset without a launch.
+template <typename T>
+__device__ __forceinline__ void grid_fill(T* a, int64_t n, T value) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) a[i] = value;
+}
+
 // Grid size for a grid-stride loop over at most `items` work items.
 inline unsigned int grid_for(int64_t items, int64_t cap) {
   const int64_t g = items < 1 ? 1 : (items < cap ? items : cap);

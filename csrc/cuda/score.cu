@@ -47,7 +47,7 @@ constexpr int kChunkD = 16;    // head-dim slice staged in shared memory (SIMT p
 constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tensor-core path)
 constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
 constexpr int64_t kMaxGrid = 16384;
-constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see column_run)
+constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see Plan::column_run)
 constexpr int kOffsetThreads = 512;
 // Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
 // reads, block 0 the ones column_mass_kernel reads): image_offsets_kernel is not launched.
@@ -445,11 +445,8 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
   }
   const int64_t items = row_tile_off[p.num_images] * p.H_kv * p.nsplit;
   // Tokens of no image score 0; column_mass_kernel writes the others. Its tickets start at 0.
-  // (This saves memset launches.)
-  const int64_t first = blockIdx.x * static_cast<int64_t>(L::kThreads) + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * L::kThreads;
-  for (int64_t token = first; token < p.tokens; token += stride) p.importance[token] = 0.f;
-  for (int64_t tile = first; tile < p.ticket_count; tile += stride) p.tickets[tile] = 0;
+  detail::grid_fill(p.importance, p.tokens, 0.f);
+  detail::grid_fill(p.tickets, p.ticket_count, 0u);
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t tile = item / (p.H_kv * p.nsplit);
     const int64_t hk = (item / p.nsplit) % p.H_kv, split = item % p.nsplit;
@@ -673,14 +670,10 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     item_off = fused_offsets[1];
   }
   // Tokens of no image score 0, and every counter starts at 0, before any block goes on.
-  const int64_t first = blockIdx.x * static_cast<int64_t>(L::kThreads) + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * L::kThreads;
-  for (int64_t token = first; token < p.tokens; token += stride) p.importance[token] = 0.f;
-  for (int64_t tile = first; tile < p.ticket_count; tile += stride) p.tickets[tile] = 0;
-  for (int64_t item = first; item < p.item_capacity; item += stride) {
-    p.chunk_tickets[item] = 0;
-    p.group_tickets[item] = 0;
-  }
+  detail::grid_fill(p.importance, p.tokens, 0.f);
+  detail::grid_fill(p.tickets, p.ticket_count, 0u);
+  detail::grid_fill(p.chunk_tickets, p.item_capacity, 0u);
+  detail::grid_fill(p.group_tickets, p.item_capacity, 0u);
   detail::grid_barrier();
   // More items or column tiles than disjoint images can have: overlapping images, which the
   // contract forbids (only the CPU op can check a device table without a sync). Nothing is
@@ -792,6 +785,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
 
 struct Plan {
   int64_t B, H_kv, L, S, D, H_q, group, num_images, nsplit, rsplit, tokens;
+  int64_t column_run;  // column_mass_kernel's consecutive items per block
   // one_pass_kernel, when it applies: the grid (0: the two passes run instead), and bounds on
   // its items and on the row tiles of an image
   int64_t one_pass_grid, item_capacity, row_tile_capacity;
@@ -808,10 +802,8 @@ bool vector_staging(const ScoreArgs& a) {
 // Upper bound on the column tiles of all images: each image adds at most one partial tile.
 int64_t column_tile_bound(const Plan& plan) { return ceil_div(plan.tokens, kTileCols) + plan.num_images; }
 
-// Upper bound on column_mass_kernel's items, and the run of them each of its blocks takes: one
-// item while that makes at most kColumnBlocks blocks (shape-only, so device independent).
+// Upper bound on column_mass_kernel's items.
 int64_t column_items(const Plan& plan) { return column_tile_bound(plan) * plan.H_kv * plan.rsplit; }
-int64_t column_run(const Plan& plan) { return std::max<int64_t>(1, ceil_div(column_items(plan), kColumnBlocks)); }
 
 // Upper bound on the row tiles of all images, from shapes alone (the image table is on the
 // device): each image has at most the tiles of all S text tokens, and together at most one
@@ -880,6 +872,8 @@ Plan make_plan(const ScoreArgs& a) {
   plan.rsplit = std::max<int64_t>(
       1, std::min({ceil_div(kTargetBlocks, column_tile_bound(plan) * std::max<int64_t>(plan.H_kv, 1)),
                    ceil_div(std::max<int64_t>(plan.group * plan.S, 1), kTileRows), int64_t{16}}));
+  // One item per column_mass_kernel block while that makes at most kColumnBlocks blocks.
+  plan.column_run = std::max<int64_t>(1, ceil_div(column_items(plan), kColumnBlocks));
   // One pass needs every group's column tiles (up to those of L tokens) resident at once, and
   // few row tiles per image (partial holds them all). Its items: H_kv * sum over images of
   // max(row tiles, 1) * column tiles, bounded by the largest factor times the other's sum.
@@ -932,7 +926,7 @@ cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a,
   const int64_t row_items = row_tile_bound(plan, a) * plan.H_kv * plan.nsplit;
   LIGHTKV_RETURN_IF_ERROR(
       launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), TileLayout<T>::kThreads, p));
-  return launch(column_mass_kernel<T>, detail::grid_for(ceil_div(column_items(plan), column_run(plan)), kMaxGrid),
+  return launch(column_mass_kernel<T>, detail::grid_for(ceil_div(column_items(plan), plan.column_run), kMaxGrid),
                 TileLayout<T>::kThreads, p);
 }
 
@@ -997,7 +991,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.nsplit = plan.nsplit;
   p.partial = ws.partial;
   p.rsplit = plan.rsplit;
-  p.column_run = column_run(plan);
+  p.column_run = plan.column_run;
   p.tickets = ws.tickets;
   p.ticket_count = column_tile_bound(plan);
   p.chunk_tickets = ws.chunk_tickets;
