@@ -68,17 +68,21 @@ __device__ __forceinline__ uint4 load_16_bytes(bool live, const void* from) {
 
 // Starts copying the 16 bytes at `from` (global memory) to `to` (shared memory), both 16-byte
 // aligned, or writes zeros at `to` when not `live`. From sm_80 on the copy bypasses registers
-// (cp.async), so a thread can have all of its staging copies in flight at once; elsewhere it is
-// a plain load and store. Visible to the calling thread after wait_async_copies().
-__device__ __forceinline__ void copy_16_bytes_async(void* to, const void* from, bool live) {
+// (cp.async) and the zeros come from the same instruction (source size 0), without a branch:
+// `readable`, any 16-byte aligned address of the same buffer, stands in for `from` then, so no
+// out-of-bounds address is ever formed into a load (nothing is read from it). Elsewhere it is a
+// plain load and store. Visible to the calling thread after wait_async_copies().
+template <typename E>
+__device__ __forceinline__ void copy_16_bytes_async(void* to, const E* from, bool live, const E* readable) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if (live) {
-    const unsigned shared_address = static_cast<unsigned>(__cvta_generic_to_shared(to));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(from) : "memory");
-    return;
-  }
-#endif
+  const unsigned shared_address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(live ? from : readable),
+               "r"(live ? 16 : 0)
+               : "memory");
+#else
+  (void)readable;
   *reinterpret_cast<uint4*>(to) = load_16_bytes(live, from);
+#endif
 }
 
 // Waits for this thread's copy_16_bytes_async copies (a barrier then shows them to the block).

@@ -403,8 +403,10 @@ __device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, i
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
           const int row = vector_row0 + i * kRowStep;
-          detail::copy_16_bytes_async(&sm.stage.src[row][vector_at], metric + sm.src_base[row], in_range && sm.src_ok[row]);
-          detail::copy_16_bytes_async(&sm.stage.dst[row][vector_at], metric + sm.dst_base[row], in_range && sm.dst_ok[row]);
+          detail::copy_16_bytes_async(&sm.stage.src[row][vector_at], metric + sm.src_base[row], in_range && sm.src_ok[row],
+                                      metric);
+          detail::copy_16_bytes_async(&sm.stage.dst[row][vector_at], metric + sm.dst_base[row], in_range && sm.dst_ok[row],
+                                      metric);
         }
         detail::wait_async_copies();
       } else {

@@ -48,6 +48,9 @@ constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tenso
 constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
 constexpr int64_t kMaxGrid = 16384;
 constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see Plan::column_run)
+// column_mass_kernel loads a row's statistics of up to this many column ranges (row_stats_kernel's
+// splits) at once.
+constexpr int kSplitsInFlight = 16;
 constexpr int kOffsetThreads = 512;
 // Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
 // reads, block 0 the ones column_mass_kernel reads): image_offsets_kernel is not launched.
@@ -220,14 +223,16 @@ struct TileSmem {
     } mma;
   };
   int64_t q_base[kTileRows];  // element offset of each row's query vector
-  int64_t k_base[kTileCols];  // element offset of each column's key vector
   bool row_ok[kTileRows];     // row exists and its text token is counted
-  bool col_ok[kTileCols];
-  float bias[kTileCols];      // log2(size) or 0
+  // Columns 0 .. cols - 1 are vision tokens of the image, consecutive in k: column c's key starts
+  // at element k_first + c * k_stride[2].
+  int64_t k_first;
+  int cols;
+  float bias[kTileCols];  // log2(size) or 0; -inf from column `cols` on, which masks those logits
 };
 
 // acc[i][j] = <query of row L::row(i), key of column L::col(j)> over the whole head dim, for
-// L = TileLayout<T>. Expects q_base/k_base/row_ok/col_ok to be visible to all threads. With a
+// L = TileLayout<T>. Expects q_base/row_ok/k_first/cols to be visible to all threads. With a
 // whole head in one staging step, `rows_staged` / `cols_staged` say that the queries / keys are
 // those the previous call staged, which are then not staged again.
 template <typename T>
@@ -250,17 +255,28 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkMma) {
       __syncthreads();  // every warp is done with what this step stages over
       if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of 8
-        // All of a thread's copies are in flight together: one memory round trip per chunk.
-        constexpr int kPerThread = kTileRows * kVectors / L::kThreads;
-#pragma unroll 1  // a copy does not wait for its data, so no unrolling is needed (it would spill)
-        for (int i = 0; i < kPerThread; ++i) {
-          const int v = threadIdx.x + i * L::kThreads, row = v / kVectors, at = 8 * (v % kVectors);
-          const bool in_head = d0 + at < p.D;
-          if (stage_rows) {
-            detail::copy_16_bytes_async(&sm.mma.q[row][at], text + sm.q_base[row] + d0 + at, in_head && sm.row_ok[row]);
+        // Thread t copies 16-byte vector t % kVectors of rows t / kVectors, + kRowStep, ...; all
+        // of its copies are in flight together: one memory round trip per chunk. Keys are a
+        // pointer walk (consecutive tokens), queries come from the rows' offsets.
+        constexpr int kRowStep = L::kThreads / kVectors;
+        const int at = 8 * (threadIdx.x % kVectors), first_row = threadIdx.x / kVectors;
+        const bool in_head = d0 + at < p.D;
+        if (stage_rows) {
+#pragma unroll
+          for (int i = 0; i < kTileRows / kRowStep; ++i) {
+            const int row = first_row + i * kRowStep;
+            detail::copy_16_bytes_async(&sm.mma.q[row][at], text + sm.q_base[row] + d0 + at, in_head && sm.row_ok[row],
+                                        text);
           }
-          if (stage_cols) {
-            detail::copy_16_bytes_async(&sm.mma.k[row][at], k + sm.k_base[row] + d0 + at, in_head && sm.col_ok[row]);
+        }
+        if (stage_cols) {
+          const int64_t step = kRowStep * p.k_stride[2];
+          const uint16_t* from = k + sm.k_first + first_row * p.k_stride[2] + d0 + at;
+          const int cols = sm.cols;
+#pragma unroll
+          for (int i = 0; i < kTileCols / kRowStep; ++i, from += step) {
+            const int row = first_row + i * kRowStep;
+            detail::copy_16_bytes_async(&sm.mma.k[row][at], from, in_head && row < cols, k);
           }
         }
         detail::wait_async_copies();
@@ -273,7 +289,8 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
             sm.mma.q[row][kk] = live && sm.row_ok[row] ? text[sm.q_base[row] + d * p.text_stride[3]] : uint16_t{0};
           }
           if (stage_cols) {
-            sm.mma.k[row][kk] = live && sm.col_ok[row] ? k[sm.k_base[row] + d * p.k_stride[3]] : uint16_t{0};
+            sm.mma.k[row][kk] =
+                live && row < sm.cols ? k[sm.k_first + row * p.k_stride[2] + d * p.k_stride[3]] : uint16_t{0};
           }
         }
       }
@@ -314,7 +331,8 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
         const int64_t d = d0 + kk;
         const bool live = d < p.D;
         sm.simt.q[kk][row] = (live && sm.row_ok[row]) ? to_float(text[sm.q_base[row] + d * p.text_stride[3]]) : 0.f;
-        sm.simt.k[kk][row] = (live && sm.col_ok[row]) ? to_float(k[sm.k_base[row] + d * p.k_stride[3]]) : 0.f;
+        sm.simt.k[kk][row] =
+            (live && row < sm.cols) ? to_float(k[sm.k_first + row * p.k_stride[2] + d * p.k_stride[3]]) : 0.f;
       }
       __syncthreads();
 #pragma unroll
@@ -357,16 +375,33 @@ __device__ __forceinline__ void setup_cols(const Params& p, TileSmem& sm, const 
                                            int64_t hk, int64_t col_tile) {
   const int local = threadIdx.x;
   if (local >= kTileCols) return;
-  const int64_t c = col_tile * kTileCols + local;
-  const bool ok = c < img[kVisLen];
-  const int64_t l = img[kVisStart] + c;
-  sm.col_ok[local] = ok;
-  sm.k_base[local] = ok ? img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + l * p.k_stride[2] : 0;
-  float bias = 0.f;
-  if (ok && p.sizes != nullptr) {
-    bias = log2f(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + l * p.sizes_stride[1]]));
+  const int64_t first = img[kVisStart] + col_tile * kTileCols;  // token of column 0
+  const int cols = static_cast<int>(min(int64_t{kTileCols}, img[kVisLen] - col_tile * kTileCols));
+  if (local == 0) {
+    sm.cols = cols;
+    sm.k_first = img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + first * p.k_stride[2];
+  }
+  float bias = -INFINITY;
+  if (local < cols) {
+    bias = p.sizes == nullptr
+               ? 0.f
+               : log2f(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + (first + local) * p.sizes_stride[1]]));
   }
   sm.bias[local] = bias;
+}
+
+// 2^x, x <= 0, for a term of a sum that reaches at least 1 (a softmax denominator, which holds
+// 2^0 for its maximum): one special-function instruction, with results below 2^-126 flushed to
+// 0. Such a result cannot change a float sum of at least 1, so the sum is exactly exp2f's, minus
+// exp2f's subnormal range fix-up (three instructions more per call).
+__device__ __forceinline__ float exp2_into_sum(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
 }
 
 // Max / sum over the lanes that share a row of L (the xor butterfly leaves it in all of them).
@@ -472,21 +507,23 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       __syncthreads();
       float acc[L::kRows][L::kCols];
       tile_dot<T>(p, sm, /*rows_staged=*/col_tile > col_begin, /*cols_staged=*/false, acc);
+      float col_bias[L::kCols];
+#pragma unroll
+      for (int j = 0; j < L::kCols; ++j) col_bias[j] = sm.bias[L::col(j)];
 #pragma unroll
       for (int i = 0; i < L::kRows; ++i) {
         float logit[L::kCols];
         float tile_max = -INFINITY;
 #pragma unroll
         for (int j = 0; j < L::kCols; ++j) {
-          const int col = L::col(j);
-          logit[j] = sm.col_ok[col] ? fmaf(p.scale_log2, acc[i][j], sm.bias[col]) : -INFINITY;
+          logit[j] = fmaf(p.scale_log2, acc[i][j], col_bias[j]);  // -inf past the image's columns
           tile_max = fmaxf(tile_max, logit[j]);
         }
         const float new_max = fmaxf(run_max[i], max_over_row_lanes<L>(tile_max));
         float local = 0.f;
         if (new_max != -INFINITY) {  // uniform over the lanes of the row
 #pragma unroll
-          for (int j = 0; j < L::kCols; ++j) local += exp2f(logit[j] - new_max);
+          for (int j = 0; j < L::kCols; ++j) local += exp2_into_sum(logit[j] - new_max);
         }
         local = sum_over_row_lanes<L>(local);
         if (new_max != -INFINITY) {
@@ -569,12 +606,25 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
           const int64_t r = row_tile * kTileRows + local;
           const int64_t hq = hk * p.group + r / tl, t = r % tl;
           const float2* st = p.stats + ((text_off[image] + t) * p.H_q + hq) * p.nsplit;
-          // Unrolled so that the loads of 8 splits are in flight together (the order is kept).
+          // Up to kSplitsInFlight splits: every pair loaded at once (one round trip), then combined
+          // in split order; more: the same in two passes over them, 8 loads in flight.
+          if (p.nsplit <= kSplitsInFlight) {
+            float2 pair[kSplitsInFlight];
+#pragma unroll
+            for (int s = 0; s < kSplitsInFlight; ++s) pair[s] = s < p.nsplit ? st[s] : make_float2(-INFINITY, 0.f);
+#pragma unroll
+            for (int s = 0; s < kSplitsInFlight; ++s) m = fmaxf(m, pair[s].x);
+#pragma unroll
+            for (int s = 0; s < kSplitsInFlight; ++s) {
+              if (pair[s].x != -INFINITY) total += pair[s].y * exp2f(pair[s].x - m);
+            }
+          } else {
 #pragma unroll 8
-          for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
+            for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
 #pragma unroll 8
-          for (int64_t s = 0; s < p.nsplit; ++s) {
-            if (st[s].x != -INFINITY) total += st[s].y * exp2f(st[s].x - m);
+            for (int64_t s = 0; s < p.nsplit; ++s) {
+              if (st[s].x != -INFINITY) total += st[s].y * exp2f(st[s].x - m);
+            }
           }
         }
         row_max[local] = m;
@@ -585,28 +635,28 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       float acc[L::kRows][L::kCols];
       tile_dot<T>(p, sm, rows_staged, /*cols_staged=*/row_tile > row_begin, acc);
 #pragma unroll
-      for (int j = 0; j < L::kCols; ++j) {
-        const int col = L::col(j);
-        if (!sm.col_ok[col]) continue;
+      for (int i = 0; i < L::kRows; ++i) {
+        // A row that counts nothing (inverse sum 0) adds 2^(l - inf) * 0 = +0, as does a column
+        // past the image (l = -inf): every column's sum stays exactly that of the counted terms.
+        const float inv_sum = row_inv_sum[L::row(i)];
+        const float shift = inv_sum == 0.f ? INFINITY : row_max[L::row(i)];
 #pragma unroll
-        for (int i = 0; i < L::kRows; ++i) {
-          const int row = L::row(i);
-          if (row_inv_sum[row] == 0.f) continue;
-          column_sum[j] += exp2f(fmaf(p.scale_log2, acc[i][j], sm.bias[col]) - row_max[row]) * row_inv_sum[row];
+        for (int j = 0; j < L::kCols; ++j) {
+          column_sum[j] += exp2f(fmaf(p.scale_log2, acc[i][j], sm.bias[L::col(j)]) - shift) * inv_sum;
         }
       }
       __syncthreads();  // rows of this tile are read before the next setup_rows
     }
     const float part_sum = column_total<L>(column_sum, column_part);
     const int local = threadIdx.x;
-    const bool live = local < kTileCols && sm.col_ok[local];
+    const bool live = local < sm.cols;
     const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + local;
     if (live) p.partial[(hk * p.rsplit + range) * p.tokens + token] = part_sum;
     const int64_t parts = p.H_kv * p.rsplit;
     if (!detail::last_to_arrive(&p.tickets[tile], static_cast<unsigned int>(parts))) continue;
     if (live) {
       float total = 0.f;
-#pragma unroll 8  // the loads of 8 parts in flight together; the sum stays in part order
+#pragma unroll 16  // the loads of 16 parts in flight together; the sum stays in part order
       for (int64_t part = 0; part < parts; ++part) total += __ldcg(&p.partial[part * p.tokens + token]);
       p.importance[token] = total / static_cast<float>(p.H_q * counted);
     }
@@ -706,8 +756,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       float row_max = -INFINITY;
 #pragma unroll
       for (int j = 0; j < L::kCols; ++j) {
-        const int col = L::col(j);
-        value[i][j] = sm.col_ok[col] ? fmaf(p.scale_log2, value[i][j], sm.bias[col]) : -INFINITY;
+        value[i][j] = fmaf(p.scale_log2, value[i][j], sm.bias[L::col(j)]);  // -inf past the image's columns
         row_max = fmaxf(row_max, value[i][j]);
       }
       tile_max[i] = max_over_row_lanes<L>(row_max);
@@ -763,7 +812,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     }
     const float part_sum = column_total<L>(column_sum, column_part);
     const int col = threadIdx.x;
-    const bool live = col < kTileCols && sm.col_ok[col];
+    const bool live = col < sm.cols;
     const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + col;
     if (live) p.partial[(hk * p.row_tile_capacity + row_tile) * p.tokens + token] = part_sum;
     const int64_t row_tiles = ceil_div(p.group * img[kTextLen], kTileRows);
