@@ -264,6 +264,21 @@ def test_chained_launches_match_plain_launches(grid, monkeypatch):
     assert_bitwise_equal(chained, plain)
 
 
+@pytest.mark.parametrize("B", [pytest.param(2, id="block-pairs-by-default"), pytest.param(32, id="groups-by-default")])
+def test_exact_block_groups_match_block_pairs(B, monkeypatch):
+    """exact_dots_kernel's two item shapes (LIGHTKV_EXACT_GROUP=1: one 8 x 8 block pair, =3: a
+    36-token window's 3 x 3 block pairs) give every lane the same features in the same order: with
+    the same feature split (one here: 2 heads x 64 dims make a single step) the whole result is
+    bitwise the same, and the reference's."""
+    k, v, text = make_inputs(B, 2, 4, 576, 8, 64, torch.bfloat16, seed=27)
+    kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
+    by_shape = lightkv_ext.compress(k, v, text, **kwargs)
+    for group in ("1", "3"):
+        monkeypatch.setenv("LIGHTKV_EXACT_GROUP", group)
+        assert_bitwise_equal(lightkv_ext.compress(k, v, text, **kwargs), by_shape)
+    assert_same_compression(by_shape, reference.compress(k, v, text, **kwargs), torch.bfloat16)
+
+
 @pytest.mark.parametrize("grid", [(24, 24), (65, 64)], ids=["row-groups", "general-groups"])
 def test_overlapped_decisions_match_one_stream(grid, monkeypatch):
     """lightkv::compress runs the merge decisions on a second stream while it scores; with

@@ -4,10 +4,11 @@
 // Exact mode, two launches, when every window has at most kExactWindow = 64 tokens (LLaVA-1.5's
 // 4x4 windows, video frames), or at most kExactMaxWindow = 512 and all pairs of all windows cost
 // little next to a screening pass (kExactMaxWork: Qwen2.5-VL images at small batch):
-//   exact_dots_kernel: one warp per (window, feature split, 8-src block, 8-dst block): float64
-//      dot products of the block pair's (src, dst) pairs on the float64 tensor cores, and squared
-//      norms, the metric rows loaded straight into registers (LLaVA-1.5's 36-token windows are
-//      3 x 3 block pairs).
+//   exact_dots_kernel: one warp per (window, feature split, 8-src block, 8-dst block), or per
+//      group of 3 x 3 such block pairs where there are many windows of at most 3 blocks (LLaVA-1.5
+//      at large batch: its 36-token windows are 3 x 3 block pairs): float64 dot products of the
+//      (src, dst) pairs on the float64 tensor cores, and squared norms, the metric rows loaded
+//      straight into registers.
 //   exact_select_kernel: per window (a block per 16 srcs for windows over 64 tokens, the last to
 //      finish ranking), the splits summed in order, each src's best dst, the srcs ranked, the
 //      first r merged.
@@ -89,9 +90,16 @@ constexpr int64_t kExactMaxWindow = 512;
 constexpr int64_t kExactMaxWork = int64_t{1} << 28;  // float64 FMAs of all pairs, windows > 64
 constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all splits, windows > 64 (32 MiB)
 constexpr int kExactBlock = 8;  // srcs (and dsts) per exact_dots item: one 8 x 8 float64 mma tile
-constexpr int kExactThreads = 128;  // 4 warps, an item each; 4 blocks per SM (at 5, float16 spills)
+// 4 warps, an item each; 4 blocks per SM (at 5, float16 spills), 2 for block groups (200 registers)
+constexpr int kExactThreads = 128;
 constexpr int kExactVectors = 4;    // 16 bytes of each of its 2 rows a lane loads 4 times per step
 constexpr int64_t kExactTargetWarps = 8192;  // feature splits aim at this many items: ~4 waves of an H100
+// Block groups (exact_dots_kernel<M, kExactGroup>) for windows of at most kExactGroup blocks, where
+// the block pairs alone make this many items (LLaVA-1.5 at batch 32: 512 windows of 9): fewer,
+// longer items, whose feature splits aim at kExactGroupTargetWarps.
+constexpr int kExactGroup = 3;
+constexpr int64_t kExactGroupMinPairs = 4096;
+constexpr int64_t kExactGroupTargetWarps = 2048;
 constexpr int64_t kMaxExactSplit = 16;  // exact_select_kernel: at most 2 round trips for a window of <= 64 tokens
 constexpr int kSelectThreads = 512;  // exact_select_kernel: a warp per src, 16 srcs at a time
 
@@ -170,19 +178,23 @@ __device__ __forceinline__ int64_t merge_count(double ratio, int64_t n) {
 // divisions: offset() = g * stride[2] + c * stride[3].
 class FeatureCursor {
  public:
-  __device__ FeatureCursor(const Params& p, int64_t first) : p_(p), g_(first / p.metric_inner), c_(first % p.metric_inner) {}
-  __device__ __forceinline__ int64_t offset() const { return g_ * p_.metric_stride[2] + c_ * p_.metric_stride[3]; }
+  __device__ FeatureCursor(const Params& p, int64_t first)
+      : p_(p), c_(first % p.metric_inner), offset_(first / p.metric_inner * p.metric_stride[2] + c_ * p.metric_stride[3]) {}
+  __device__ __forceinline__ int64_t offset() const { return offset_; }
+  // The offset follows the channel along (additions, not a multiply per read).
   __device__ __forceinline__ void advance(int64_t step) {
     c_ += step;
-    while (c_ >= p_.metric_inner) {
+    offset_ += step * p_.metric_stride[3];
+    while (c_ >= p_.metric_inner) {  // into the next head: back over its channels, on by a head
       c_ -= p_.metric_inner;
-      ++g_;
+      offset_ += p_.metric_stride[2] - p_.metric_inner * p_.metric_stride[3];
     }
   }
 
  private:
   const Params& p_;
-  int64_t g_, c_;
+  int64_t c_;       // channel
+  int64_t offset_;  // element offset of (head, channel c_)
 };
 
 __device__ __forceinline__ int64_t token_base(const Params& p, int64_t token) {
@@ -758,6 +770,14 @@ __global__ void __launch_bounds__(kRankThreads) rank_select_kernel(const Params 
   }
 }
 
+// Element e of the 16 bytes `raw` as a run of S.
+template <typename S>
+__device__ __forceinline__ S vector_element(const uint4& raw, int e) {
+  S value;
+  memcpy(&value, reinterpret_cast<const char*>(&raw) + e * sizeof(S), sizeof(S));
+  return value;
+}
+
 // Features a warp of exact_dots_kernel covers per step: each lane loads kExactVectors 16-byte
 // vectors of each of its two rows.
 template <typename M>
@@ -765,28 +785,36 @@ __host__ __device__ constexpr int64_t exact_step_features() {
   return 4 * kExactVectors * (16 / sizeof(typename Screen<M>::Stage));
 }
 
-// Exact mode, one warp per item (window, feature split, 8-src block, 8-dst block), for every window
-// of at most exact_window tokens that merges anything: the float64 dot products of the block pair's
-// (src, dst) pairs over the split's features, and the squared norms of its tokens (the srcs' in the
-// items of dst block 0, the dsts' in those of src block 0), into exact_partial at the window's
-// start: pair (i, j) at i n_dst + j, then the norms by window position. No shared memory and no
-// barrier: lane (group, quad) loads src `group` and dst `group` of its blocks straight into
-// registers, kExactVectors 16-byte vectors of each per step, all of them in flight together. Each
-// value it holds is one k of a float64 mma.m8n8k4 (A[group][quad]: the src's, B[quad][group]: the
-// dst's), so the accumulators end as D[group][2 quad, +1], and the lane sums its rows' squares in
-// the same order; the quad then adds its four norm sums as (0 + 1) + (2 + 3). Which lane holds
-// which feature depends on neither the layout nor a token's position: equal tokens get equal sums.
-template <typename M>
-__global__ void __launch_bounds__(kExactThreads, 4) exact_dots_kernel(const Params p) {
+// Exact mode, one warp per item (window, feature split, group of kGroup 8-src blocks, group of
+// kGroup 8-dst blocks), for every window of at most exact_window tokens that merges anything: the
+// float64 dot products of the item's (src, dst) pairs over the split's features, and the squared
+// norms of its tokens (the srcs' in the items of dst group 0, the dsts' in those of src group 0),
+// into exact_partial at the window's start: pair (i, j) at i n_dst + j, then the norms by window
+// position. No shared memory and no barrier: lane (row, quad) loads src `row` and dst `row` of
+// each of its blocks straight into registers, kExactVectors 16-byte vectors of each per step, a
+// batch's loads all in flight together. Each value it holds is one k of a float64
+// mma.m8n8k4 (A[row][quad]: the src's, B[quad][row]: the dst's), so the accumulators end as
+// D[row][2 quad, +1], and the lane sums its rows' squares in the same order; the quad then adds
+// its four norm sums as (0 + 1) + (2 + 3). Which lane holds which feature depends on neither the
+// layout, nor a token's position, nor kGroup: equal tokens get equal sums, and both variants the
+// same sums for the same split. kGroup = 3 (a LLaVA-1.5 window's 3 x 3 block pairs in one item)
+// converts each value to float64 once per item where a block pair's item (kGroup = 1) converts it
+// once per partner block, and the conversions run at a quarter of the float64 rate.
+template <typename M, int kGroup>
+__global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? 4 : 2) exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
   using S = typename Screen<M>::Stage;
   constexpr int kPerVector = 16 / sizeof(S);
   constexpr int64_t kStep = exact_step_features<M>();
   constexpr int kWarps = kExactThreads / 32;
+  // Vectors of each row per batch: a block pair's whole step; a group's 6 rows one vector at a
+  // time (at 2, ptxas spills even with 255 registers).
+  constexpr int kBatch = kGroup == 1 ? kExactVectors : 1;
+  static_assert(kExactVectors % kBatch == 0, "whole batches per step");
   const S* __restrict__ metric = static_cast<const S*>(p.metric);
-  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
-  const int64_t blocks = p.exact_blocks, block_pairs = blocks * blocks;
-  const int64_t items = p.num_windows * p.exact_split * block_pairs;
+  const int lane = threadIdx.x % 32, row = lane / 4, quad = lane % 4;
+  const int64_t groups = ceil_div(p.exact_blocks, kGroup), group_pairs = groups * groups;
+  const int64_t items = p.num_windows * p.exact_split * group_pairs;
   const int64_t per_split = ceil_div(p.exact_steps, p.exact_split) * kStep;
   if (p.select_tickets != nullptr) {  // exact_select_kernel's tickets start at 0
     for (int64_t w = blockIdx.x * int64_t{kExactThreads} + threadIdx.x; w < p.num_windows;
@@ -796,77 +824,136 @@ __global__ void __launch_bounds__(kExactThreads, 4) exact_dots_kernel(const Para
   }
   for (int64_t item = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32; item < items;
        item += int64_t{gridDim.x} * kWarps) {
-    const int64_t w = item / (p.exact_split * block_pairs), split = item / block_pairs % p.exact_split;
-    const int64_t src_block = item % block_pairs / blocks, dst_block = item % blocks;
+    const int64_t w = item / (p.exact_split * group_pairs), split = item / group_pairs % p.exact_split;
+    const int64_t src_group = item % group_pairs / groups, dst_group = item % groups;
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
     const int64_t n_src = (n + 1) / 2, n_dst = n / 2;
-    // Uniform over the warp: windows too large or not merging, blocks past the window's end.
+    const int64_t src_first = src_group * kGroup * kExactBlock, dst_first = dst_group * kGroup * kExactBlock;
+    // Uniform over the warp: windows too large or not merging, groups past the window's end.
     if (n > p.exact_window || merge_count(p.ratio, n) == 0) continue;
-    if (src_block * kExactBlock >= n_src || dst_block * kExactBlock >= n_dst) continue;
-    const int64_t src = src_block * kExactBlock + group, dst = dst_block * kExactBlock + group;  // this lane's rows
-    const bool src_live = src < n_src, dst_live = dst < n_dst;
-    const int64_t src_base = src_live ? token_base(p, p.window_tokens[start + 2 * src]) : 0;
-    const int64_t dst_base = dst_live ? token_base(p, p.window_tokens[start + 2 * dst + 1]) : 0;
+    if (src_first >= n_src || dst_first >= n_dst) continue;
+    // This lane's rows: src / dst `row` of each block of the item.
+    bool src_live[kGroup], dst_live[kGroup];
+    int64_t src_base[kGroup], dst_base[kGroup];
+#pragma unroll
+    for (int b = 0; b < kGroup; ++b) {
+      const int64_t src = src_first + b * kExactBlock + row, dst = dst_first + b * kExactBlock + row;
+      src_live[b] = src < n_src;
+      dst_live[b] = dst < n_dst;
+      src_base[b] = src_live[b] ? token_base(p, p.window_tokens[start + 2 * src]) : 0;
+      dst_base[b] = dst_live[b] ? token_base(p, p.window_tokens[start + 2 * dst + 1]) : 0;
+    }
     const int64_t f_begin = split * per_split, f_end = min(p.features, f_begin + per_split);
     // Vector v of the lane in a step: features kPerVector (quad + 4 v) + 0 .. kPerVector - 1 of it,
     // whatever the layout (so are the sums); one cursor walks the lane's vectors.
     FeatureCursor feature(p, f_begin + kPerVector * quad);
-    double acc[2] = {0.0, 0.0}, src_norm = 0.0, dst_norm = 0.0;
-    const auto add = [&](S a, S b) {  // the next held value of each row
-      const double x = staged_to_double<M>(a), y = staged_to_double<M>(b);
-      src_norm = fma(x, x, src_norm);
-      dst_norm = fma(y, y, dst_norm);
-      detail::mma_m8n8k4(acc, x, y);
-    };
-    for (int64_t f0 = f_begin; f0 < f_end; f0 += kStep) {  // zeros past the split or the window
-      if (p.vector_stage) {
-        uint4 a_raw[kExactVectors], b_raw[kExactVectors];
+    double acc[kGroup][kGroup][2] = {}, src_norm[kGroup] = {}, dst_norm[kGroup] = {};
+    // The steps, with the squared norms only where this item writes them (dst group 0: the srcs',
+    // src group 0: the dsts'): the float64 pipe does no other item's norms (LLaVA-1.5's block
+    // pairs: 4 of 9 do none). Compile-time flags, so the other items' loops hold no norm FMA.
+    const auto steps = [&](auto with_src_norms, auto with_dst_norms) {
+      // The next held value of each row: a[g], b[g] of the src and dst rows of block g.
+      const auto add = [&](const S (&a)[kGroup], const S (&b)[kGroup]) {
+        double x[kGroup], y[kGroup];
 #pragma unroll
-        for (int v = 0; v < kExactVectors; ++v) {
-          const bool in_range = f0 + kPerVector * (quad + 4 * v) < f_end;
-          a_raw[v] = detail::load_16_bytes(in_range && src_live, metric + src_base + feature.offset());
-          b_raw[v] = detail::load_16_bytes(in_range && dst_live, metric + dst_base + feature.offset());
-          feature.advance(4 * kPerVector);
+        for (int g = 0; g < kGroup; ++g) {
+          x[g] = staged_to_double<M>(a[g]);
+          y[g] = staged_to_double<M>(b[g]);
+          if constexpr (decltype(with_src_norms)::value) src_norm[g] = fma(x[g], x[g], src_norm[g]);
+          if constexpr (decltype(with_dst_norms)::value) dst_norm[g] = fma(y[g], y[g], dst_norm[g]);
         }
 #pragma unroll
-        for (int v = 0; v < kExactVectors; ++v) {
-          S a[kPerVector], b[kPerVector];
-          memcpy(a, &a_raw[v], 16);
-          memcpy(b, &b_raw[v], 16);
+        for (int sb = 0; sb < kGroup; ++sb)
 #pragma unroll
-          for (int e = 0; e < kPerVector; ++e) add(a[e], b[e]);
-        }
-      } else {  // odd layouts: the same values in the same order, one at a time
-#pragma unroll 1
-        for (int v = 0; v < kExactVectors; ++v) {
-          const int64_t first = f0 + kPerVector * (quad + 4 * v);
-          FeatureCursor at = feature;
+          for (int db = 0; db < kGroup; ++db) detail::mma_m8n8k4(acc[sb][db], x[sb], y[db]);
+      };
+      for (int64_t f0 = f_begin; f0 < f_end; f0 += kStep) {  // zeros past the split or the window
+        if (p.vector_stage) {
+#pragma unroll 1  // a batch's loads are not hoisted over the previous batch's products (registers)
+          for (int v0 = 0; v0 < kExactVectors; v0 += kBatch) {
+            uint4 a_raw[kBatch][kGroup], b_raw[kBatch][kGroup];
 #pragma unroll
-          for (int e = 0; e < kPerVector; ++e) {
-            const bool in_range = first + e < f_end;
-            add(in_range && src_live ? stage_value<M>(p, src_base + at.offset()) : S(0),
-                in_range && dst_live ? stage_value<M>(p, dst_base + at.offset()) : S(0));
-            at.advance(1);
+            for (int v = 0; v < kBatch; ++v) {
+              const bool in_range = f0 + kPerVector * (quad + 4 * (v0 + v)) < f_end;
+#pragma unroll
+              for (int g = 0; g < kGroup; ++g) {
+                a_raw[v][g] = detail::load_16_bytes(in_range && src_live[g], metric + src_base[g] + feature.offset());
+                b_raw[v][g] = detail::load_16_bytes(in_range && dst_live[g], metric + dst_base[g] + feature.offset());
+              }
+              feature.advance(4 * kPerVector);
+            }
+#pragma unroll
+            for (int v = 0; v < kBatch; ++v) {
+#pragma unroll
+              for (int e = 0; e < kPerVector; ++e) {
+                S a[kGroup], b[kGroup];
+#pragma unroll
+                for (int g = 0; g < kGroup; ++g) {
+                  a[g] = vector_element<S>(a_raw[v][g], e);
+                  b[g] = vector_element<S>(b_raw[v][g], e);
+                }
+                add(a, b);
+              }
+            }
           }
-          feature.advance(4 * kPerVector);
+        } else {  // odd layouts: the same values in the same order, one at a time
+#pragma unroll 1
+          for (int v = 0; v < kExactVectors; ++v) {
+            const int64_t first = f0 + kPerVector * (quad + 4 * v);
+            FeatureCursor at = feature;
+#pragma unroll
+            for (int e = 0; e < kPerVector; ++e) {
+              const bool in_range = first + e < f_end;
+              S a[kGroup], b[kGroup];
+#pragma unroll
+              for (int g = 0; g < kGroup; ++g) {
+                a[g] = in_range && src_live[g] ? stage_value<M>(p, src_base[g] + at.offset()) : S(0);
+                b[g] = in_range && dst_live[g] ? stage_value<M>(p, dst_base[g] + at.offset()) : S(0);
+              }
+              add(a, b);
+              at.advance(1);
+            }
+            feature.advance(4 * kPerVector);
+          }
+        }
+      }
+    };
+    const bool src_norms = dst_group == 0, dst_norms = src_group == 0;  // uniform over the warp
+    if (src_norms && dst_norms) {
+      steps(std::true_type{}, std::true_type{});
+    } else if (src_norms) {
+      steps(std::true_type{}, std::false_type{});
+    } else if (dst_norms) {
+      steps(std::false_type{}, std::true_type{});
+    } else {
+      steps(std::false_type{}, std::false_type{});
+    }
+    double* out = p.exact_partial + (split * p.total + start) * p.exact_slot;
+    double* norm_out = out + n_src * n_dst;
+#pragma unroll
+    for (int sb = 0; sb < kGroup; ++sb) {
+      const int64_t src = src_first + sb * kExactBlock + row;
+#pragma unroll
+      for (int db = 0; db < kGroup; ++db) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t j = dst_first + db * kExactBlock + 2 * quad + e;
+          if (src_live[sb] && j < n_dst) out[src * n_dst + j] = acc[sb][db][e];
         }
       }
     }
-    double* out = p.exact_partial + (split * p.total + start) * p.exact_slot;
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int64_t j = dst_block * kExactBlock + 2 * quad + e;
-      if (src_live && j < n_dst) out[src * n_dst + j] = acc[e];
-    }
-    // (0 + 1), (2 + 3), then their sum: addition commutes bitwise, so every lane of a quad agrees.
+    for (int g = 0; g < kGroup; ++g) {
+      // (0 + 1), (2 + 3), then their sum: addition commutes bitwise, so every lane of a quad agrees.
 #pragma unroll
-    for (int offset = 1; offset <= 2; offset *= 2) {
-      src_norm += __shfl_xor_sync(0xffffffffu, src_norm, offset);
-      dst_norm += __shfl_xor_sync(0xffffffffu, dst_norm, offset);
+      for (int offset = 1; offset <= 2; offset *= 2) {
+        src_norm[g] += __shfl_xor_sync(0xffffffffu, src_norm[g], offset);
+        dst_norm[g] += __shfl_xor_sync(0xffffffffu, dst_norm[g], offset);
+      }
+      const int64_t src = src_first + g * kExactBlock + row, dst = dst_first + g * kExactBlock + row;
+      if (quad == 0 && src_norms && src_live[g]) norm_out[2 * src] = src_norm[g];
+      if (quad == 0 && dst_norms && dst_live[g]) norm_out[2 * dst + 1] = dst_norm[g];
     }
-    double* norm_out = out + n_src * n_dst;
-    if (quad == 0 && dst_block == 0 && src_live) norm_out[2 * src] = src_norm;
-    if (quad == 0 && src_block == 0 && dst_live) norm_out[2 * dst + 1] = dst_norm;
   }
 }
 
@@ -1293,7 +1380,8 @@ struct Plan {
   int64_t exact_blocks;      // exact mode: 8-token src (or dst) blocks of the largest window
   int64_t exact_slot;        // exact mode: float64 sums per window token
   int64_t exact_steps;       // exact mode: exact_dots_kernel's steps over the whole metric
-  int64_t exact_split;       // exact mode: feature splits per block pair (shape-only)
+  int64_t exact_split;       // exact mode: feature splits per item (shape-only)
+  int exact_group;           // exact mode: blocks per side of an exact_dots_kernel item, 1 or kExactGroup
   int64_t select_groups;     // exact mode: exact_select_kernel's blocks per window, at most
   bool row_groups;           // rows short enough for row_groups_kernel
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
@@ -1304,6 +1392,15 @@ int bit_width(uint64_t x) {
   int bits = 1;
   while (bits < 64 && (x >> bits) != 0) ++bits;
   return bits;
+}
+
+// LIGHTKV_EXACT_GROUP=1 or =3 makes exact_dots_kernel's items block pairs or groups of
+// kExactGroup blocks whatever the shape (an A/B of the two: for the same feature split they give
+// the same sums); otherwise 0, the shape decides.
+int exact_group_knob() {
+  if (detail::knob_is("LIGHTKV_EXACT_GROUP", "1")) return 1;
+  if (detail::knob_is("LIGHTKV_EXACT_GROUP", "3")) return kExactGroup;
+  return 0;
 }
 
 // Upper bound on the 64-src tiles: every window contributes at most n / 128 + 1 of them.
@@ -1342,9 +1439,15 @@ Plan make_plan(const MergeArgs& a) {
                                                           : exact_step_features<__half>();
   plan.exact_steps = ceil_div(plan.features, step);
   const int64_t block_pairs = std::max<int64_t>(plan.windows, 1) * plan.exact_blocks * plan.exact_blocks;
+  plan.exact_group = exact_group_knob();
+  if (plan.exact_group == 0) {
+    plan.exact_group = plan.exact_blocks <= kExactGroup && block_pairs >= kExactGroupMinPairs ? kExactGroup : 1;
+  }
+  const int64_t groups = ceil_div(plan.exact_blocks, plan.exact_group);
+  const int64_t items = std::max<int64_t>(plan.windows, 1) * groups * groups;
   const int64_t exact_split = std::max<int64_t>(
-      1, std::min({ceil_div(kExactTargetWarps, block_pairs), kMaxExactSplit, plan.exact_steps,
-                   kExactMaxSums / std::max<int64_t>(exact_sums, 1)}));
+      1, std::min({ceil_div(plan.exact_group == 1 ? kExactTargetWarps : kExactGroupTargetWarps, items),
+                   kMaxExactSplit, plan.exact_steps, kExactMaxSums / std::max<int64_t>(exact_sums, 1)}));
   plan.exact_split =  // none empty
       plan.exact_steps > 0 ? ceil_div(plan.exact_steps, ceil_div(plan.exact_steps, exact_split)) : 1;
   plan.select_groups = plan.exact && a.max_window > kExactWindow
@@ -1507,9 +1610,11 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
   p.exact_steps = plan.exact_steps;
   p.exact_slot = plan.exact_slot;
   p.select_groups = plan.select_groups;
-  const int64_t items = plan.windows * plan.exact_split * plan.exact_blocks * plan.exact_blocks;
-  LIGHTKV_RETURN_IF_ERROR(launch(exact_dots_kernel<M>, detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid),
-                                 kExactThreads, p));
+  const int64_t groups = ceil_div(plan.exact_blocks, plan.exact_group);
+  const int64_t items = plan.windows * plan.exact_split * groups * groups;
+  const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
+  LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
+                                                : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
   return launch(exact_select_kernel, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
 }
 
