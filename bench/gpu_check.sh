@@ -82,11 +82,17 @@ step bench_large 40 "$BENCH --presets video16k llava_next video --json '$OUT/ben
 step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
 if [ -n "$BASELINE" ]; then
   step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
+  # The same inputs through both builds: bitwise the same outputs, where the change meant no other
+  # (exact mode by block pairs, as the baseline: block groups take other feature splits).
+  BITS=/tmp/lightkv_bits
+  step baseline_bits 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; LIGHTKV_EXACT_GROUP=1 $PYTHON bench/compare_builds.py --save $BITS.current.pt; (cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON '$PWD/bench/compare_builds.py' --save $BITS.baseline.pt); { echo; echo '## Outputs of this build against the baseline (LIGHTKV_EXACT_GROUP=1)'; echo '\`\`\`'; $PYTHON bench/compare_builds.py --compare $BITS.baseline.pt $BITS.current.pt; echo '\`\`\`'; } | tee -a '$OUT/kernel_breakdown.md'"
 fi
 # Where the host time of an eager call goes (varlen and dense): syncs, Python, launches (log only).
 step profile_host 40 "$PYTHON bench/profile_host.py"
 # A/B of the scoring: the opt-in one-pass cooperative kernel instead of the two passes (markdown only).
 step kernel_breakdown_one_pass 20 "{ echo; echo '## One scoring pass (LIGHTKV_SCORE_PASSES=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=1 $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
+# A/B of exact_dots_kernel's items where the shape picks block groups: block pairs instead (markdown only).
+step kernel_breakdown_exact_pairs 15 "{ echo; echo '## Exact mode by block pairs (LIGHTKV_EXACT_GROUP=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_GROUP=1 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of the merge modes where exact mode runs: the same cases in screened mode (markdown only).
 step kernel_breakdown_screened 20 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 # Hardware counters of one call per target case (Nsight Compute at the GPU's own clocks): what

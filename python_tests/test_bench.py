@@ -19,7 +19,7 @@ def bench_modules():
     sys.path.insert(0, str(BENCH_DIR))
     try:
         yield {name: importlib.import_module(name)
-               for name in ("_timing", "bench_kernels", "bench_quality", "kernel_breakdown")}
+               for name in ("_timing", "bench_kernels", "bench_quality", "kernel_breakdown", "compare_builds")}
     finally:
         sys.path.remove(str(BENCH_DIR))
 
@@ -167,6 +167,20 @@ def test_kernel_breakdown_names_and_cases(bench_modules):
     for bad in ("llava15", "nope:1", "llava15:0", "llava15:x"):
         with pytest.raises(Exception, match="PRESET:BATCH"):
             breakdown.parse_case(bad)
+
+
+def test_compare_builds_finds_identical_and_changed_outputs(bench_modules, tmp_path, capsys):
+    compare_builds = bench_modules["compare_builds"]
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    for path in (first, second):
+        assert compare_builds.main(["--save", str(path), "--cases", "tiny:2", "tiny_varlen:1", "--device", "cpu"]) == 0
+    assert compare_builds.main(["--compare", str(first), str(second)]) == 0
+    assert "tiny:2: identical (k, v, sizes, index, assignment, importance)" in capsys.readouterr().out
+    saved = torch.load(second)
+    saved["results"]["tiny_varlen:1"]["importance"][0] += 1e-6  # a last-bit change is a difference
+    torch.save(saved, second)
+    assert compare_builds.main(["--compare", str(first), str(second)]) == 1
+    assert "tiny_varlen:1: differ in importance" in capsys.readouterr().out
 
 
 def test_quality_bench(bench_modules, tmp_path):
