@@ -1406,6 +1406,12 @@ int exact_group_knob() {
 // Upper bound on the 64-src tiles: every window contributes at most n / 128 + 1 of them.
 int64_t tile_bound(const Plan& plan) { return plan.total / (2 * kTile) + plan.windows + 1; }
 
+// exact_dots_kernel's items per window and feature split: pairs of groups of exact_group blocks.
+int64_t exact_group_pairs(const Plan& plan) {
+  const int64_t groups = ceil_div(plan.exact_blocks, plan.exact_group);
+  return groups * groups;
+}
+
 Plan make_plan(const MergeArgs& a) {
   Plan plan{};
   plan.B = a.k.size[0];
@@ -1443,8 +1449,7 @@ Plan make_plan(const MergeArgs& a) {
   if (plan.exact_group == 0) {
     plan.exact_group = plan.exact_blocks <= kExactGroup && block_pairs >= kExactGroupMinPairs ? kExactGroup : 1;
   }
-  const int64_t groups = ceil_div(plan.exact_blocks, plan.exact_group);
-  const int64_t items = std::max<int64_t>(plan.windows, 1) * groups * groups;
+  const int64_t items = std::max<int64_t>(plan.windows, 1) * exact_group_pairs(plan);
   const int64_t exact_split = std::max<int64_t>(
       1, std::min({ceil_div(plan.exact_group == 1 ? kExactTargetWarps : kExactGroupTargetWarps, items),
                    kMaxExactSplit, plan.exact_steps, kExactMaxSums / std::max<int64_t>(exact_sums, 1)}));
@@ -1610,8 +1615,7 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
   p.exact_steps = plan.exact_steps;
   p.exact_slot = plan.exact_slot;
   p.select_groups = plan.select_groups;
-  const int64_t groups = ceil_div(plan.exact_blocks, plan.exact_group);
-  const int64_t items = plan.windows * plan.exact_split * groups * groups;
+  const int64_t items = plan.windows * plan.exact_split * exact_group_pairs(plan);
   const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
   LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
                                                 : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
