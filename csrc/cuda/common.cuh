@@ -282,6 +282,26 @@ __device__ __forceinline__ void await_previous_kernel() {
 #endif
 }
 
+// at[0] + at[stride] + ... + at[(count - 1) stride], added in that order, read with __ldcg.
+// The loads of kInFlight terms are in flight together, predicated rather than in a remainder
+// loop, so that a partial batch costs one round trip too (an unrolled loop's remainder issues
+// one load per trip).
+template <int kInFlight, typename V>
+__device__ __forceinline__ V ordered_sum(const V* at, int64_t stride, int64_t count) {
+  V total = V(0);
+  for (int64_t left = count; left > 0; left -= kInFlight) {
+    const int in_batch = static_cast<int>(min(left, int64_t{kInFlight}));
+    V term[kInFlight];
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i, at += stride) term[i] = i < in_batch ? __ldcg(at) : V(0);
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {
+      if (i < in_batch) total += term[i];
+    }
+  }
+  return total;
+}
+
 // Hand-off to the last of `contributors` blocks that each wrote a partial result of one group
 // and then call this (uniformly over the block) with the group's counter, which must start at
 // 0: true in that last block only, which may then read every contributor's partial, with __ldcg

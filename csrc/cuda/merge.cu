@@ -37,9 +37,10 @@
 //      per row) for rows of at most kRowTokens tokens; else kept flags -> cub::DeviceScan ->
 //      slots_kernel -> cub::DeviceRadixSort on (slot, token) -> group_bounds_kernel.
 //   5. merge_values_kernel: one block per (output slot, element chunk) of both k and v (the
-//      group's members and weights read once for both): float32 weighted sum of the members in
-//      that fixed order; single-member groups are copied bitwise. 16-byte vectors where the
-//      layout allows.
+//      group's record and weights read once for both): float32 weighted sum of the members in
+//      that fixed order; single-member groups are copied bitwise. The values of up to 3 members
+//      are loaded at once (copied asynchronously to shared memory), one round trip after the
+//      group's record, which holds their ids. 16-byte vectors where the layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
 // those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 4 launches. Steps 1-4
 // (launch_merge_decisions) never read the importance; step 5 (launch_merge_values) does.
@@ -68,6 +69,7 @@ constexpr int kScreenThreads = 128;  // 4 warps, each owning a 32 x 32 quarter o
 constexpr int kTopK = 8;             // screened candidates kept per src
 constexpr int kMergeThreads = 128;
 constexpr int kMergeVectors = 2;  // vectors of each of k and v per merge_values thread
+constexpr int kStagedMembers = 3;  // group members whose values merge_values_kernel loads at once
 constexpr int kMergeBlocksPerSm = 8;  // merge_values_kernel: at most 64 registers
 constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int kPrepareThreads = 256;
@@ -92,6 +94,11 @@ constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all spli
 constexpr int kExactBlock = 8;  // srcs (and dsts) per exact_dots item: one 8 x 8 float64 mma tile
 // 4 warps, an item each; 4 blocks per SM (at 5, float16 spills), 2 for block groups (200 registers)
 constexpr int kExactThreads = 128;
+constexpr int kExactBlocksPerSm = 4;
+constexpr int kExactGroupBlocksPerSm = 2;
+// SMs of the GPU whose waves the feature splits are fitted to (H100 SXM, H200): a constant, so that
+// the splits, and with them the float64 sums, do not depend on the device.
+constexpr int64_t kWaveSms = 132;
 constexpr int kExactVectors = 4;    // 16 bytes of each of its 2 rows a lane loads 4 times per step
 constexpr int64_t kExactTargetWarps = 8192;  // feature splits aim at this many items: ~4 waves of an H100
 // Block groups (exact_dots_kernel<M, kExactGroup>) for windows of at most kExactGroup blocks, where
@@ -801,7 +808,8 @@ __host__ __device__ constexpr int64_t exact_step_features() {
 // converts each value to float64 once per item where a block pair's item (kGroup = 1) converts it
 // once per partner block, and the conversions run at a quarter of the float64 rate.
 template <typename M, int kGroup>
-__global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? 4 : 2) exact_dots_kernel(const Params p) {
+__global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm : kExactGroupBlocksPerSm)
+    exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
   using S = typename Screen<M>::Stage;
   constexpr int kPerVector = 16 / sizeof(S);
@@ -993,9 +1001,9 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
       __syncthreads();  // the previous window's ranks are counted
       // Small windows: the pair sums too, by all threads (the loads of few per thread in flight).
       for (int e = (small ? 0 : pairs) + t; e < pairs + n; e += kSelectThreads) {
-        double sum = 0.0;
-#pragma unroll 8  // the loads of 8 splits in flight together; the sum stays in split order
-        for (int64_t s = 0; s < p.exact_split; ++s) sum += split_sums(s)[e];
+        // In split order, the loads of 8 splits in flight together (more: 98 registers, half the
+        // blocks per SM).
+        const double sum = detail::ordered_sum<8>(split_sums(0) + e, p.total * p.exact_slot, p.exact_split);
         if (e >= pairs) {
           norm[e - pairs] = sqrt(sum);
         } else {
@@ -1074,6 +1082,15 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
   }
 }
 
+// An output slot's group: its members are members[begin, end), in token order. The first
+// kStagedMembers are also kept here, so that merge_values_kernel starts loading a group of up to
+// that many members (nearly all groups) after one load. begin = end = 0: no member (only with a
+// wrong `kept`).
+struct alignas(16) Group {
+  int64_t begin, end;
+  int64_t first[kStagedMembers];  // members[begin + i] where the group has them
+};
+
 __global__ void kept_flags_kernel(const int64_t* __restrict__ merged_into, int64_t tokens,
                                   int64_t* __restrict__ flags) {
   detail::await_previous_kernel();
@@ -1104,15 +1121,19 @@ __global__ void slots_kernel(const int64_t* __restrict__ merged_into, const int6
   }
 }
 
-__global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, int64_t tokens, uint64_t slots,
-                                    int64_t* __restrict__ group_begin, int64_t* __restrict__ group_end) {
+__global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, const int64_t* __restrict__ sorted_token,
+                                    int64_t tokens, uint64_t slots, Group* __restrict__ groups) {
   detail::await_previous_kernel();
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < tokens;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint64_t key = sorted_slot[j];
     if (key >= slots) continue;
-    if (j == 0 || sorted_slot[j - 1] != key) group_begin[key] = j;
-    if (j + 1 == tokens || sorted_slot[j + 1] != key) group_end[key] = j + 1;
+    Group& group = groups[key];
+    int at = 0;  // position in the group, as far as it matters
+    while (at < kStagedMembers && j > at && sorted_slot[j - at - 1] == key) ++at;
+    if (at == 0) group.begin = j;
+    if (at < kStagedMembers) group.first[at] = sorted_token[j];
+    if (j + 1 == tokens || sorted_slot[j + 1] != key) group.end = j + 1;
   }
 }
 
@@ -1124,7 +1145,7 @@ template <int kRowItems>
 __global__ void __launch_bounds__(kRowThreads)
     row_groups_kernel(const int64_t* __restrict__ merged_into, int64_t rows, int64_t L, int64_t kept, int key_bits,
                       int64_t* __restrict__ index, int64_t* __restrict__ assignment, int64_t* __restrict__ members,
-                      int64_t* __restrict__ group_begin, int64_t* __restrict__ group_end) {
+                      Group* __restrict__ groups) {
   detail::await_previous_kernel();
   using RowScan = cub::BlockScan<int32_t, kRowThreads>;
   using RowSort = cub::BlockRadixSort<uint32_t, kRowThreads, kRowItems, uint32_t>;
@@ -1138,8 +1159,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {
     const int64_t row = b * L;
     for (int64_t m = threadIdx.x; m < kept; m += kRowThreads) {  // empty unless a member says otherwise
-      group_begin[b * kept + m] = 0;
-      group_end[b * kept + m] = 0;
+      groups[b * kept + m] = Group{};
     }
     int32_t anchor[kRowItems];  // l of the kept token each token ends in
     int32_t kept_here = 0;
@@ -1185,43 +1205,71 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int i = 0; i < kRowItems; ++i) {
       const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
       if (j >= L || key[i] == none) continue;
-      if (j == 0 || slot_of[j - 1] != key[i]) group_begin[b * kept + key[i]] = row + j;
-      if (j + 1 == L || slot_of[j + 1] != key[i]) group_end[b * kept + key[i]] = row + j + 1;
+      Group& group = groups[b * kept + key[i]];
+      int at = 0;  // position in the group, as far as it matters
+      while (at < kStagedMembers && j > at && slot_of[j - at - 1] == key[i]) ++at;
+      if (at == 0) group.begin = row + j;
+      if (at < kStagedMembers) group.first[at] = row + token[i];
+      if (j + 1 == L || slot_of[j + 1] != key[i]) group.end = row + j + 1;
     }
     __syncthreads();  // slot_of and the sort storage are free for the next row
   }
 }
 
-// VEC consecutive elements of the head dim; VEC > 1 only when they form one aligned 16 bytes.
-template <typename T, int VEC>
+// VEC consecutive elements of the head dim; VEC > 1 only when they form one aligned 16 bytes,
+// which are kept as 4 raw words (a 16-byte copy's source and target) and unpacked where read.
+template <typename T, int VEC, bool kPacked = (VEC * sizeof(T) == 16)>
 struct Vec {
   T v[VEC];
+  __device__ __forceinline__ void load(const T* ptr) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = ptr[k];
+  }
+  __device__ __forceinline__ void store(T* ptr) const {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ptr[k] = v[k];
+  }
+  __device__ __forceinline__ void stage(const T* ptr) { load(ptr); }  // into shared memory, synchronously
+  __device__ __forceinline__ float get(int k) const { return to_float(v[k]); }
+  __device__ __forceinline__ void set(int k, float x) { v[k] = detail::from_float<T>(x); }
 };
-
 template <typename T, int VEC>
-__device__ __forceinline__ Vec<T, VEC> load_vec(const T* ptr) {
-  Vec<T, VEC> out;
-  if constexpr (VEC * sizeof(T) == 16) {
+struct alignas(16) Vec<T, VEC, true> {
+  static constexpr int kPerWord = 4 / sizeof(T);
+  uint32_t word[4];
+  __device__ __forceinline__ void load(const T* ptr) {
     const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
-    memcpy(&out, &raw, 16);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) out.v[i] = ptr[i];
+    word[0] = raw.x;
+    word[1] = raw.y;
+    word[2] = raw.z;
+    word[3] = raw.w;
   }
-  return out;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, VEC>& value) {
-  if constexpr (VEC * sizeof(T) == 16) {
-    uint4 raw;
-    memcpy(&raw, &value, 16);
-    *reinterpret_cast<uint4*>(ptr) = raw;
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) ptr[i] = value.v[i];
+  __device__ __forceinline__ void store(T* ptr) const {
+    *reinterpret_cast<uint4*>(ptr) = make_uint4(word[0], word[1], word[2], word[3]);
   }
-}
+  // Into shared memory, asynchronously: read after detail::wait_async_copies().
+  __device__ __forceinline__ void stage(const T* ptr) { detail::copy_16_bytes_async(word, ptr, true, ptr); }
+  __device__ __forceinline__ float get(int k) const {
+    if constexpr (kPerWord == 1) {
+      float out;
+      memcpy(&out, &word[k], sizeof(out));
+      return out;
+    } else {
+      return detail::bits_to_float(static_cast<uint16_t>(word[k / 2] >> (16 * (k % 2))), T());
+    }
+  }
+  // Element k = x rounded to T; the word holding it must be zero before its first set.
+  __device__ __forceinline__ void set(int k, float x) {
+    if constexpr (kPerWord == 1) {
+      memcpy(&word[k], &x, sizeof(x));
+    } else {
+      const T value = detail::from_float<T>(x);
+      uint16_t bits;
+      memcpy(&bits, &value, sizeof(bits));
+      word[k / 2] |= static_cast<uint32_t>(bits) << (16 * (k % 2));
+    }
+  }
+};
 
 struct ValueParams {  // k (tensor 0) and v (tensor 1)
   const void* x[2];
@@ -1229,8 +1277,7 @@ struct ValueParams {  // k (tensor 0) and v (tensor 1)
   void* out[2];
   int64_t out_stride[2][4];
   int64_t H, D, L, kept, slots;
-  const int64_t* group_begin;
-  const int64_t* group_end;
+  const Group* groups;     // per slot
   const int64_t* members;  // token ids sorted by (slot, token)
   const float* importance;
   const int32_t* sizes;
@@ -1238,19 +1285,18 @@ struct ValueParams {  // k (tensor 0) and v (tensor 1)
 };
 
 // One block per (output slot, element chunk): the chunk is kMergeVectors vectors of VEC elements
-// per thread, of k and of v alike, so the group's bounds, members and weights (a chain of
-// dependent loads) are read once for 2 kMergeVectors vectors per thread, and every member's loads
-// of them are in flight together. Each output element is the members' weighted sum in member
-// order, divided by the weights' sum, also in member order (as the CPU op sums them): every
-// thread adds the weights up itself from shared memory, which is cheaper than a block reduction
-// for the typical group of 2 members. 8 blocks per SM hide the chain's latency.
+// per thread, of k and of v alike, so a group's record and weights are read once for
+// 2 kMergeVectors vectors per thread. Each output element is the members' weighted sum in member
+// order, divided by the weights' sum, also in member order (as the CPU op sums them). The loads
+// hang on a chain (group record -> members' values and weights), so all of a group's are issued
+// together one round trip after the record, which holds the ids of its first kStagedMembers
+// members: their values are copied to shared memory asynchronously (16-byte vectors; registers
+// would hold one member's), each thread its own, so no barrier is needed. Larger groups take
+// further rounds of kStagedMembers members.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values_kernel(const ValueParams p) {
   detail::await_previous_kernel();
-  __shared__ int64_t member_l[kMergeThreads];
-  __shared__ float member_w[kMergeThreads];
-  __shared__ int32_t member_size[kMergeThreads];
-
+  __shared__ Vec<T, VEC> staged[kStagedMembers][2][kMergeVectors][kMergeThreads];
   const bool writes_sizes = blockIdx.y == 0 && threadIdx.x == 0;
   const int vectors_per_head = static_cast<int>(p.D / VEC);
   const int head_vectors = static_cast<int>(p.H) * vectors_per_head;  // < 2^24 (launch_values)
@@ -1277,31 +1323,35 @@ __global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values
       }
     }
   };
+  const auto mine = [&](int i, int t, int u) -> Vec<T, VEC>& { return staged[i][t][u][threadIdx.x]; };
 
   for (int64_t slot = blockIdx.x; slot < p.slots; slot += gridDim.x) {
-    const int64_t begin = p.group_begin[slot], end = p.group_end[slot];
-    if (end <= begin) continue;  // no member (only with a wrong `kept`): leave the slot alone
+    const Group group = p.groups[slot];
+    if (group.end <= group.begin) continue;  // no member (only with a wrong `kept`): leave the slot alone
     const int64_t b = slot / p.kept, m = slot % p.kept;
-    const auto x_row = [&](int t, int64_t l) {  // token l of row b in tensor t
-      return static_cast<const T*>(p.x[t]) + b * p.x_stride[t][0] + l * p.x_stride[t][2];
+    const auto stage = [&](int i, int64_t g) {  // token g (of row b) into staged[i]
+      const int64_t l = g - b * p.L;
+      for_each_vector([&](int t, int u) {
+        mine(i, t, u).stage(static_cast<const T*>(p.x[t]) + b * p.x_stride[t][0] + l * p.x_stride[t][2] +
+                            x_offset(t, u));
+      });
     };
-    const auto out_row = [&](int t) {  // output token m of row b in tensor t
-      return static_cast<T*>(p.out[t]) + b * p.out_stride[t][0] + m * p.out_stride[t][2];
+    const auto store = [&](int t, int u, const Vec<T, VEC>& value) {  // at output token m of row b
+      value.store(static_cast<T*>(p.out[t]) + b * p.out_stride[t][0] + m * p.out_stride[t][2] + out_offset(t, u));
     };
-    if (end - begin == 1) {  // kept token without merged srcs: bitwise copy
-      const int64_t l = p.members[begin] - b * p.L;
-      Vec<T, VEC> value[2][kMergeVectors];
-      for_each_vector([&](int t, int u) { value[t][u] = load_vec<T, VEC>(x_row(t, l) + x_offset(t, u)); });
-      for_each_vector([&](int t, int u) { store_vec<T, VEC>(out_row(t) + out_offset(t, u), value[t][u]); });
-      if (writes_sizes) p.sizes_out[slot] = p.sizes[p.members[begin]];
+    if (group.end - group.begin == 1) {  // kept token without merged srcs: bitwise copy
+      stage(0, group.first[0]);
+      detail::wait_async_copies();
+      for_each_vector([&](int t, int u) { store(t, u, mine(0, t, u)); });
+      if (writes_sizes) p.sizes_out[slot] = p.sizes[group.first[0]];
       continue;
     }
     float sum[2][kMergeVectors][VEC];  // weighted; equal weights in a second pass if the group's weight is 0
-    const auto add_member = [&](int64_t l, float weight) {  // sum += weight x[l], every vector of the thread
+    const auto add = [&](int i, float weight) {  // sum += weight staged[i]
       for_each_vector([&](int t, int u) {
-        const Vec<T, VEC> value = load_vec<T, VEC>(x_row(t, l) + x_offset(t, u));
+        const Vec<T, VEC> value = mine(i, t, u);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) sum[t][u][k] = fmaf(weight, to_float(value.v[k]), sum[t][u][k]);
+        for (int k = 0; k < VEC; ++k) sum[t][u][k] = fmaf(weight, value.get(k), sum[t][u][k]);
       });
     };
     const auto clear = [&] {  // dead vectors too: skipping them costs 20 registers (ptxas)
@@ -1317,38 +1367,51 @@ __global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values
     clear();
     float total = 0.f;
     int64_t size_total = 0;
-    for (int64_t chunk = begin; chunk < end; chunk += kMergeThreads) {
-      const int64_t j = chunk + threadIdx.x;
-      if (j < end) {
-        const int64_t g = p.members[j];
-        member_l[threadIdx.x] = g - b * p.L;
-        member_w[threadIdx.x] = p.importance[g];
-        member_size[threadIdx.x] = p.sizes[g];
+    // kStagedMembers members at a time (ids from the record, later ones from `members`): their
+    // values staged and their weights and sizes loaded, all in flight together, then added in order.
+    for (int64_t first = group.begin; first < group.end; first += kStagedMembers) {
+      const int n = static_cast<int>(min(int64_t{kStagedMembers}, group.end - first));
+      int64_t token[kStagedMembers];
+#pragma unroll
+      for (int i = 0; i < kStagedMembers; ++i) {
+        if (i < n) token[i] = first == group.begin ? group.first[i] : p.members[first + i];
       }
-      __syncthreads();
-      const int count = static_cast<int>(min(static_cast<int64_t>(kMergeThreads), end - chunk));
-      for (int i = 0; i < count; ++i) {
-        const float w = member_w[i];
-        total += w;
-        size_total += member_size[i];
-        add_member(member_l[i], w);
+      float weight[kStagedMembers];
+      int32_t size[kStagedMembers];
+#pragma unroll
+      for (int i = 0; i < kStagedMembers; ++i) {
+        if (i >= n) break;
+        stage(i, token[i]);
+        weight[i] = p.importance[token[i]];
+        size[i] = writes_sizes ? p.sizes[token[i]] : 0;
       }
-      __syncthreads();  // members of this chunk are read before the next chunk (or slot) overwrites them
+      detail::wait_async_copies();
+#pragma unroll
+      for (int i = 0; i < kStagedMembers; ++i) {
+        if (i >= n) break;
+        total += weight[i];
+        size_total += size[i];
+        add(i, weight[i]);
+      }
     }
     // Weight 0 (rare: given zeros, or attention underflow): the plain sum, in the same member
-    // order (1 x + s == x + s exactly). A second pass keeps the common path at one accumulator per
-    // element (registers).
+    // order (1 x + s == x + s exactly), one member at a time. A second pass keeps the common path
+    // at one accumulator per element (registers).
     if (total == 0.f) {
       clear();
 #pragma unroll 1
-      for (int64_t j = begin; j < end; ++j) add_member(p.members[j] - b * p.L, 1.f);
+      for (int64_t j = group.begin; j < group.end; ++j) {
+        stage(0, p.members[j]);
+        detail::wait_async_copies();
+        add(0, 1.f);
+      }
     }
-    const float divisor = total == 0.f ? static_cast<float>(end - begin) : total;
+    const float divisor = total == 0.f ? static_cast<float>(group.end - group.begin) : total;
     for_each_vector([&](int t, int u) {
-      Vec<T, VEC> result;
+      Vec<T, VEC> result{};
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) result.v[k] = detail::from_float<T>(sum[t][u][k] / divisor);
-      store_vec<T, VEC>(out_row(t) + out_offset(t, u), result);
+      for (int k = 0; k < VEC; ++k) result.set(k, sum[t][u][k] / divisor);
+      store(t, u, result);
     });
     if (writes_sizes) p.sizes_out[slot] = static_cast<int32_t>(size_total);
   }
@@ -1450,11 +1513,23 @@ Plan make_plan(const MergeArgs& a) {
     plan.exact_group = plan.exact_blocks <= kExactGroup && block_pairs >= kExactGroupMinPairs ? kExactGroup : 1;
   }
   const int64_t items = std::max<int64_t>(plan.windows, 1) * exact_group_pairs(plan);
-  const int64_t exact_split = std::max<int64_t>(
+  const int64_t most_splits = std::max<int64_t>(
       1, std::min({ceil_div(plan.exact_group == 1 ? kExactTargetWarps : kExactGroupTargetWarps, items),
                    kMaxExactSplit, plan.exact_steps, kExactMaxSums / std::max<int64_t>(exact_sums, 1)}));
-  plan.exact_split =  // none empty
-      plan.exact_steps > 0 ? ceil_div(plan.exact_steps, ceil_div(plan.exact_steps, exact_split)) : 1;
+  // Of the splits up to that (none empty), the one of fewest waves x steps per item on a GPU of
+  // kWaveSms SMs, ties to the most splits: LLaVA-1.5 at batch 1 takes 11 splits of 3 steps in
+  // one wave of 396 blocks rather than 16 of 2 steps in 576, a wave and a tail of 48 blocks.
+  const int64_t wave_blocks = kWaveSms * (plan.exact_group == 1 ? kExactBlocksPerSm : kExactGroupBlocksPerSm);
+  plan.exact_split = 1;
+  int64_t fewest = INT64_MAX;
+  for (int64_t split = 1; split <= most_splits && plan.exact_steps > 0; ++split) {
+    const int64_t steps = ceil_div(plan.exact_steps, split), splits = ceil_div(plan.exact_steps, steps);
+    const int64_t cost = ceil_div(ceil_div(items * splits, kExactThreads / 32), wave_blocks) * steps;
+    if (cost <= fewest) {
+      fewest = cost;
+      plan.exact_split = splits;
+    }
+  }
   plan.select_groups = plan.exact && a.max_window > kExactWindow
                            ? ceil_div(ceil_div(a.max_window, 2), kSelectThreads / 32)
                            : 1;
@@ -1485,8 +1560,7 @@ struct Workspace {  // the screened mode's arrays are empty in exact mode, the g
   uint64_t* sorted_slot_key;
   int64_t* token_id;
   int64_t* sorted_token_id;
-  int64_t* group_begin;
-  int64_t* group_end;
+  Group* groups;
   void* cub_temp;
   size_t cub_bytes;
   size_t bytes;
@@ -1528,8 +1602,7 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   ws.sorted_slot_key = carver.take<uint64_t>(general);
   ws.token_id = carver.take<int64_t>(general);
   ws.sorted_token_id = carver.take<int64_t>(plan.tokens);
-  ws.group_begin = carver.take<int64_t>(2 * plan.slots);  // then group_end (one memset clears both)
-  ws.group_end = ws.group_begin + plan.slots;
+  ws.groups = carver.take<Group>(plan.slots);
   ws.cub_temp = carver.take<char>(static_cast<int64_t>(cub_bytes));
   ws.cub_bytes = cub_bytes;
   ws.bytes = carver.bytes();
@@ -1574,9 +1647,9 @@ cudaError_t launch_general_groups(const Plan& plan, const Workspace& ws, const M
                                                           ws.token_id, ws.sorted_token_id, plan.tokens, 0,
                                                           plan.end_bit, stream));
   // Empty bounds for any slot no token reaches (only with a wrong `kept`): copies nothing.
-  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.group_begin, 0, 2 * sizeof(int64_t) * plan.slots, stream));
-  return launch(group_bounds_kernel, flat_grid(plan.tokens), 256, ws.sorted_slot_key, plan.tokens,
-                static_cast<uint64_t>(plan.slots), ws.group_begin, ws.group_end);
+  LIGHTKV_RETURN_IF_ERROR(cudaMemsetAsync(ws.groups, 0, sizeof(Group) * plan.slots, stream));
+  return launch(group_bounds_kernel, flat_grid(plan.tokens), 256, ws.sorted_slot_key, ws.sorted_token_id,
+                plan.tokens, static_cast<uint64_t>(plan.slots), ws.groups);
 }
 
 // lane_dot's 16-byte loads are safe when no vector crosses a head (C a multiple of the vector)
@@ -1718,7 +1791,7 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   if (plan.row_groups) {
     const auto row_groups = plan.L <= kRowThreads * 2 ? row_groups_kernel<2> : row_groups_kernel<kRowItemsMax>;
     return launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into, plan.B, plan.L, a.kept,
-                  plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id, ws.group_begin, ws.group_end);
+                  plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id, ws.groups);
   }
   return launch_general_groups(plan, ws, a, launch, m.stream);
 }
@@ -1734,8 +1807,7 @@ cudaError_t average(const MergeArgs& a, const MergeLaunch& m) {
   vp.L = plan.L;
   vp.kept = a.kept;
   vp.slots = plan.slots;
-  vp.group_begin = ws.group_begin;
-  vp.group_end = ws.group_end;
+  vp.groups = ws.groups;
   vp.members = ws.sorted_token_id;
   vp.importance = a.importance;
   vp.sizes = a.sizes;

@@ -51,9 +51,13 @@ constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (
 // column_mass_kernel loads a row's statistics of up to this many column ranges (row_stats_kernel's
 // splits) at once.
 constexpr int kSplitsInFlight = 16;
+// The last column_mass_kernel block of a column tile loads this many of its partial sums at once
+// (LLaVA-1.5: all of its 32 KV heads').
+constexpr int kPartsInFlight = 32;
 constexpr int kOffsetThreads = 512;
 // Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
-// reads, block 0 the ones column_mass_kernel reads): image_offsets_kernel is not launched.
+// reads, block 0 the ones column_mass_kernel reads, and copies to shared memory):
+// image_offsets_kernel is not launched.
 constexpr int64_t kFusedImages = 8;
 // one_pass_kernel: tile stats one block combines (one load of each per thread in flight), and
 // the most row tiles an image may have (its partial sums are kept per row tile).
@@ -82,7 +86,8 @@ struct Params {
   int64_t* images;             // sanitised, kImageFields per image
   int64_t* offsets;            // kCountArrays arrays of num_images + 1 exclusive offsets
   int64_t* text_counted;       // counted (mask True) text tokens per image
-  float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits; one pass: see below
+  float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits, (-inf, 0) for a
+                               // masked text token; one pass: see below
   int64_t nsplit;
   float* partial;              // (H_kv * rsplit, B * L)
   int64_t rsplit;
@@ -352,42 +357,63 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
   }
 }
 
-// Row setup shared by both passes: row r of (image, hk) is query head hk * group + r / T_img,
-// text token text_start + r % T_img.
-__device__ __forceinline__ void setup_rows(const Params& p, TileSmem& sm, const int64_t* img,
-                                           int64_t hk, int64_t row_tile) {
+// Tile setup shared by the passes: thread `local` < kTileRows sets up row `local` of row tile
+// `row_tile` (with `rows`) and column `local` of column tile `col_tile` (with `cols`). Row r of
+// (image, hk) is query head hk * group + r / T_img, text token text_start + r % T_img; columns
+// 0 .. cols - 1 are vision tokens col_tile * kTileCols + c of the image. Loading (the row's mask,
+// the column's size) and storing to shared memory are separate steps, so that both loads, and
+// any a caller issues in between, are in flight together: one round trip.
+struct TileSetup {
+  bool rows, cols, row_exists, mask;
+  int col_count;
+  int32_t size;
+  int64_t q_base, k_first;
+};
+
+__device__ __forceinline__ TileSetup load_tile_setup(const Params& p, const int64_t* img, int64_t hk,
+                                                     int64_t row_tile, bool rows, int64_t col_tile, bool cols) {
+  TileSetup t{};
   const int local = threadIdx.x;
-  if (local >= kTileRows) return;
+  t.rows = rows;
+  t.cols = cols;
   const int64_t tl = img[kTextLen];
   const int64_t r = row_tile * kTileRows + local;
-  bool ok = r < p.group * tl;
-  int64_t base = 0;
-  if (ok) {
+  t.row_exists = rows && r < p.group * tl;
+  int64_t mask_at = 0;
+  if (t.row_exists) {
     const int64_t hq = hk * p.group + r / tl, s = img[kTextStart] + r % tl;
-    ok = p.text_mask == nullptr || p.text_mask[img[kRow] * p.mask_stride[0] + s * p.mask_stride[1]];
-    base = img[kRow] * p.text_stride[0] + hq * p.text_stride[1] + s * p.text_stride[2];
+    t.q_base = img[kRow] * p.text_stride[0] + hq * p.text_stride[1] + s * p.text_stride[2];
+    mask_at = img[kRow] * p.mask_stride[0] + s * p.mask_stride[1];
   }
-  sm.row_ok[local] = ok;
-  sm.q_base[local] = base;
+  const int64_t first = img[kVisStart] + col_tile * kTileCols;  // token of column 0
+  t.col_count = static_cast<int>(min(int64_t{kTileCols}, img[kVisLen] - col_tile * kTileCols));
+  t.k_first = img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + first * p.k_stride[2];
+  t.mask = t.row_exists && p.text_mask != nullptr ? p.text_mask[mask_at] : true;
+  t.size = cols && local < t.col_count && p.sizes != nullptr
+               ? p.sizes[img[kRow] * p.sizes_stride[0] + (first + local) * p.sizes_stride[1]]
+               : 1;
+  return t;
 }
 
-__device__ __forceinline__ void setup_cols(const Params& p, TileSmem& sm, const int64_t* img,
-                                           int64_t hk, int64_t col_tile) {
+__device__ __forceinline__ void store_tile_setup(TileSmem& sm, const TileSetup& t) {
   const int local = threadIdx.x;
-  if (local >= kTileCols) return;
-  const int64_t first = img[kVisStart] + col_tile * kTileCols;  // token of column 0
-  const int cols = static_cast<int>(min(int64_t{kTileCols}, img[kVisLen] - col_tile * kTileCols));
-  if (local == 0) {
-    sm.cols = cols;
-    sm.k_first = img[kRow] * p.k_stride[0] + hk * p.k_stride[1] + first * p.k_stride[2];
+  if (t.rows) {
+    sm.row_ok[local] = t.row_exists && t.mask;
+    sm.q_base[local] = t.q_base;
   }
-  float bias = -INFINITY;
-  if (local < cols) {
-    bias = p.sizes == nullptr
-               ? 0.f
-               : log2f(static_cast<float>(p.sizes[img[kRow] * p.sizes_stride[0] + (first + local) * p.sizes_stride[1]]));
+  if (t.cols) {
+    if (local == 0) {
+      sm.cols = t.col_count;
+      sm.k_first = t.k_first;
+    }
+    // log2(size), or 0 without sizes; -inf past the image's columns.
+    sm.bias[local] = local < t.col_count ? log2f(static_cast<float>(t.size)) : -INFINITY;
   }
-  sm.bias[local] = bias;
+}
+
+__device__ __forceinline__ void setup_tile(const Params& p, TileSmem& sm, const int64_t* img, int64_t hk,
+                                           int64_t row_tile, bool rows, int64_t col_tile, bool cols) {
+  if (threadIdx.x < kTileRows) store_tile_setup(sm, load_tile_setup(p, img, hk, row_tile, rows, col_tile, cols));
 }
 
 // 2^x, x <= 0, for a term of a sum that reaches at least 1 (a softmax denominator, which holds
@@ -494,7 +520,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     const int64_t col_end = min(col_tiles, col_begin + per_split);
 
     __syncthreads();  // the previous item is done with the shared row data
-    setup_rows(p, sm, img, hk, row_tile);
+    setup_tile(p, sm, img, hk, row_tile, /*rows=*/true, col_begin, /*cols=*/col_begin < col_end);
     __syncthreads();  // row_ok is read below even when this split has no column tile
     float run_max[L::kRows], run_sum[L::kRows];
 #pragma unroll
@@ -503,8 +529,10 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       run_sum[i] = 0.f;
     }
     for (int64_t col_tile = col_begin; col_tile < col_end; ++col_tile) {
-      setup_cols(p, sm, img, hk, col_tile);
-      __syncthreads();
+      if (col_tile > col_begin) {
+        setup_tile(p, sm, img, hk, row_tile, /*rows=*/false, col_tile, /*cols=*/true);
+        __syncthreads();
+      }
       float acc[L::kRows][L::kCols];
       tile_dot<T>(p, sm, /*rows_staged=*/col_tile > col_begin, /*cols_staged=*/false, acc);
       float col_bias[L::kCols];
@@ -531,17 +559,18 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
           run_max[i] = new_max;
         }
       }
-      __syncthreads();  // columns of this tile are read before the next setup_cols
+      __syncthreads();  // columns of this tile are read before the next setup_tile
     }
-    if (threadIdx.x % L::kRowLanes == 0) {
+    if (threadIdx.x % L::kRowLanes == 0) {  // every row's: (-inf, 0) for a masked one
       const int64_t tl = img[kTextLen];
 #pragma unroll
       for (int i = 0; i < L::kRows; ++i) {
         const int local_row = L::row(i);
-        if (!sm.row_ok[local_row]) continue;
         const int64_t r = row_tile * kTileRows + local_row;
+        if (r >= p.group * tl) continue;
         const int64_t hq = hk * p.group + r / tl, t = r % tl;
-        p.stats[((text_off[image] + t) * p.H_q + hq) * p.nsplit + split] = make_float2(run_max[i], run_sum[i]);
+        p.stats[((text_off[image] + t) * p.H_q + hq) * p.nsplit + split] =
+            sm.row_ok[local_row] ? make_float2(run_max[i], run_sum[i]) : make_float2(-INFINITY, 0.f);
       }
     }
   }
@@ -556,8 +585,26 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
   __shared__ float row_max[kTileRows];
   __shared__ float row_inv_sum[kTileRows];
   __shared__ float column_part[L::kThreads / 32][kTileCols];  // per warp
+  __shared__ int64_t fused_images[kFusedImages * kImageFields];
+  __shared__ int64_t fused_counted[kFusedImages];
+  __shared__ int64_t fused_offsets[2][kFusedImages + 1];  // column tiles, text rows
+  const int64_t* images = p.images;
+  const int64_t* text_counted = p.text_counted;
   const int64_t* col_tile_off = offsets_of(p, kColTiles);
   const int64_t* text_off = offsets_of(p, kTextRows);
+  if (p.fused_tables) {  // uniform: few images, whose tables are copied to shared memory in one round trip
+    for (int64_t i = threadIdx.x; i < p.num_images * kImageFields; i += L::kThreads) fused_images[i] = images[i];
+    if (threadIdx.x < p.num_images) fused_counted[threadIdx.x] = text_counted[threadIdx.x];
+    if (threadIdx.x <= p.num_images) {
+      fused_offsets[0][threadIdx.x] = col_tile_off[threadIdx.x];
+      fused_offsets[1][threadIdx.x] = text_off[threadIdx.x];
+    }
+    __syncthreads();
+    images = fused_images;
+    text_counted = fused_counted;
+    col_tile_off = fused_offsets[0];
+    text_off = fused_offsets[1];
+  }
   // Disjoint images have at most ticket_count column tiles; overlapping ones (the contract forbids
   // them, but only the CPU op can check a device table without a sync) must not index past it.
   const int64_t tiles = min(col_tile_off[p.num_images], p.ticket_count);
@@ -571,9 +618,9 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     const int64_t tile = item % tiles;
     const int64_t hk = item / tiles / p.rsplit, range = item / tiles % p.rsplit;
     const int64_t image = find_segment(col_tile_off, p.num_images, tile);
-    const int64_t* img = p.images + image * kImageFields;
+    const int64_t* img = images + image * kImageFields;
     const int64_t col_tile = tile - col_tile_off[image];
-    const int64_t counted = p.text_counted[image];
+    const int64_t counted = text_counted[image];
     if (counted == 0) {  // no text to attend: uniform importance, written once per column tile
       const int64_t c = col_tile * kTileCols + threadIdx.x;
       if (hk == 0 && range == 0 && threadIdx.x < kTileCols && c < img[kVisLen]) {
@@ -588,7 +635,8 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     const int64_t row_end = min(row_tiles, row_begin + per_range);
 
     __syncthreads();  // the previous item is done with the shared column data
-    setup_cols(p, sm, img, hk, col_tile);
+    // An empty range of rows still writes its (zero) partial sums, for the tile's live columns.
+    if (row_begin >= row_end) setup_tile(p, sm, img, hk, 0, /*rows=*/false, col_tile, /*cols=*/true);
     float column_sum[L::kCols];
 #pragma unroll
     for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
@@ -597,38 +645,45 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       staged_image = image;
       staged_hk = hk;
       staged_row_tile = row_tile;
-      if (!rows_staged) setup_rows(p, sm, img, hk, row_tile);
-      __syncthreads();
-      if (threadIdx.x < kTileRows && !rows_staged) {
-        const int local = threadIdx.x;
+      // Thread `local` < kTileRows combines the statistics of row `local` (a masked row's are
+      // (-inf, 0)); up to kSplitsInFlight column ranges' are loaded together with the tile setup's
+      // mask and size (one round trip), then combined in split order; more: afterwards, in two
+      // passes over them, 8 loads in flight.
+      const int local = threadIdx.x;
+      const int64_t r = row_tile * kTileRows + local;
+      const bool combines = !rows_staged && local < kTileRows && r < p.group * tl;
+      const bool in_flight = combines && p.nsplit <= kSplitsInFlight;
+      const float2* st = p.stats;
+      if (combines) st += ((text_off[image] + r % tl) * p.H_q + hk * p.group + r / tl) * p.nsplit;
+      float2 pair[kSplitsInFlight];
+      if (local < kTileRows) {
+        const TileSetup setup =
+            load_tile_setup(p, img, hk, row_tile, /*rows=*/!rows_staged, col_tile, /*cols=*/row_tile == row_begin);
+#pragma unroll
+        for (int s = 0; s < kSplitsInFlight; ++s) {
+          pair[s] = in_flight && s < p.nsplit ? st[s] : make_float2(-INFINITY, 0.f);
+        }
+        store_tile_setup(sm, setup);
+      }
+      if (local < kTileRows && !rows_staged) {
         float m = -INFINITY, total = 0.f;
-        if (sm.row_ok[local]) {
-          const int64_t r = row_tile * kTileRows + local;
-          const int64_t hq = hk * p.group + r / tl, t = r % tl;
-          const float2* st = p.stats + ((text_off[image] + t) * p.H_q + hq) * p.nsplit;
-          // Up to kSplitsInFlight splits: every pair loaded at once (one round trip), then combined
-          // in split order; more: the same in two passes over them, 8 loads in flight.
-          if (p.nsplit <= kSplitsInFlight) {
-            float2 pair[kSplitsInFlight];
+        if (in_flight) {
 #pragma unroll
-            for (int s = 0; s < kSplitsInFlight; ++s) pair[s] = s < p.nsplit ? st[s] : make_float2(-INFINITY, 0.f);
+          for (int s = 0; s < kSplitsInFlight; ++s) m = fmaxf(m, pair[s].x);
 #pragma unroll
-            for (int s = 0; s < kSplitsInFlight; ++s) m = fmaxf(m, pair[s].x);
-#pragma unroll
-            for (int s = 0; s < kSplitsInFlight; ++s) {
-              if (pair[s].x != -INFINITY) total += pair[s].y * exp2f(pair[s].x - m);
-            }
-          } else {
+          for (int s = 0; s < kSplitsInFlight; ++s) {
+            if (pair[s].x != -INFINITY) total += pair[s].y * exp2f(pair[s].x - m);
+          }
+        } else if (combines) {
 #pragma unroll 8
-            for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
+          for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
 #pragma unroll 8
-            for (int64_t s = 0; s < p.nsplit; ++s) {
-              if (st[s].x != -INFINITY) total += st[s].y * exp2f(st[s].x - m);
-            }
+          for (int64_t s = 0; s < p.nsplit; ++s) {
+            if (st[s].x != -INFINITY) total += st[s].y * exp2f(st[s].x - m);
           }
         }
         row_max[local] = m;
-        // A row whose logits are all -inf (every size 0) contributes nothing.
+        // A row whose logits are all -inf (masked, or every size 0) contributes nothing.
         row_inv_sum[local] = total > 0.f ? 1.f / total : 0.f;
       }
       // tile_dot's first barrier publishes row_max / row_inv_sum as well.
@@ -645,7 +700,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
           column_sum[j] += exp2f(fmaf(p.scale_log2, acc[i][j], sm.bias[L::col(j)]) - shift) * inv_sum;
         }
       }
-      __syncthreads();  // rows of this tile are read before the next setup_rows
+      __syncthreads();  // rows of this tile are read before the next setup_tile
     }
     const float part_sum = column_total<L>(column_sum, column_part);
     const int local = threadIdx.x;
@@ -655,9 +710,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     const int64_t parts = p.H_kv * p.rsplit;
     if (!detail::last_to_arrive(&p.tickets[tile], static_cast<unsigned int>(parts))) continue;
     if (live) {
-      float total = 0.f;
-#pragma unroll 16  // the loads of 16 parts in flight together; the sum stays in part order
-      for (int64_t part = 0; part < parts; ++part) total += __ldcg(&p.partial[part * p.tokens + token]);
+      const float total = detail::ordered_sum<kPartsInFlight>(p.partial + token, p.tokens, parts);  // in part order
       p.importance[token] = total / static_cast<float>(p.H_q * counted);
     }
   }
@@ -746,8 +799,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       continue;
     }
     __syncthreads();  // the previous item is done with the shared row and column data
-    setup_rows(p, sm, img, hk, row_tile);
-    setup_cols(p, sm, img, hk, col_tile);
+    setup_tile(p, sm, img, hk, row_tile, /*rows=*/true, col_tile, /*cols=*/true);
     float value[L::kRows][L::kCols];  // the logits, then 2^(l - tile_max)
     tile_dot<T>(p, sm, /*rows_staged=*/false, /*cols_staged=*/false, value);  // publishes the setup first
     float tile_max[L::kRows];
