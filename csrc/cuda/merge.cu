@@ -1091,6 +1091,20 @@ struct alignas(16) Group {
   int64_t first[kStagedMembers];  // members[begin + i] where the group has them
 };
 
+// Position j of n in a list sorted by group key (sorted[j] its group's key), holding member token
+// `token`, into its group's record: begin / end (plus `offset`) where j starts / ends the group,
+// and the member where it is among the group's first kStagedMembers.
+template <typename Key>
+__device__ __forceinline__ void record_member(Group& group, const Key* sorted, int64_t j, int64_t n, int64_t offset,
+                                              int64_t token) {
+  const Key key = sorted[j];
+  int at = 0;  // position in the group, as far as it matters
+  while (at < kStagedMembers && j > at && sorted[j - at - 1] == key) ++at;
+  if (at == 0) group.begin = offset + j;
+  if (at < kStagedMembers) group.first[at] = token;
+  if (j + 1 == n || sorted[j + 1] != key) group.end = offset + j + 1;
+}
+
 __global__ void kept_flags_kernel(const int64_t* __restrict__ merged_into, int64_t tokens,
                                   int64_t* __restrict__ flags) {
   detail::await_previous_kernel();
@@ -1127,13 +1141,7 @@ __global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, co
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < tokens;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint64_t key = sorted_slot[j];
-    if (key >= slots) continue;
-    Group& group = groups[key];
-    int at = 0;  // position in the group, as far as it matters
-    while (at < kStagedMembers && j > at && sorted_slot[j - at - 1] == key) ++at;
-    if (at == 0) group.begin = j;
-    if (at < kStagedMembers) group.first[at] = sorted_token[j];
-    if (j + 1 == tokens || sorted_slot[j + 1] != key) group.end = j + 1;
+    if (key < slots) record_member(groups[key], sorted_slot, j, tokens, 0, sorted_token[j]);
   }
 }
 
@@ -1205,12 +1213,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int i = 0; i < kRowItems; ++i) {
       const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
       if (j >= L || key[i] == none) continue;
-      Group& group = groups[b * kept + key[i]];
-      int at = 0;  // position in the group, as far as it matters
-      while (at < kStagedMembers && j > at && slot_of[j - at - 1] == key[i]) ++at;
-      if (at == 0) group.begin = row + j;
-      if (at < kStagedMembers) group.first[at] = row + token[i];
-      if (j + 1 == L || slot_of[j + 1] != key[i]) group.end = row + j + 1;
+      record_member(groups[b * kept + key[i]], slot_of, j, L, row, row + token[i]);
     }
     __syncthreads();  // slot_of and the sort storage are free for the next row
   }
