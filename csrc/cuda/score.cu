@@ -45,12 +45,17 @@ constexpr int kTileRows = 64;  // (query head, text token) rows per tile
 constexpr int kTileCols = 64;  // vision tokens per tile
 constexpr int kChunkD = 16;    // head-dim slice staged in shared memory (SIMT path)
 constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tensor-core path)
-constexpr int64_t kTargetBlocks = 512;  // splits aim at this many work items (fixed: device independent)
+// Work splits depend on shapes only (never on the device), so that the results do not either.
+constexpr int64_t kTargetBlocks = 512;  // row_stats_kernel's splits aim at this many work items
 constexpr int64_t kMaxGrid = 16384;
 constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see Plan::column_run)
-// column_mass_kernel loads a row's statistics of up to this many column ranges (row_stats_kernel's
-// splits) at once.
+// column_mass_kernel's blocks in one wave of a 132-SM GPU (H100 SXM, H200) at 5 per SM: its row
+// ranges aim at this many items at most (a constant, for the same reason).
+constexpr int64_t kColumnWave = 132 * 5;
+// row_stats_kernel's column ranges, at most: column_mass_kernel loads a row's statistics of all of
+// them at once.
 constexpr int kSplitsInFlight = 16;
+constexpr int64_t kMaxRowRanges = 16;  // column_mass_kernel's row ranges, at most
 // The last column_mass_kernel block of a column tile loads this many of its partial sums at once
 // (LLaVA-1.5: all of its 32 KV heads').
 constexpr int kPartsInFlight = 32;
@@ -646,13 +651,11 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       staged_hk = hk;
       staged_row_tile = row_tile;
       // Thread `local` < kTileRows combines the statistics of row `local` (a masked row's are
-      // (-inf, 0)); up to kSplitsInFlight column ranges' are loaded together with the tile setup's
-      // mask and size (one round trip), then combined in split order; more: afterwards, in two
-      // passes over them, 8 loads in flight.
+      // (-inf, 0)): its nsplit <= kSplitsInFlight column ranges' are loaded together with the tile
+      // setup's mask and size (one round trip), then combined in split order.
       const int local = threadIdx.x;
       const int64_t r = row_tile * kTileRows + local;
       const bool combines = !rows_staged && local < kTileRows && r < p.group * tl;
-      const bool in_flight = combines && p.nsplit <= kSplitsInFlight;
       const float2* st = p.stats;
       if (combines) st += ((text_off[image] + r % tl) * p.H_q + hk * p.group + r / tl) * p.nsplit;
       float2 pair[kSplitsInFlight];
@@ -661,26 +664,17 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
             load_tile_setup(p, img, hk, row_tile, /*rows=*/!rows_staged, col_tile, /*cols=*/row_tile == row_begin);
 #pragma unroll
         for (int s = 0; s < kSplitsInFlight; ++s) {
-          pair[s] = in_flight && s < p.nsplit ? st[s] : make_float2(-INFINITY, 0.f);
+          pair[s] = combines && s < p.nsplit ? st[s] : make_float2(-INFINITY, 0.f);
         }
         store_tile_setup(sm, setup);
       }
       if (local < kTileRows && !rows_staged) {
         float m = -INFINITY, total = 0.f;
-        if (in_flight) {
 #pragma unroll
-          for (int s = 0; s < kSplitsInFlight; ++s) m = fmaxf(m, pair[s].x);
+        for (int s = 0; s < kSplitsInFlight; ++s) m = fmaxf(m, pair[s].x);
 #pragma unroll
-          for (int s = 0; s < kSplitsInFlight; ++s) {
-            if (pair[s].x != -INFINITY) total += pair[s].y * exp2f(pair[s].x - m);
-          }
-        } else if (combines) {
-#pragma unroll 8
-          for (int64_t s = 0; s < p.nsplit; ++s) m = fmaxf(m, st[s].x);
-#pragma unroll 8
-          for (int64_t s = 0; s < p.nsplit; ++s) {
-            if (st[s].x != -INFINITY) total += st[s].y * exp2f(st[s].x - m);
-          }
+        for (int s = 0; s < kSplitsInFlight; ++s) {
+          if (pair[s].x != -INFINITY) total += pair[s].y * exp2f(pair[s].x - m);
         }
         row_max[local] = m;
         // A row whose logits are all -inf (masked, or every size 0) contributes nothing.
@@ -966,13 +960,18 @@ Plan make_plan(const ScoreArgs& a) {
   plan.num_images = a.num_images;
   plan.tokens = plan.B * plan.L;
   // Split the vision tokens (pass 1) or the text rows (pass 2) when there are too few tiles to
-  // fill the GPU. The split counts depend on shapes only, so results do not depend on the device.
+  // fill the GPU. Pass 1: items toward kTargetBlocks, in at most kSplitsInFlight column ranges.
+  // Pass 2: as many row ranges as one wave of blocks holds, down to a row tile each (at batch 1
+  // every item is one block's whole chain of round trips, and a range of one row tile is the
+  // shortest).
   const int64_t row_tiles = std::max<int64_t>(1, row_tile_bound(plan, a));
+  const int64_t column_tile_items = column_tile_bound(plan) * std::max<int64_t>(plan.H_kv, 1);
   plan.nsplit = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, row_tiles * std::max<int64_t>(plan.H_kv, 1)),
-                                               ceil_div(std::max<int64_t>(plan.L, 1), kTileCols), int64_t{32}}));
-  plan.rsplit = std::max<int64_t>(
-      1, std::min({ceil_div(kTargetBlocks, column_tile_bound(plan) * std::max<int64_t>(plan.H_kv, 1)),
-                   ceil_div(std::max<int64_t>(plan.group * plan.S, 1), kTileRows), int64_t{16}}));
+                                               ceil_div(std::max<int64_t>(plan.L, 1), kTileCols),
+                                               int64_t{kSplitsInFlight}}));
+  plan.rsplit = std::max<int64_t>(1, std::min({kColumnWave / column_tile_items,
+                                               ceil_div(std::max<int64_t>(plan.group * plan.S, 1), kTileRows),
+                                               kMaxRowRanges}));
   // One item per column_mass_kernel block while that makes at most kColumnBlocks blocks.
   plan.column_run = std::max<int64_t>(1, ceil_div(column_items(plan), kColumnBlocks));
   // One pass needs every group's column tiles (up to those of L tokens) resident at once, and
