@@ -29,6 +29,10 @@
 namespace lightkv_cuda {
 namespace detail {
 
+// SMs of the GPU whose waves work splits are fitted to (H100 SXM, H200): a constant, so that the
+// splits, and with them the sums' order and rounding, do not depend on the device.
+constexpr int64_t kWaveSms = 132;
+
 // Element loads/stores through explicit intrinsics: PyTorch compiles .cu files with
 // __CUDA_NO_HALF_CONVERSIONS__, so no implicit half <-> float conversions are used anywhere.
 __device__ __forceinline__ float to_float(float x) { return x; }

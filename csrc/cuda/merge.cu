@@ -96,9 +96,6 @@ constexpr int kExactBlock = 8;  // srcs (and dsts) per exact_dots item: one 8 x 
 constexpr int kExactThreads = 128;
 constexpr int kExactBlocksPerSm = 4;
 constexpr int kExactGroupBlocksPerSm = 2;
-// SMs of the GPU whose waves the feature splits are fitted to (H100 SXM, H200): a constant, so that
-// the splits, and with them the float64 sums, do not depend on the device.
-constexpr int64_t kWaveSms = 132;
 constexpr int kExactVectors = 4;    // 16 bytes of each of its 2 rows a lane loads 4 times per step
 constexpr int64_t kExactTargetWarps = 8192;  // feature splits aim at this many items: ~4 waves of an H100
 // Block groups (exact_dots_kernel<M, kExactGroup>) for windows of at most kExactGroup blocks, where
@@ -1520,9 +1517,10 @@ Plan make_plan(const MergeArgs& a) {
       1, std::min({ceil_div(plan.exact_group == 1 ? kExactTargetWarps : kExactGroupTargetWarps, items),
                    kMaxExactSplit, plan.exact_steps, kExactMaxSums / std::max<int64_t>(exact_sums, 1)}));
   // Of the splits up to that (none empty), the one of fewest waves x steps per item on a GPU of
-  // kWaveSms SMs, ties to the most splits: LLaVA-1.5 at batch 1 takes 11 splits of 3 steps in
+  // detail::kWaveSms SMs, ties to the most splits: LLaVA-1.5 at batch 1 takes 11 splits of 3 steps in
   // one wave of 396 blocks rather than 16 of 2 steps in 576, a wave and a tail of 48 blocks.
-  const int64_t wave_blocks = kWaveSms * (plan.exact_group == 1 ? kExactBlocksPerSm : kExactGroupBlocksPerSm);
+  const int64_t wave_blocks =
+      detail::kWaveSms * (plan.exact_group == 1 ? kExactBlocksPerSm : kExactGroupBlocksPerSm);
   plan.exact_split = 1;
   int64_t fewest = INT64_MAX;
   for (int64_t split = 1; split <= most_splits && plan.exact_steps > 0; ++split) {

@@ -49,9 +49,6 @@ constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tenso
 constexpr int64_t kTargetBlocks = 512;  // row_stats_kernel's splits aim at this many work items
 constexpr int64_t kMaxGrid = 16384;
 constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see Plan::column_run)
-// column_mass_kernel's blocks in one wave of a 132-SM GPU (H100 SXM, H200) at 5 per SM: its row
-// ranges aim at this many items at most (a constant, for the same reason).
-constexpr int64_t kColumnWave = 132 * 5;
 // row_stats_kernel's column ranges, at most: column_mass_kernel loads a row's statistics of all of
 // them at once.
 constexpr int kSplitsInFlight = 16;
@@ -966,10 +963,12 @@ Plan make_plan(const ScoreArgs& a) {
   // shortest).
   const int64_t row_tiles = std::max<int64_t>(1, row_tile_bound(plan, a));
   const int64_t column_tile_items = column_tile_bound(plan) * std::max<int64_t>(plan.H_kv, 1);
+  // column_mass_kernel's blocks in one wave at the 16-bit layout's occupancy (for every dtype).
+  const int64_t column_wave = detail::kWaveSms * TileLayout<__half>::kBlocksPerSm;
   plan.nsplit = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, row_tiles * std::max<int64_t>(plan.H_kv, 1)),
                                                ceil_div(std::max<int64_t>(plan.L, 1), kTileCols),
                                                int64_t{kSplitsInFlight}}));
-  plan.rsplit = std::max<int64_t>(1, std::min({kColumnWave / column_tile_items,
+  plan.rsplit = std::max<int64_t>(1, std::min({column_wave / column_tile_items,
                                                ceil_div(std::max<int64_t>(plan.group * plan.S, 1), kTileRows),
                                                kMaxRowRanges}));
   // One item per column_mass_kernel block while that makes at most kColumnBlocks blocks.
