@@ -14,7 +14,7 @@ without the Python and launch overhead that `lightkv_ext` (an eager call) includ
 turned off (LIGHTKV_PDL=0), which shows what chaining saves, and `lightkv_ext_graph_one_stream`
 with the merge decisions on the current stream instead of overlapping the scoring on a second one
 (LIGHTKV_OVERLAP=0), which shows what the overlap saves, and `lightkv_ext_graph_one_pass` with
-the opt-in one-pass cooperative scoring kernel where it applies (LIGHTKV_SCORE_PASSES=1).
+the opt-in one-pass scoring kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1).
 """
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def one_stream(fn: Callable) -> Callable:
 
 
 def one_pass(fn: Callable) -> Callable:
-    """fn with the one-pass cooperative scoring kernel where it applies (LIGHTKV_SCORE_PASSES=1)."""
+    """fn with the one-pass scoring kernel where it applies (LIGHTKV_SCORE_PASSES=1)."""
     return with_environment(fn, LIGHTKV_SCORE_PASSES="1")
 
 

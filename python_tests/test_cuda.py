@@ -102,6 +102,19 @@ def test_score_matches_reference(dtype, masked, with_sizes, B, passes, monkeypat
         torch.testing.assert_close(got[1], torch.full((N,), 1.0 / N, device="cuda"))
 
 
+# Rows of 576 and 1300 tokens: one_pass_kernel's clusters of 9 blocks of 1 column tile and of 11
+# blocks of 2 (on a GPU that runs clusters; elsewhere both calls take the two passes).
+@pytest.mark.parametrize("N,H_kv,H_q", [(576, 32, 32), (1300, 4, 28)], ids=["llava15", "qwen25vl"])
+def test_one_pass_matches_reference_and_repeats(N, H_kv, H_q, monkeypatch):
+    monkeypatch.setenv("LIGHTKV_SCORE_PASSES", "1")
+    k, _, text = make_inputs(2, H_kv, H_q, N, 64, 128, torch.bfloat16, seed=21)
+    mask = random_mask(2, 64, seed=22)
+    got = lightkv_ext.score(k, text, text_mask=mask)
+    assert_bitwise_equal(got, lightkv_ext.score(k, text, text_mask=mask))
+    torch.testing.assert_close(got, reference.score(k, text, text_mask=mask), **SCORE_TOL)
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, device="cuda"), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H_kv,H_q,grid,T,D,windows,ratio", SHAPES)
 def test_compress_matches_reference(B, H_kv, H_q, grid, T, D, windows, ratio, dtype):

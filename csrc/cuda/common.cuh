@@ -323,36 +323,49 @@ __device__ __forceinline__ bool last_to_arrive(unsigned int* counter, unsigned i
   return is_last;
 }
 
-// Waits until every block of the grid has reached this point, and shows each block what the
-// others wrote before it. Cooperative launches only (KernelLauncher::cooperative).
-__device__ __forceinline__ void grid_barrier() {
-#ifdef LIGHTKV_CUDA_EMULATION
-  emu::grid_barrier->arrive_and_wait();
-#else
-  cooperative_groups::this_grid().sync();
+// Thread block clusters (compute capability 9.0 on; KernelLauncher::cluster launches them, the
+// CPU emulation runs a cluster's blocks at once). cluster_arrive and cluster_wait are the two
+// halves of a barrier over every thread of the calling block's cluster: what a thread wrote to
+// its block's shared memory before it arrived is visible to the cluster's threads once they have
+// waited, and between the two a thread may go on with other work. Every thread of the cluster
+// takes part (uniformly: .aligned), and a block must not exit while another block may still read
+// its shared memory: a block that reads another's arrives after its reads, and every block waits
+// before it exits. Device code built for an older GPU traps (launch_score launches clusters only
+// where the code was built for 9.0 on).
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(LIGHTKV_CUDA_EMULATION)
+  emu::cluster_arrive();
 #endif
 }
-
-// Spins until *counter == value, counter written by other blocks (atomics): calling thread only.
-// What the writers wrote before their release (a fence, then the atomic) is visible after it;
-// a barrier then shows it to the whole block. Blocks may wait for each other only in a
-// cooperative launch, whose blocks are all resident.
-__device__ __forceinline__ void wait_for_count(const unsigned int* counter, unsigned int value) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  for (;;) {
-    unsigned int seen;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
-    if (seen == value) break;
-    __nanosleep(32);
-  }
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #elif defined(LIGHTKV_CUDA_EMULATION)
-  while (std::atomic_ref<unsigned int>(*const_cast<unsigned int*>(counter)).load(std::memory_order_acquire) != value) {
-    std::this_thread::yield();
-  }
+  emu::cluster_wait();
+#endif
+}
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
+}
+
+// The shared-memory variable at `variable` (the calling block's instance) in block `rank` of the
+// cluster (distributed shared memory: plain loads and stores reach it).
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* variable, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(variable, rank);
+#elif defined(LIGHTKV_CUDA_EMULATION)
+  return emu::peer_shared(variable, rank);
 #else
-  while (*static_cast<const volatile unsigned int*>(counter) != value) {
-  }
-  __threadfence();
+  (void)rank;
+  return variable;  // older GPUs: never launched in clusters (cluster_arrive traps)
 #endif
 }
 
@@ -369,26 +382,42 @@ inline unsigned int grid_for(int64_t items, int64_t cap) {
   return static_cast<unsigned int>(g);
 }
 
-// How many blocks of `kernel`, `threads` threads each, the current device holds at once (0 if it
-// cannot launch cooperatively): the largest grid of a cooperative launch.
-template <typename... Params>
-cudaError_t resident_blocks(void (*kernel)(Params...), int threads, int64_t* out) {
-  int device = 0, cooperative = 0, sms = 0, per_sm = 0;
-  LIGHTKV_RETURN_IF_ERROR(cudaGetDevice(&device));
-  LIGHTKV_RETURN_IF_ERROR(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  LIGHTKV_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  LIGHTKV_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  *out = cooperative ? static_cast<int64_t>(sms) * per_sm : 0;
-  return cudaSuccess;
-}
-
 // Whether the environment sets the run-time knob `name` to `value` (read at every call).
 inline bool knob_is(const char* name, const char* value) {
   const char* knob = std::getenv(name);
   return knob != nullptr && std::strcmp(knob, value) == 0;
 }
 
-#ifndef LIGHTKV_CUDA_EMULATION  // the CPU emulation brings its own launcher
+#ifndef LIGHTKV_CUDA_EMULATION  // the CPU emulation brings its own launcher and cluster check
+inline cudaLaunchAttribute cluster_attribute(unsigned int cluster_blocks) {
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = cluster_blocks;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  return cluster;
+}
+
+// Whether the current device runs `kernel` (`threads` per block) in clusters of `cluster_blocks`
+// blocks: code built for compute capability 9.0 on, and at least one such cluster fits on the
+// GPU at once. Sizes past the portable 8 (up to 16 on an H100) are allowed first.
+template <typename... Params>
+bool clusters_fit(void (*kernel)(Params...), int threads, unsigned int cluster_blocks) {
+  cudaFuncAttributes attributes{};
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(cluster_blocks);
+  config.blockDim = dim3(threads);
+  cudaLaunchAttribute cluster = cluster_attribute(cluster_blocks);
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  int clusters = 0;
+  const bool fits = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90 &&
+                    cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+                    cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+  (void)cudaGetLastError();  // a refused query is an answer, not an error for the next call
+  return fits;
+}
+
 // Launches kernels on one stream, chained (see await_previous_kernel) when the code that runs
 // was compiled for compute capability 9.0 or later (PTX of an older target, compiled just in
 // time for a newer GPU, lacks the wait), unless the environment sets LIGHTKV_PDL=0 (for A/B
@@ -407,33 +436,37 @@ class KernelLauncher {
   // kernel<<<grid, block, 0, stream>>>(args...), returning the launch's error.
   template <typename... Params, typename... Args>
   cudaError_t operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
-    cudaLaunchAttribute chained{};
-    chained.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    chained.val.programmaticStreamSerializationAllowed = 1;
-    return launch(kernel, grid, block, chained_ ? &chained : nullptr, std::forward<Args>(args)...);
+    cudaLaunchAttribute chained = chained_attribute();
+    return launch(kernel, grid, block, &chained, chained_ ? 1 : 0, std::forward<Args>(args)...);
   }
 
-  // The same as a cooperative launch, unchained: all `grid` blocks are resident at once (at
-  // most resident_blocks of them), so they may wait for each other and call grid_barrier.
+  // The same in clusters of `cluster_blocks` consecutive blocks along x (grid.x a multiple of
+  // it; see clusters_fit).
   template <typename... Params, typename... Args>
-  cudaError_t cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
-    cudaLaunchAttribute cooperative{};
-    cooperative.id = cudaLaunchAttributeCooperative;
-    cooperative.val.cooperative = 1;
-    return launch(kernel, grid, block, &cooperative, std::forward<Args>(args)...);
+  cudaError_t cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned int cluster_blocks,
+                      Args&&... args) const {
+    cudaLaunchAttribute attributes[2] = {cluster_attribute(cluster_blocks), chained_attribute()};
+    return launch(kernel, grid, block, attributes, chained_ ? 2 : 1, std::forward<Args>(args)...);
   }
 
  private:
+  static cudaLaunchAttribute chained_attribute() {
+    cudaLaunchAttribute chained{};
+    chained.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    chained.val.programmaticStreamSerializationAllowed = 1;
+    return chained;
+  }
+
   template <typename... Params, typename... Args>
-  cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaLaunchAttribute* attribute,
-                     Args&&... args) const {
+  cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaLaunchAttribute* attributes,
+                     unsigned int attribute_count, Args&&... args) const {
     cudaLaunchConfig_t config{};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = 0;
     config.stream = stream_;
-    config.attrs = attribute;
-    config.numAttrs = attribute != nullptr ? 1 : 0;
+    config.attrs = attributes;
+    config.numAttrs = attribute_count;
     return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   }
 

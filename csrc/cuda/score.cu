@@ -17,13 +17,13 @@
 //           tiles (`rsplit` ranges per KV head) -> partial[(hk, range), token]; the last of a
 //           column tile's H_kv * rsplit items to finish (a ticket per tile) writes importance =
 //           the sum of the partials in (hk, range) order / (H_q * T_img).
-// With LIGHTKV_SCORE_PASSES=1, where every image's column tiles fit on the GPU at once and its
-// text makes at most kOnePassRowTiles row tiles, one_pass_kernel does both in one cooperative
-// launch instead: each 64 x 64 tile's logits are computed once, kept in registers while the tiles
-// of the same rows combine their row stats, and then summed into column masses (half the
-// tensor-core work and exponentials, and one read of k). It is opt-in because it measured slower
-// (H100: 410 us against 289 us for the two passes at LLaVA-1.5 batch 32; a block idles while
-// its group's tiles finish). The two ways round differently (last bits).
+// With LIGHTKV_SCORE_PASSES=1, where the rows are at most 2048 tokens long, the text makes at most
+// kOnePassRowTiles row tiles per image and the GPU runs thread block clusters (compute
+// capability 9.0 on), one_pass_kernel does both passes in one launch instead: a cluster of
+// blocks covers all column tiles of an image's rows, each 64 x 64 tile's logits are computed once
+// and kept in registers while the cluster combines its row stats through distributed shared
+// memory, and then summed into column masses (half the tensor-core work and exponentials, one
+// read of k). Opt-in until measured on a GPU (README); the two ways round differently (last bits).
 // Work items are enumerated from per-image tile counts built on the device (no host sync), by
 // image_offsets_kernel, or for at most kFusedImages images by the scoring kernels themselves;
 // every block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
@@ -61,15 +61,17 @@ constexpr int kOffsetThreads = 512;
 // reads, block 0 the ones column_mass_kernel reads, and copies to shared memory):
 // image_offsets_kernel is not launched.
 constexpr int64_t kFusedImages = 8;
-// one_pass_kernel: tile stats one block combines (one load of each per thread in flight), and
-// the most row tiles an image may have (its partial sums are kept per row tile).
-constexpr int kCombineTiles = 16;
+// one_pass_kernel: the most row tiles an image may have (its partial sums are kept per row tile),
+// column tiles per block (their values stay in registers: 1 or 2) and blocks per cluster (H100:
+// 16 at most, past the portable 8).
 constexpr int64_t kOnePassRowTiles = 16;
+constexpr int kOnePassTiles = 2;
+constexpr int kMaxClusterBlocks = 16;
 
 // Sanitised image table columns.
 enum ImageField { kRow = 0, kVisStart, kVisLen, kTextStart, kTextLen, kImageFields };
 // Per-image count arrays fed to the offsets scan.
-enum CountArray { kRowTiles = 0, kColTiles, kTextRows, kTileItems, kCountArrays };
+enum CountArray { kRowTiles = 0, kColTiles, kTextRows, kGroups, kCountArrays };
 
 struct Params {
   const void* k;
@@ -89,20 +91,15 @@ struct Params {
   int64_t* offsets;            // kCountArrays arrays of num_images + 1 exclusive offsets
   int64_t* text_counted;       // counted (mask True) text tokens per image
   float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits, (-inf, 0) for a
-                               // masked text token; one pass: see below
+                               // masked text token
   int64_t nsplit;
-  float* partial;              // (H_kv * rsplit, B * L)
+  float* partial;              // (H_kv * rsplit, B * L); one pass: (H_kv * row_tile_capacity, B * L)
   int64_t rsplit;
   int64_t column_run;          // column_mass_kernel: consecutive items per block
-  unsigned int* tickets;       // per column tile: its column_mass items done (row_stats_kernel zeroes them)
+  unsigned int* tickets;       // per column tile: its items done (zeroed by the kernel launched before)
   int64_t ticket_count;
-  // one_pass_kernel (stats is then per item its tile's (max, sum) per row, overwritten at the
-  // first item of a chunk of kCombineTiles items of a group by the chunk's, and at the first
-  // item of a group by the group's (max, 1 / sum)):
-  unsigned int* chunk_tickets;  // at a chunk's first item: its items done
-  unsigned int* group_tickets;  // at a group's first item: its chunks combined, + 1 once final
-  int64_t item_capacity;        // items the arrays above hold
-  int64_t row_tile_capacity;    // partial's row tiles per KV head
+  int64_t cluster_blocks;      // one_pass_kernel: blocks per cluster
+  int64_t row_tile_capacity;   // one_pass_kernel: partial's row tiles per KV head
   int64_t tokens;              // B * L
   bool vector_stage;           // tensor-core path: stage the head dim with 16-byte loads (vector_staging)
   float* importance;
@@ -134,8 +131,8 @@ __device__ __forceinline__ int64_t image_count(int array, const Image& im, int64
       return ceil_div(group * im.text_len, kTileRows);
     case kColTiles:
       return ceil_div(im.vis_len, kTileCols);
-    case kTileItems:  // one_pass_kernel's items: at least one row of tiles, for the uniform importance
-      return max(ceil_div(group * im.text_len, kTileRows), int64_t{1}) * ceil_div(im.vis_len, kTileCols);
+    case kGroups:  // one_pass_kernel's groups per KV head: at least one, for the uniform importance
+      return max(ceil_div(group * im.text_len, kTileRows), int64_t{1});
     default:
       return im.text_len;
   }
@@ -182,13 +179,18 @@ __device__ void write_images(const int64_t* __restrict__ raw, int64_t num_images
 }
 
 // Block `a` (one per CountArray) writes the exclusive offsets of that per-image count. Block 0
-// first writes the checked image table and the counted text tokens.
+// first writes the checked image table and the counted text tokens. The blocks also zero
+// `importance` and `tickets` (`tokens` and `ticket_count` of them; 0 where the scoring kernel that
+// follows does it).
 __global__ void __launch_bounds__(kOffsetThreads)
     image_offsets_kernel(const int64_t* __restrict__ raw, int64_t num_images, int64_t B, int64_t L, int64_t S,
                          int64_t group, const bool* __restrict__ mask, int64_t mask_stride_b, int64_t mask_stride_s,
                          int64_t* __restrict__ images, int64_t* __restrict__ offsets,
-                         int64_t* __restrict__ text_counted) {
+                         int64_t* __restrict__ text_counted, float* __restrict__ importance, int64_t tokens,
+                         unsigned int* __restrict__ tickets, int64_t ticket_count) {
   detail::await_previous_kernel();
+  detail::grid_fill(importance, tokens, 0.f);
+  detail::grid_fill(tickets, ticket_count, 0u);
   const int array = blockIdx.x;
   if (array == 0) write_images<kOffsetThreads>(raw, num_images, B, L, S, mask, mask_stride_b, mask_stride_s, images,
                                                text_counted);
@@ -473,6 +475,21 @@ __device__ __forceinline__ float column_total(float (&column_sum)[L::kCols],
   return total;
 }
 
+// (max, 1 / sum) of a row's softmax from kCount (max, sum of 2^(l - max)) pairs over parts of its
+// columns, (-inf, 0) for a part where no column counts, combined in pair order. The inverse is 0
+// for a row whose logits are all -inf (masked, or every size 0): it contributes nothing.
+template <int kCount>
+__device__ __forceinline__ float2 row_max_and_inverse_sum(const float2 (&pair)[kCount]) {
+  float m = -INFINITY, total = 0.f;
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) m = fmaxf(m, pair[i].x);
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) {
+    if (pair[i].x != -INFINITY) total += pair[i].y * exp2f(pair[i].x - m);
+  }
+  return make_float2(m, total > 0.f ? 1.f / total : 0.f);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
     row_stats_kernel(const Params p) {
@@ -666,16 +683,9 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
         store_tile_setup(sm, setup);
       }
       if (local < kTileRows && !rows_staged) {
-        float m = -INFINITY, total = 0.f;
-#pragma unroll
-        for (int s = 0; s < kSplitsInFlight; ++s) m = fmaxf(m, pair[s].x);
-#pragma unroll
-        for (int s = 0; s < kSplitsInFlight; ++s) {
-          if (pair[s].x != -INFINITY) total += pair[s].y * exp2f(pair[s].x - m);
-        }
-        row_max[local] = m;
-        // A row whose logits are all -inf (masked, or every size 0) contributes nothing.
-        row_inv_sum[local] = total > 0.f ? 1.f / total : 0.f;
+        const float2 row = row_max_and_inverse_sum(pair);
+        row_max[local] = row.x;
+        row_inv_sum[local] = row.y;
       }
       // tile_dot's first barrier publishes row_max / row_inv_sum as well.
       float acc[L::kRows][L::kCols];
@@ -707,180 +717,160 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
   }
 }
 
-// (max, sum) of the softmax over the columns of `count` pairs (max, sum of 2^(l - max)) of the
-// same row, at `at`, `at + stride`, ..., combined online in that order (one read of each pair:
-// the loads of 8 in flight together). Reads with __ldcg (other blocks wrote the pairs).
-__device__ __forceinline__ float2 combine_row_stats(const float2* at, int64_t stride, int64_t count) {
-  float m = -INFINITY, total = 0.f;
-#pragma unroll 8
-  for (int64_t i = 0; i < count; ++i) {
-    const float2 pair = __ldcg(&at[i * stride]);
-    if (pair.x == -INFINITY) continue;  // no column of the row counts there
-    const float new_max = fmaxf(m, pair.x);
-    total = total * exp2f(m - new_max) + pair.y * exp2f(pair.x - new_max);
-    m = new_max;
-  }
-  return make_float2(m, total);
-}
-
-// Both passes in one, for images whose column tiles all fit on the GPU at once. A work item is one
-// 64 x 64 logit tile: (image, row tile, KV head, column tile), column tiles innermost, so the
-// items of a group, (image, row tile, KV head), are consecutive. An item computes its tile's
-// logits once and keeps them in registers as 2^(l - m) with m its tile's row maximum, writes
-// each row's (m, sum), and then waits until its group's rows are final: the last of each chunk
-// of kCombineTiles items to finish combines the chunk's pairs, the last chunk to do so combines
-// the chunks' and publishes (max, 1 / sum), each in a fixed order. The item's column masses are
-// then its values times 2^(m - max) / sum, summed over its rows as in column_mass_kernel, and the
-// last of a column tile's H_kv * row tiles items sums their partials into the importance.
-// Waiting is safe because the launch is cooperative (every block resident) and blocks walk the
-// items in order, gridDim.x apart: the unfinished item of lowest index belongs to a group whose
-// other items are at most a group's size (<= gridDim.x, see make_plan) later, so each of them is
-// the current item of its block (or done), and none of those waits for anything later.
-template <typename T>
-__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
+// Both passes in one, in thread block clusters: a cluster per group (image, KV head, row tile),
+// its blocks the image's column tiles (block `rank` of C takes tiles rank, rank + C, at most
+// kTiles of them). A block computes the logits of its tiles once and keeps them in
+// registers as 2^(l - m), m the tile's row maximum; it combines its tiles' (m, sum) per row and
+// leaves them in its shared memory. After a cluster barrier every block combines the cluster's
+// pairs of each row, in rank order (so all blocks get the same bits), from the other blocks'
+// shared memory; its column masses are then its values times 2^(m - max) / sum, summed over its
+// rows as in column_mass_kernel, and the last of a column tile's H_kv * row tiles items sums
+// their partials into the importance. The blocks a block waits for run beside it (a cluster is
+// resident at once) and do the same work at the same time, and the hand-off is one barrier and a
+// read of the peers' shared memory: no round trip through global memory, no second launch.
+// image_offsets_kernel runs first (it also zeroes the importance and the tickets).
+// Each tile's values take registers: one block fewer per SM for each tile than the two passes.
+template <typename T, int kTiles>
+__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm - kTiles)
     one_pass_kernel(const Params p) {
   detail::await_previous_kernel();
   using L = TileLayout<T>;
   __shared__ TileSmem sm;
+  __shared__ float2 block_rows[kTileRows];  // (max, sum of 2^(l - max)) over this block's tiles, per row
+  __shared__ float2 final_rows[kTileRows];  // (max, 1 / sum) over the cluster's tiles, per row
   __shared__ float column_part[L::kThreads / 32][kTileCols];  // per warp
-  __shared__ int64_t fused_images[kFusedImages * kImageFields];
-  __shared__ int64_t fused_counted[kFusedImages];
-  __shared__ int64_t fused_offsets[2][kFusedImages + 1];  // column tiles, tile items
-  const int64_t* images = p.images;
-  const int64_t* text_counted = p.text_counted;
+  const int64_t* group_off = offsets_of(p, kGroups);
   const int64_t* col_tile_off = offsets_of(p, kColTiles);
-  const int64_t* item_off = offsets_of(p, kTileItems);
-  if (p.fused_tables) {  // uniform: every block builds the tables it reads (image_offsets_kernel did not run)
-    write_images<L::kThreads>(p.raw_images, p.num_images, p.B, p.L, p.S, p.text_mask, p.mask_stride[0],
-                              p.mask_stride[1], fused_images, fused_counted);
-    if (threadIdx.x < 2) {
-      serial_offsets(threadIdx.x == 0 ? kColTiles : kTileItems, p.raw_images, p.num_images, p.B, p.L, p.S, p.group,
-                     fused_offsets[threadIdx.x]);
-    }
-    __syncthreads();
-    images = fused_images;
-    text_counted = fused_counted;
-    col_tile_off = fused_offsets[0];
-    item_off = fused_offsets[1];
-  }
-  // Tokens of no image score 0, and every counter starts at 0, before any block goes on.
-  detail::grid_fill(p.importance, p.tokens, 0.f);
-  detail::grid_fill(p.tickets, p.ticket_count, 0u);
-  detail::grid_fill(p.chunk_tickets, p.item_capacity, 0u);
-  detail::grid_fill(p.group_tickets, p.item_capacity, 0u);
-  detail::grid_barrier();
-  // More items or column tiles than disjoint images can have: overlapping images, which the
-  // contract forbids (only the CPU op can check a device table without a sync). Nothing is
-  // scored then (a uniform decision, so no block waits for an item that never runs).
-  const int64_t items = p.H_kv * item_off[p.num_images];
-  if (items > p.item_capacity || col_tile_off[p.num_images] > p.ticket_count) return;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t image = find_segment(item_off, p.num_images, item / p.H_kv);
-    const int64_t* img = images + image * kImageFields;
+  // More column tiles than disjoint images can have: overlapping images, which the contract
+  // forbids (only the CPU op can check a device table without a sync). Nothing is scored then.
+  if (col_tile_off[p.num_images] > p.ticket_count) return;
+  const int64_t cluster = p.cluster_blocks, rank = blockIdx.x % cluster;
+  const int64_t groups = p.H_kv * group_off[p.num_images];
+  // Uniform over a cluster: its blocks walk the same groups, so every barrier has all of them.
+  for (int64_t g = blockIdx.x / cluster; g < groups; g += gridDim.x / cluster) {
+    const int64_t image = find_segment(group_off, p.num_images, g / p.H_kv);
+    const int64_t* img = p.images + image * kImageFields;
+    const int64_t hk = g % p.H_kv, row_tile = g / p.H_kv - group_off[image];
+    // At most cluster * kTiles, as make_plan sizes the cluster from the row length.
     const int64_t col_tiles = ceil_div(img[kVisLen], kTileCols);
-    const int64_t local = item - p.H_kv * item_off[image];
-    const int64_t col_tile = local % col_tiles, hk = local / col_tiles % p.H_kv;
-    const int64_t row_tile = local / col_tiles / p.H_kv;
-    const int64_t counted = text_counted[image];
-    if (counted == 0) {  // no text to attend (uniform over the image's items): uniform importance
-      const int64_t c = col_tile * kTileCols + threadIdx.x;
-      if (hk == 0 && row_tile == 0 && threadIdx.x < kTileCols && c < img[kVisLen]) {
-        p.importance[img[kRow] * p.L + img[kVisStart] + c] = 1.f / static_cast<float>(img[kVisLen]);
-      }
-      continue;
-    }
-    __syncthreads();  // the previous item is done with the shared row and column data
-    setup_tile(p, sm, img, hk, row_tile, /*rows=*/true, col_tile, /*cols=*/true);
-    float value[L::kRows][L::kCols];  // the logits, then 2^(l - tile_max)
-    tile_dot<T>(p, sm, /*rows_staged=*/false, /*cols_staged=*/false, value);  // publishes the setup first
-    float tile_max[L::kRows];
-#pragma unroll
-    for (int i = 0; i < L::kRows; ++i) {
-      float row_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < L::kCols; ++j) {
-        value[i][j] = fmaf(p.scale_log2, value[i][j], sm.bias[L::col(j)]);  // -inf past the image's columns
-        row_max = fmaxf(row_max, value[i][j]);
-      }
-      tile_max[i] = max_over_row_lanes<L>(row_max);
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < L::kCols; ++j) {
-        value[i][j] = tile_max[i] != -INFINITY ? exp2f(value[i][j] - tile_max[i]) : 0.f;
-        sum += value[i][j];
-      }
-      sum = sum_over_row_lanes<L>(sum);
-      const int row = L::row(i);
-      if (threadIdx.x % L::kRowLanes == 0) {
-        p.stats[item * kTileRows + row] = sm.row_ok[row] ? make_float2(tile_max[i], sum) : make_float2(-INFINITY, 0.f);
-      }
-    }
-
-    const int64_t group_first = item - col_tile;
-    const int64_t chunks = ceil_div(col_tiles, kCombineTiles);
-    const int64_t chunk_first = group_first + col_tile / kCombineTiles * kCombineTiles;
-    const int64_t chunk_items = min(static_cast<int64_t>(kCombineTiles), group_first + col_tiles - chunk_first);
-    if (detail::last_to_arrive(&p.chunk_tickets[chunk_first], static_cast<unsigned int>(chunk_items))) {
-      // Thread r combines row r, and writes the result over the chunk's first pair of that row.
-      if (threadIdx.x < kTileRows) {
-        float2* at = p.stats + chunk_first * kTileRows + threadIdx.x;
-        *at = combine_row_stats(at, kTileRows, chunk_items);
-      }
-      if (detail::last_to_arrive(&p.group_tickets[group_first], static_cast<unsigned int>(chunks))) {
-        if (threadIdx.x < kTileRows) {
-          float2* at = p.stats + group_first * kTileRows + threadIdx.x;
-          const float2 row = combine_row_stats(at, kCombineTiles * kTileRows, chunks);
-          // A row whose logits are all -inf (every size 0) contributes nothing.
-          *at = make_float2(row.x, row.y > 0.f ? 1.f / row.y : 0.f);
+    const int64_t counted = p.text_counted[image];
+    if (counted == 0) {  // no text to attend (uniform over the cluster): uniform importance
+      for (int64_t col_tile = rank; col_tile < col_tiles; col_tile += cluster) {
+        const int64_t c = col_tile * kTileCols + threadIdx.x;
+        if (hk == 0 && row_tile == 0 && threadIdx.x < kTileCols && c < img[kVisLen]) {
+          p.importance[img[kRow] * p.L + img[kVisStart] + c] = 1.f / static_cast<float>(img[kVisLen]);
         }
-        __threadfence();  // the final rows before the count that publishes them
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(&p.group_tickets[group_first], 1u);
       }
-    }
-    if (threadIdx.x == 0) detail::wait_for_count(&p.group_tickets[group_first], static_cast<unsigned int>(chunks + 1));
-    __syncthreads();
-
-    float column_sum[L::kCols];
-#pragma unroll
-    for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
-#pragma unroll
-    for (int i = 0; i < L::kRows; ++i) {
-      const int row = L::row(i);
-      const float2 final_row = __ldcg(&p.stats[group_first * kTileRows + row]);  // (max, 1 / sum)
-      const bool counts = sm.row_ok[row] && final_row.y > 0.f && tile_max[i] != -INFINITY;
-      const float factor = counts ? exp2f(tile_max[i] - final_row.x) * final_row.y : 0.f;
-#pragma unroll
-      for (int j = 0; j < L::kCols; ++j) column_sum[j] = fmaf(value[i][j], factor, column_sum[j]);
-    }
-    const float part_sum = column_total<L>(column_sum, column_part);
-    const int col = threadIdx.x;
-    const bool live = col < sm.cols;
-    const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + col;
-    if (live) p.partial[(hk * p.row_tile_capacity + row_tile) * p.tokens + token] = part_sum;
-    const int64_t row_tiles = ceil_div(p.group * img[kTextLen], kTileRows);
-    const int64_t parts = p.H_kv * row_tiles;
-    if (!detail::last_to_arrive(&p.tickets[col_tile_off[image] + col_tile], static_cast<unsigned int>(parts))) {
       continue;
     }
-    if (live) {
-      float total = 0.f;
-#pragma unroll 8  // the loads of 8 parts in flight together; the sum stays in (KV head, row tile) order
-      for (int64_t part = 0; part < parts; ++part) {
-        const int64_t slot = part / row_tiles * p.row_tile_capacity + part % row_tiles;
-        total += __ldcg(&p.partial[slot * p.tokens + token]);
-      }
-      p.importance[token] = total / static_cast<float>(p.H_q * counted);
+    __syncthreads();  // the previous group is done with the shared row and column data
+    setup_tile(p, sm, img, hk, row_tile, /*rows=*/true, rank, /*cols=*/rank < col_tiles);
+    __syncthreads();  // row_ok is read below even by a block without a column tile
+    float value[kTiles][L::kRows][L::kCols];  // the logits, then 2^(l - tile_max)
+    float tile_max[kTiles][L::kRows];
+    float run_max[L::kRows], run_sum[L::kRows];
+#pragma unroll
+    for (int i = 0; i < L::kRows; ++i) {
+      run_max[i] = -INFINITY;
+      run_sum[i] = 0.f;
     }
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const int64_t col_tile = rank + t * cluster;
+      if (col_tile >= col_tiles) break;  // uniform over the block
+      if (t > 0) {
+        __syncthreads();  // the previous tile's columns are read
+        setup_tile(p, sm, img, hk, row_tile, /*rows=*/false, col_tile, /*cols=*/true);
+      }
+      tile_dot<T>(p, sm, /*rows_staged=*/t > 0, /*cols_staged=*/false, value[t]);  // publishes the setup first
+#pragma unroll
+      for (int i = 0; i < L::kRows; ++i) {
+        float row_max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < L::kCols; ++j) {
+          value[t][i][j] = fmaf(p.scale_log2, value[t][i][j], sm.bias[L::col(j)]);  // -inf past the image's columns
+          row_max = fmaxf(row_max, value[t][i][j]);
+        }
+        tile_max[t][i] = max_over_row_lanes<L>(row_max);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < L::kCols; ++j) {
+          value[t][i][j] = tile_max[t][i] != -INFINITY ? exp2f(value[t][i][j] - tile_max[t][i]) : 0.f;
+          sum += value[t][i][j];
+        }
+        sum = sum_over_row_lanes<L>(sum);
+        const float new_max = fmaxf(run_max[i], tile_max[t][i]);
+        if (new_max != -INFINITY) {
+          run_sum[i] = run_sum[i] * exp2f(run_max[i] - new_max) + sum * exp2f(tile_max[t][i] - new_max);
+          run_max[i] = new_max;
+        }
+      }
+    }
+    if (threadIdx.x % L::kRowLanes == 0) {
+#pragma unroll
+      for (int i = 0; i < L::kRows; ++i) {
+        const int row = L::row(i);
+        block_rows[row] = sm.row_ok[row] ? make_float2(run_max[i], run_sum[i]) : make_float2(-INFINITY, 0.f);
+      }
+    }
+    detail::cluster_sync();  // every block's rows are written
+    if (threadIdx.x < kTileRows) {  // thread r combines row r over the cluster's blocks, in rank order
+      float2 pair[kMaxClusterBlocks];
+#pragma unroll
+      for (int b = 0; b < kMaxClusterBlocks; ++b) {
+        pair[b] = b < cluster ? detail::cluster_peer(block_rows, b)[threadIdx.x] : make_float2(-INFINITY, 0.f);
+      }
+      final_rows[threadIdx.x] = row_max_and_inverse_sum(pair);
+    }
+    detail::cluster_arrive();  // done reading the other blocks' rows (they may go on to the next group)
+    __syncthreads();           // final_rows is written
+
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const int64_t col_tile = rank + t * cluster;
+      if (col_tile >= col_tiles) break;  // uniform over the block
+      float column_sum[L::kCols];
+#pragma unroll
+      for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < L::kRows; ++i) {
+        const float2 row = final_rows[L::row(i)];
+        // 0 for a row that counts nothing (masked, past the text, or all logits -inf).
+        const float factor = row.y > 0.f ? exp2f(tile_max[t][i] - row.x) * row.y : 0.f;
+#pragma unroll
+        for (int j = 0; j < L::kCols; ++j) column_sum[j] = fmaf(value[t][i][j], factor, column_sum[j]);
+      }
+      const float part_sum = column_total<L>(column_sum, column_part);
+      const int col = threadIdx.x;
+      const int64_t tile_cols = min(int64_t{kTileCols}, img[kVisLen] - col_tile * kTileCols);
+      const bool live = col < tile_cols;
+      const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + col;
+      if (live) p.partial[(hk * p.row_tile_capacity + row_tile) * p.tokens + token] = part_sum;
+      const int64_t row_tiles = ceil_div(p.group * img[kTextLen], kTileRows);
+      const int64_t parts = p.H_kv * row_tiles;
+      if (!detail::last_to_arrive(&p.tickets[col_tile_off[image] + col_tile], static_cast<unsigned int>(parts))) {
+        continue;
+      }
+      if (live) {
+        float total = 0.f;
+#pragma unroll 8  // the loads of 8 parts in flight together; the sum stays in (KV head, row tile) order
+        for (int64_t part = 0; part < parts; ++part) {
+          const int64_t slot = part / row_tiles * p.row_tile_capacity + part % row_tiles;
+          total += __ldcg(&p.partial[slot * p.tokens + token]);
+        }
+        p.importance[token] = total / static_cast<float>(p.H_q * counted);
+      }
+    }
+    detail::cluster_wait();  // no block reads this block's rows any more
   }
 }
 
 struct Plan {
   int64_t B, H_kv, L, S, D, H_q, group, num_images, nsplit, rsplit, tokens;
   int64_t column_run;  // column_mass_kernel's consecutive items per block
-  // one_pass_kernel, when it applies: the grid (0: the two passes run instead), and bounds on
-  // its items and on the row tiles of an image
-  int64_t one_pass_grid, item_capacity, row_tile_capacity;
+  // one_pass_kernel, when it applies: column tiles per block, blocks per cluster and the grid (0:
+  // the two passes run instead), and a bound on the row tiles of an image
+  int64_t tiles_per_block, cluster_blocks, one_pass_grid, row_tile_capacity;
 };
 
 // 16-byte staging loads (16-bit types only) need contiguous head dims, a multiple of 8 of them,
@@ -906,43 +896,43 @@ int64_t row_tile_bound(const Plan& plan, const ScoreArgs& a) {
                   ceil_div(plan.group * a.text_capacity, kTileRows) + plan.num_images - 1);
 }
 
-// Blocks of one_pass_kernel<T> the current device holds at once, queried once per device (0 when
-// unknown or when the device cannot launch cooperatively).
+// Whether the current device runs one_pass_kernel<T, tiles> in clusters of `cluster_blocks`,
+// asked once per device, tiles and size.
 template <typename T>
-int64_t one_pass_residency() {
+bool one_pass_fits(int64_t tiles, int64_t cluster_blocks) {
   constexpr int kDevices = 64;
-  static std::atomic<int64_t> known[kDevices];  // blocks + 1; 0: not asked yet
+  static std::atomic<int> known[kDevices][kOnePassTiles + 1][kMaxClusterBlocks + 1];  // 0: not asked, 1: no, 2: yes
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices || tiles < 1 ||
+      tiles > kOnePassTiles || cluster_blocks < 1 || cluster_blocks > kMaxClusterBlocks) {
     (void)cudaGetLastError();
-    return 0;
+    return false;
   }
-  int64_t blocks = known[device].load(std::memory_order_relaxed) - 1;
-  if (blocks < 0) {
-    if (detail::resident_blocks(one_pass_kernel<T>, TileLayout<T>::kThreads, &blocks) != cudaSuccess) {
-      (void)cudaGetLastError();
-      blocks = 0;
-    }
-    known[device].store(blocks + 1, std::memory_order_relaxed);
+  std::atomic<int>& answer = known[device][tiles][cluster_blocks];
+  if (answer.load(std::memory_order_relaxed) == 0) {
+    const auto size = static_cast<unsigned int>(cluster_blocks);
+    const bool fits = tiles == 1 ? detail::clusters_fit(one_pass_kernel<T, 1>, TileLayout<T>::kThreads, size)
+                                 : detail::clusters_fit(one_pass_kernel<T, 2>, TileLayout<T>::kThreads, size);
+    answer.store(fits ? 2 : 1, std::memory_order_relaxed);
   }
-  return blocks;
+  return answer.load(std::memory_order_relaxed) == 2;
 }
 
-int64_t one_pass_residency(DType dtype) {  // the same for the element type `dtype`
+bool one_pass_fits(DType dtype, int64_t tiles, int64_t cluster_blocks) {  // the same for the element type `dtype`
   switch (dtype) {
     case DType::Float32:
-      return one_pass_residency<float>();
+      return one_pass_fits<float>(tiles, cluster_blocks);
     case DType::Float16:
-      return one_pass_residency<__half>();
+      return one_pass_fits<__half>(tiles, cluster_blocks);
     case DType::BFloat16:
-      return one_pass_residency<__nv_bfloat16>();
+      return one_pass_fits<__nv_bfloat16>(tiles, cluster_blocks);
     default:
-      return 0;
+      return false;
   }
 }
 
-// LIGHTKV_SCORE_PASSES=1 runs one_pass_kernel where it applies. Opt-in: measured on an H100 it
-// is slower than the two passes, or at best equal (its waits leave the SMs idle; README).
+// LIGHTKV_SCORE_PASSES=1 runs one_pass_kernel where it applies. Opt-in until timed on a GPU
+// against the two passes (README).
 bool one_pass_requested() { return detail::knob_is("LIGHTKV_SCORE_PASSES", "1"); }
 
 Plan make_plan(const ScoreArgs& a) {
@@ -973,17 +963,20 @@ Plan make_plan(const ScoreArgs& a) {
                                                kMaxRowRanges}));
   // One item per column_mass_kernel block while that makes at most kColumnBlocks blocks.
   plan.column_run = std::max<int64_t>(1, ceil_div(column_items(plan), kColumnBlocks));
-  // One pass needs every group's column tiles (up to those of L tokens) resident at once, and
-  // few row tiles per image (partial holds them all). Its items: H_kv * sum over images of
-  // max(row tiles, 1) * column tiles, bounded by the largest factor times the other's sum.
+  // One pass: a cluster covers the column tiles of a whole row (an image's are at most those),
+  // kOnePassTiles per block at most; partial keeps an image's row tiles apart.
   plan.row_tile_capacity = std::max<int64_t>(1, ceil_div(plan.group * plan.S, kTileRows));
-  const int64_t most_col_tiles = ceil_div(plan.L, kTileCols);
-  plan.item_capacity =
-      plan.H_kv * std::min(plan.row_tile_capacity * column_tile_bound(plan),
-                           (row_tile_bound(plan, a) + plan.num_images) * most_col_tiles);
-  if (plan.row_tile_capacity <= kOnePassRowTiles && one_pass_requested()) {
-    const int64_t resident = one_pass_residency(a.k.dtype);
-    if (most_col_tiles <= resident) plan.one_pass_grid = std::min(plan.item_capacity, resident);
+  const int64_t row_col_tiles = std::max<int64_t>(1, ceil_div(plan.L, kTileCols));
+  const int64_t tiles_per_block = ceil_div(row_col_tiles, kMaxClusterBlocks);
+  if (one_pass_requested() && plan.row_tile_capacity <= kOnePassRowTiles && tiles_per_block <= kOnePassTiles) {
+    const int64_t cluster = ceil_div(row_col_tiles, tiles_per_block);
+    if (one_pass_fits(a.k.dtype, tiles_per_block, cluster)) {
+      plan.tiles_per_block = tiles_per_block;
+      plan.cluster_blocks = cluster;
+      // Groups: KV heads times at most one row tile more per image than the row tiles.
+      const int64_t groups = plan.H_kv * (row_tile_bound(plan, a) + plan.num_images);
+      plan.one_pass_grid = cluster * std::max<int64_t>(1, std::min(groups, kMaxGrid / cluster));
+    }
   }
   return plan;
 }
@@ -995,8 +988,6 @@ struct Workspace {
   int64_t* text_counted;
   float2* stats;
   float* partial;
-  unsigned int* chunk_tickets;  // one pass only
-  unsigned int* group_tickets;  // one pass only
   size_t bytes;
 };
 
@@ -1007,11 +998,9 @@ Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
   ws.images = carver.take<int64_t>(plan.num_images * kImageFields);
   ws.offsets = carver.take<int64_t>((plan.num_images + 1) * kCountArrays);
   ws.text_counted = carver.take<int64_t>(plan.num_images);
-  ws.stats = carver.take<float2>(one_pass ? plan.item_capacity * kTileRows : a.text_capacity * plan.H_q * plan.nsplit);
+  ws.stats = carver.take<float2>(one_pass ? 0 : a.text_capacity * plan.H_q * plan.nsplit);
   ws.partial = carver.take<float>(plan.H_kv * (one_pass ? plan.row_tile_capacity : plan.rsplit) * plan.tokens);
   ws.tickets = carver.take<unsigned int>(column_tile_bound(plan));
-  ws.chunk_tickets = carver.take<unsigned int>(one_pass ? plan.item_capacity : 0);
-  ws.group_tickets = carver.take<unsigned int>(one_pass ? plan.item_capacity : 0);
   ws.bytes = carver.bytes();
   return ws;
 }
@@ -1019,8 +1008,11 @@ Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
 template <typename T>
 cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a, const detail::KernelLauncher& launch) {
   if (plan.one_pass_grid > 0) {
-    return launch.cooperative(one_pass_kernel<T>, static_cast<unsigned int>(plan.one_pass_grid),
-                              TileLayout<T>::kThreads, p);
+    const auto grid = static_cast<unsigned int>(plan.one_pass_grid);
+    const auto cluster = static_cast<unsigned int>(plan.cluster_blocks);
+    return plan.tiles_per_block == 1
+               ? launch.cluster(one_pass_kernel<T, 1>, grid, TileLayout<T>::kThreads, cluster, p)
+               : launch.cluster(one_pass_kernel<T, 2>, grid, TileLayout<T>::kThreads, cluster, p);
   }
   const int64_t row_items = row_tile_bound(plan, a) * plan.H_kv * plan.nsplit;
   LIGHTKV_RETURN_IF_ERROR(
@@ -1052,11 +1044,15 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
 
   detail::KernelLauncher launch;
   LIGHTKV_RETURN_IF_ERROR(detail::KernelLauncher::create(stream, image_offsets_kernel, &launch));
-  const bool fused_tables = plan.num_images <= kFusedImages;  // the kernels build the image tables
+  const bool one_pass = plan.one_pass_grid > 0;
+  // Up to kFusedImages images the two passes build the image tables themselves (row_stats_kernel
+  // also zeroes the importance and the tickets).
+  const bool fused_tables = !one_pass && plan.num_images <= kFusedImages;
   if (!fused_tables) {
     LIGHTKV_RETURN_IF_ERROR(launch(image_offsets_kernel, kCountArrays, kOffsetThreads, a.images, plan.num_images,
                                    plan.B, plan.L, plan.S, plan.group, a.text_mask, a.text_mask_stride[0],
-                                   a.text_mask_stride[1], ws.images, ws.offsets, ws.text_counted));
+                                   a.text_mask_stride[1], ws.images, ws.offsets, ws.text_counted, a.importance,
+                                   one_pass ? plan.tokens : 0, ws.tickets, one_pass ? column_tile_bound(plan) : 0));
   }
 
   Params p{};
@@ -1093,9 +1089,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.column_run = plan.column_run;
   p.tickets = ws.tickets;
   p.ticket_count = column_tile_bound(plan);
-  p.chunk_tickets = ws.chunk_tickets;
-  p.group_tickets = ws.group_tickets;
-  p.item_capacity = plan.one_pass_grid > 0 ? plan.item_capacity : 0;
+  p.cluster_blocks = plan.cluster_blocks;
   p.row_tile_capacity = plan.row_tile_capacity;
   p.tokens = plan.tokens;
   p.importance = a.importance;

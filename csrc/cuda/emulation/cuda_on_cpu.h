@@ -3,9 +3,9 @@
 // over the block, warp shuffles go through a per-warp slot array, and `__shared__` variables are
 // per block (to_cpp.py turns each declaration into a block_shared lookup). Blocks of a plain
 // launch run one after another (so kernel chaining is moot), with grid x capped (kernels walk
-// their work in grid-stride loops, so a small grid must give the same answer); the blocks of a
-// cooperative launch all run at once, uncapped, as a GPU keeps them co-resident, so blocks may
-// wait for each other. The CUB algorithms are plain host versions with the same results.
+// their work in grid-stride loops, so a small grid must give the same answer); a cluster launch
+// runs its clusters one after another, the blocks of each at once (they share a barrier and each
+// other's shared memory), with at most kClusterCap clusters. The CUB algorithms are plain host versions with the same results.
 // Tensor-core mma runs in its warp-shuffle form (common.cuh), which checks the kernels' fragment
 // layouts. Built with -fsanitize=thread it also finds shared-memory races (a missing
 // __syncthreads).
@@ -25,6 +25,7 @@
 #include <new>
 #include <unordered_map>
 #include <numeric>
+#include <optional>
 #include <thread>
 #include <vector>
 #include <cstdio>
@@ -51,6 +52,7 @@ inline dim3 bdim, gdim;
 // Grids of up to kGridCap blocks run whole: kernels whose blocks have fixed roles use no more
 // (image_offsets_kernel: one block per count array; prepare_kernel: two offsets blocks).
 inline constexpr unsigned kGridCap = 4;
+inline constexpr unsigned kClusterCap = 2;
 
 // What the threads of one block share: barriers, shuffle slots, shared memory.
 struct Block {
@@ -67,7 +69,21 @@ struct Block {
   std::unordered_map<const void*, void*> shared;  // by declaration
 };
 inline thread_local Block* block = nullptr;
-inline std::barrier<>* grid_barrier = nullptr;  // cooperative launches only
+
+// What the blocks of one cluster share: a barrier over all their threads, and their blocks.
+struct Cluster {
+  explicit Cluster(std::ptrdiff_t threads) : barrier(threads) {}
+  std::barrier<> barrier;
+  std::vector<Block*> blocks;  // by rank
+};
+inline thread_local Cluster* cluster = nullptr;  // cluster launches only
+inline thread_local std::optional<std::barrier<>::arrival_token> cluster_arrival;
+
+inline void cluster_arrive() { cluster_arrival.emplace(cluster->barrier.arrive()); }
+inline void cluster_wait() {
+  cluster->barrier.wait(std::move(*cluster_arrival));
+  cluster_arrival.reset();
+}
 
 // This block's instance of the `__shared__` variable declared at `key`, uninitialised (0xCD),
 // as on a GPU.
@@ -82,10 +98,35 @@ T& block_shared(const void* key) {
   return *static_cast<T*>(at);
 }
 
-// Runs `body` as every thread of the blocks in `blocks`, all at once.
-inline void run_blocks(const std::vector<dim3>& blocks, unsigned threads, const std::function<void()>& body) {
+// The `__shared__` variable at `variable` (the calling block's instance, as block_shared made
+// it) in block `rank` of the calling thread's cluster.
+template <typename T>
+T* peer_shared(T* variable, unsigned rank) {
+  const void* key = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(block->shared_mutex);
+    for (const auto& entry : block->shared) {
+      if (entry.second == static_cast<const void*>(variable)) key = entry.first;
+    }
+  }
+  if (key == nullptr) {
+    std::fprintf(stderr, "cuda_on_cpu: cluster_peer of an address that starts no __shared__ variable\n");
+    std::abort();
+  }
+  Block* peer = cluster->blocks.at(rank);
+  std::lock_guard<std::mutex> lock(peer->shared_mutex);
+  return static_cast<T*>(peer->shared.at(key));  // declared there before the barrier that let us read
+}
+
+// Runs `body` as every thread of the blocks in `blocks`, all at once (as the blocks of
+// `in_cluster` when given).
+inline void run_blocks(const std::vector<dim3>& blocks, unsigned threads, const std::function<void()>& body,
+                       Cluster* in_cluster = nullptr) {
   std::vector<std::unique_ptr<Block>> contexts;
   for (size_t b = 0; b < blocks.size(); ++b) contexts.emplace_back(new Block(threads));
+  if (in_cluster != nullptr) {
+    for (auto& context : contexts) in_cluster->blocks.push_back(context.get());
+  }
   std::vector<std::thread> workers;
   for (size_t b = 0; b < blocks.size(); ++b) {
     for (unsigned t = 0; t < threads; ++t) {
@@ -93,6 +134,7 @@ inline void run_blocks(const std::vector<dim3>& blocks, unsigned threads, const 
         tidx = dim3(t, 0, 0);
         bidx = blocks[b];
         block = contexts[b].get();
+        cluster = in_cluster;
         body();
       });
     }
@@ -127,20 +169,27 @@ inline void launch(dim3 grid, dim3 block_size, const std::function<void()>& body
   for (const dim3& one : blocks_of(grid)) run_blocks({one}, n, body);
 }
 
-// A cooperative launch: every block at once, with a grid-wide barrier.
-inline void launch_cooperative(dim3 grid, dim3 block_size, const std::function<void()>& body) {
+// A launch in clusters of `size` consecutive blocks along x: cluster after cluster, the blocks of
+// each at once.
+inline void launch_cluster(dim3 grid, dim3 block_size, unsigned size, const std::function<void()>& body) {
+  if (grid.y != 1 || grid.z != 1 || grid.x % size != 0) {
+    std::fprintf(stderr, "cuda_on_cpu: a cluster launch needs a grid of whole clusters along x\n");
+    std::abort();
+  }
+  if (grid.x > kClusterCap * size) grid.x = kClusterCap * size;
   gdim = grid;
   bdim = block_size;
   const unsigned n = checked_block_size(block_size);
-  const std::vector<dim3> blocks = blocks_of(grid);
-  std::barrier<> all(static_cast<std::ptrdiff_t>(blocks.size() * n));
-  grid_barrier = &all;
-  run_blocks(blocks, n, body);
-  grid_barrier = nullptr;
+  for (unsigned first = 0; first < grid.x; first += size) {
+    std::vector<dim3> blocks;
+    for (unsigned x = first; x < first + size; ++x) blocks.emplace_back(x, 0, 0);
+    Cluster one(static_cast<std::ptrdiff_t>(size * n));
+    run_blocks(blocks, n, body, &one);
+  }
 }
 }  // namespace emu
 
-// common.cuh's launcher, run in order on the emulator.
+// common.cuh's launcher and cluster check, run in order on the emulator.
 #define LIGHTKV_CUDA_EMULATION 1
 namespace lightkv_cuda::detail {
 class KernelLauncher {
@@ -153,11 +202,17 @@ class KernelLauncher {
     return cudaSuccess;
   }
   template <typename... Params, typename... Args>
-  cudaError_t cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
-    emu::launch_cooperative(grid, block, [&] { kernel(args...); });
+  cudaError_t cluster(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned int cluster_blocks,
+                      Args&&... args) const {
+    emu::launch_cluster(grid, block, cluster_blocks, [&] { kernel(args...); });
     return cudaSuccess;
   }
 };
+// Clusters of up to 16 blocks, as on an H100.
+template <typename... Params>
+bool clusters_fit(void (*)(Params...), int, unsigned int cluster_blocks) {
+  return cluster_blocks <= 16;
+}
 }  // namespace lightkv_cuda::detail
 
 #define threadIdx emu::tidx
@@ -185,7 +240,7 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int offset) {
   return __shfl_sync(mask, v, static_cast<int>(emu::tidx.x % 32) ^ offset);
 }
-// Real atomics and fences: the blocks of a cooperative launch run at once.
+// Real atomics and fences: the blocks of a cluster run at once.
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_add(value);
 }

@@ -20,18 +20,5 @@ cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return cudaSuccess; }
 cudaError_t cudaGetDeviceCount(int* c) { *c = 1; return cudaSuccess; }
 cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-// A small GPU: 6 multiprocessors (LIGHTKV_EMULATED_SMS) of 4 resident blocks each. Cooperative
-// launches run all their blocks at once on the emulator, so resident grids stay small.
-cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  const char* sms = std::getenv("LIGHTKV_EMULATED_SMS");
-  *value = attribute == cudaDevAttrMultiProcessorCount ? (sms ? std::atoi(sms) : 6)
-           : attribute == cudaDevAttrCooperativeLaunch ? 1
-                                                        : 0;
-  return cudaSuccess;
-}
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t, unsigned) {
-  *blocks = 4;
-  return cudaSuccess;
-}
 const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 }

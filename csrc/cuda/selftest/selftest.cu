@@ -220,7 +220,7 @@ void run_score_case(const ScoreCase& c, uint64_t seed, bool overlapping = false)
   args.importance = out.ptr;
   const std::vector<float> want = overlapping ? std::vector<float>() : host_score(c, k, text, mask, sizes, scale);
   // The two passes by default, and with LIGHTKV_SCORE_PASSES=1 one_pass_kernel where it applies
-  // (elsewhere both runs take the two passes).
+  // (rows of at most 2048 tokens; elsewhere both runs take the two passes).
   for (const bool one_pass : {false, true}) {
     if (one_pass) setenv("LIGHTKV_SCORE_PASSES", "1", 1);
     const size_t bytes = lightkv_cuda::score_workspace_size(args);
@@ -553,8 +553,8 @@ int main(int argc, char** argv) {
   run_score_case<__nv_bfloat16>({"bf16 runs of column items", 1, 2, 2, 140000, 14, 16,
                                  {{0, 0, 130, 0, 9}, {0, 130, 170, 9, 5}}, true, true, {0, 1, 2, 3}},
                                 26);
-  // One pass over 18 column tiles: two chunks of tile stats combined, then the chunks' (the
-  // emulator holds 24 blocks at once, a GPU hundreds).
+  // One pass over 18 column tiles: clusters of 9 blocks of 2 tiles each (the other cases with
+  // at most 16 column tiles per row take clusters of blocks of 1 tile).
   run_score_case<__nv_bfloat16>({"bf16 one pass, 18 column tiles", 1, 1, 2, 1100, 9, 16, {{0, 0, 1100, 0, 9}},
                                  true, true, {0, 1, 2, 3}},
                                 10);
