@@ -13,8 +13,10 @@ without the Python and launch overhead that `lightkv_ext` (an eager call) includ
 `lightkv_ext_graph_unchained` is the same with kernel chaining (programmatic dependent launch)
 turned off (LIGHTKV_PDL=0), which shows what chaining saves, and `lightkv_ext_graph_one_stream`
 with the merge decisions on the current stream instead of overlapping the scoring on a second one
-(LIGHTKV_OVERLAP=0), which shows what the overlap saves, and `lightkv_ext_graph_one_pass` with
-the opt-in one-pass scoring kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1).
+(LIGHTKV_OVERLAP=0), which shows what the overlap saves, `lightkv_ext_graph_one_pass` with
+the opt-in one-pass scoring kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1),
+and `lightkv_ext_graph_unfused_groups` with exact mode's rows grouped by their own kernel after the
+selection instead of inside it (LIGHTKV_FUSED_GROUPS=0).
 """
 from __future__ import annotations
 
@@ -74,9 +76,9 @@ DEFAULT_PRESETS = ("llava15", "llava_next", "qwen25vl", "video")
 # on a small CPU (the packed presets at batch 32 are 160 and 512 images).
 CPU_FULL_BATCHES = {"llava15": (1, 32), "llava_next": (1,), "qwen25vl": (1, 32), "video": (1,)}
 # Graph replays of the dense compress: as is, with kernel chaining off, with one stream, with
-# one scoring pass.
+# one scoring pass, with the row grouping in its own kernel.
 GRAPH_BACKENDS = ("lightkv_ext_graph", "lightkv_ext_graph_unchained", "lightkv_ext_graph_one_stream",
-                  "lightkv_ext_graph_one_pass")
+                  "lightkv_ext_graph_one_pass", "lightkv_ext_graph_unfused_groups")
 
 
 @dataclasses.dataclass
@@ -212,7 +214,8 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
             candidates += [("lightkv_ext_graph", graph_call(extension_fn, device), ""),
                            ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""),
                            ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), ""),
-                           ("lightkv_ext_graph_one_pass", graph_call(one_pass(extension_fn), device), "")]
+                           ("lightkv_ext_graph_one_pass", graph_call(one_pass(extension_fn), device), ""),
+                           ("lightkv_ext_graph_unfused_groups", graph_call(unfused_groups(extension_fn), device), "")]
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
     rows = []
@@ -304,6 +307,11 @@ def one_stream(fn: Callable) -> Callable:
 def one_pass(fn: Callable) -> Callable:
     """fn with the one-pass scoring kernel where it applies (LIGHTKV_SCORE_PASSES=1)."""
     return with_environment(fn, LIGHTKV_SCORE_PASSES="1")
+
+
+def unfused_groups(fn: Callable) -> Callable:
+    """fn with exact mode's rows grouped by row_groups_kernel (LIGHTKV_FUSED_GROUPS=0)."""
+    return with_environment(fn, LIGHTKV_FUSED_GROUPS="0")
 
 
 def copy_roofline_call(kv_bytes: int, device: torch.device) -> Callable:

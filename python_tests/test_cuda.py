@@ -277,6 +277,21 @@ def test_chained_launches_match_plain_launches(grid, monkeypatch):
     assert_bitwise_equal(chained, plain)
 
 
+# Rows of 576 and 1300 tokens: group_row with 2 and 8 tokens per thread; windows of 36 (one
+# exact_select_kernel block each) and of 325 tokens (blocks of 16 srcs, the last one ranking).
+@pytest.mark.parametrize("grid,windows", [((24, 24), 4), ((26, 50), 2)], ids=["rows-of-576", "rows-of-1300"])
+def test_exact_select_groups_rows_like_row_groups_kernel(grid, windows, monkeypatch):
+    """In exact mode the block that completes a row's windows groups the row inside
+    exact_select_kernel; LIGHTKV_FUSED_GROUPS=0 launches row_groups_kernel after it instead. The
+    same computation: bitwise the same results, and the reference's decisions."""
+    k, v, text = make_inputs(3, 2, 4, grid[0] * grid[1], 8, 64, torch.bfloat16, seed=28)
+    kwargs = dict(ratio=0.5, windows=windows, grid=grid)
+    fused = lightkv_ext.compress(k, v, text, **kwargs)
+    monkeypatch.setenv("LIGHTKV_FUSED_GROUPS", "0")
+    assert_bitwise_equal(lightkv_ext.compress(k, v, text, **kwargs), fused)
+    assert_same_compression(fused, reference.compress(k, v, text, **kwargs), torch.bfloat16)
+
+
 @pytest.mark.parametrize("B", [pytest.param(2, id="block-pairs-by-default"), pytest.param(32, id="groups-by-default")])
 def test_exact_block_groups_match_block_pairs(B, monkeypatch):
     """exact_dots_kernel's two item shapes (LIGHTKV_EXACT_GROUP=1: one 8 x 8 block pair, =3: a
@@ -350,11 +365,11 @@ def test_compress_replays_from_a_cuda_graph():
     assert_bitwise_equal(captured, lightkv_ext.compress(*fresh, **kwargs))
 
 
-def test_llava_compress_launches_six_kernels():
-    """2 scoring and 4 merging kernels for a LLaVA-1.5 image (one image: no image_offsets_kernel;
-    36-token windows: exact mode; 3 of the merging ones on compress's second stream): at
-    576 tokens launches cost as much as the bytes, so a new one should be a deliberate choice
-    (csrc/cuda/score.cu, merge.cu)."""
+def test_llava_compress_launches_five_kernels():
+    """2 scoring and 3 merging kernels for a LLaVA-1.5 image (one image: no image_offsets_kernel;
+    36-token windows: exact mode, which groups the rows in exact_select_kernel; 2 of the merging
+    ones on compress's second stream): at 576 tokens launches cost as much as the bytes, so a new
+    one should be a deliberate choice (csrc/cuda/score.cu, merge.cu)."""
     k, v, text = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=20)
     kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
     lightkv_ext.compress(k, v, text, **kwargs)  # builds and caches the window layout
@@ -363,7 +378,7 @@ def test_llava_compress_launches_six_kernels():
         lightkv_ext.compress(k, v, text, **kwargs)
         torch.cuda.synchronize()
     kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    assert len([name for name in kernels if "lightkv_cuda" in name]) == 6, kernels
+    assert len([name for name in kernels if "lightkv_cuda" in name]) == 5, kernels
 
 
 def test_inputs_are_not_modified():

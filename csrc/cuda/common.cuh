@@ -306,17 +306,18 @@ __device__ __forceinline__ V ordered_sum(const V* at, int64_t stride, int64_t co
   return total;
 }
 
-// Hand-off to the last of `contributors` blocks that each wrote a partial result of one group
-// and then call this (uniformly over the block) with the group's counter, which must start at
-// 0: true in that last block only, which may then read every contributor's partial, with __ldcg
-// (from L2, never a stale L1 line). The writes are fenced before the ticket is taken and the
-// reads after it (the programming guide's "last block" pattern). The order in which blocks
-// arrive decides only which one sums, never the order of the sum.
-__device__ __forceinline__ bool last_to_arrive(unsigned int* counter, unsigned int contributors) {
+// Hand-off to the last of the blocks that each wrote a partial result of one group and then call
+// this (uniformly over the block) with the group's counter, which must start at 0, each adding
+// its `share` (1 by default) of the group's `total`: true in the block whose share completes the
+// total only, which may then read every contributor's partial, with __ldcg (from L2, never a
+// stale L1 line). The writes are fenced before the ticket is taken and the reads after it (the
+// programming guide's "last block" pattern). The order in which blocks arrive decides only which
+// one goes on, never the order of a sum.
+__device__ __forceinline__ bool last_to_arrive(unsigned int* counter, unsigned int total, unsigned int share = 1) {
   __shared__ bool last;
   __threadfence();  // this thread's partial writes are visible device-wide before the ticket
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == contributors - 1;
+  if (threadIdx.x == 0) last = atomicAdd(counter, share) + share == total;
   __syncthreads();
   const bool is_last = last;
   if (is_last) __threadfence();  // the partials are read after the ticket

@@ -11,7 +11,8 @@
 //      straight into registers.
 //   exact_select_kernel: per window (a block per 16 srcs for windows over 64 tokens, the last to
 //      finish ranking), the splits summed in order, each src's best dst, the srcs ranked, the
-//      first r merged.
+//      first r merged; then step 4 for rows of at most kRowTokens, each by the block that
+//      finishes the row's last window.
 // Screened mode (larger windows, or many mid-sized ones):
 //   1. prepare_kernel: per window that merges anything, exclusive offsets of its 64-src tiles
 //      and of its (64-src tile, 64-dst tile) pairs; |metric| per token in float64 (one warp per
@@ -33,16 +34,17 @@
 //      position) by counting the srcs that beat it; the first r are merged: merged_into[src] = dst.
 // Then, in both modes:
 //   4. Output slot of every kept token in its row, index, assignment, and the members of every
-//      group contiguous in token order: row_groups_kernel (a block scan and a block radix sort
-//      per row) for rows of at most kRowTokens tokens; else kept flags -> cub::DeviceScan ->
-//      slots_kernel -> cub::DeviceRadixSort on (slot, token) -> group_bounds_kernel.
+//      group contiguous in token order: group_row (a block scan and a block radix sort per row)
+//      for rows of at most kRowTokens tokens, in exact_select_kernel or else row_groups_kernel;
+//      longer rows: kept flags -> cub::DeviceScan -> slots_kernel -> cub::DeviceRadixSort on
+//      (slot, token) -> group_bounds_kernel.
 //   5. merge_values_kernel: one block per (output slot, element chunk) of both k and v (the
 //      group's record and weights read once for both): float32 weighted sum of the members in
 //      that fixed order; single-member groups are copied bitwise. The values of up to 3 members
 //      are loaded at once (copied asynchronously to shared memory), one round trip after the
 //      group's record, which holds their ids. 16-byte vectors where the layout allows.
 // No float atomics anywhere: the result is bitwise reproducible, and the merge decisions are
-// those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 4 launches. Steps 1-4
+// those of float64 arithmetic in either mode. A LLaVA-1.5 image takes 3 launches. Steps 1-4
 // (launch_merge_decisions) never read the importance; step 5 (launch_merge_values) does.
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
@@ -75,8 +77,8 @@ constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int kPrepareThreads = 256;
 constexpr int kRankThreads = 256;
 constexpr int kRowThreads = 512;
-constexpr int kRowItemsMax = 8;  // tokens per thread of row_groups_kernel: 2 for rows up to 1024, else 8
-constexpr int64_t kRowTokens = kRowThreads * kRowItemsMax;  // rows up to this long: row_groups_kernel
+constexpr int kRowItemsMax = 8;  // tokens per thread of group_row: 2 for rows up to 1024, else 8
+constexpr int64_t kRowTokens = kRowThreads * kRowItemsMax;  // rows up to this long: group_row
 constexpr int64_t kMaxGrid = 1 << 20;
 constexpr int64_t kMaxScreenGrid = 1 << 16;
 constexpr int64_t kTargetScreenItems = 1024;  // dst ranges aim at this many work items
@@ -131,6 +133,8 @@ struct Screen<double> {
   static constexpr int kPad = 1;
 };
 
+struct Group;  // an output slot's members (below)
+
 struct Params {
   const void* metric;
   int64_t metric_stride[4];
@@ -167,6 +171,16 @@ struct Params {
   double* exact_partial;       // exact mode: (split, total * exact_slot) float64 sums, by window start
   int64_t select_groups;       // exact mode: exact_select_kernel's blocks per window, at most
   unsigned int* select_tickets;  // per window if select_groups > 1 (zeroed by exact_dots), else null
+  // Exact mode with rows of at most kRowTokens: exact_select_kernel also does row_groups_kernel's
+  // work, a row by the block whose window completes its merged_into (row_tickets count its tokens).
+  bool fused_row_groups;
+  unsigned int* row_tickets;  // per row if fused_row_groups (zeroed by exact_dots), else null
+  int64_t kept;
+  int row_key_bits;
+  int64_t* index;
+  int64_t* assignment;
+  int64_t* members;
+  Group* groups;
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -827,6 +841,9 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
       p.select_tickets[w] = 0;
     }
   }
+  if (p.row_tickets != nullptr && blockIdx.x == 0) {
+    for (int64_t b = threadIdx.x; b < p.tokens / p.L; b += kExactThreads) p.row_tickets[b] = 0;
+  }
   for (int64_t item = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32; item < items;
        item += int64_t{gridDim.x} * kWarps) {
     const int64_t w = item / (p.exact_split * group_pairs), split = item / group_pairs % p.exact_split;
@@ -962,6 +979,160 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
   }
 }
 
+// An output slot's group: its members are members[begin, end), in token order. The first
+// kStagedMembers are also kept here, so that merge_values_kernel starts loading a group of up to
+// that many members (nearly all groups) after one load. begin = end = 0: no member (only with a
+// wrong `kept`).
+struct alignas(16) Group {
+  int64_t begin, end;
+  int64_t first[kStagedMembers];  // members[begin + i] where the group has them
+};
+
+// Position j of n in a list sorted by group key (sorted[j] its group's key), holding member token
+// `token`, into its group's record: begin / end (plus `offset`) where j starts / ends the group,
+// and the member where it is among the group's first kStagedMembers.
+template <typename Key>
+__device__ __forceinline__ void record_member(Group& group, const Key* sorted, int64_t j, int64_t n, int64_t offset,
+                                              int64_t token) {
+  const Key key = sorted[j];
+  int at = 0;  // position in the group, as far as it matters
+  while (at < kStagedMembers && j > at && sorted[j - at - 1] == key) ++at;
+  if (at == 0) group.begin = offset + j;
+  if (at < kStagedMembers) group.first[at] = token;
+  if (j + 1 == n || sorted[j + 1] != key) group.end = offset + j + 1;
+}
+
+__global__ void kept_flags_kernel(const int64_t* __restrict__ merged_into, int64_t tokens,
+                                  int64_t* __restrict__ flags) {
+  detail::await_previous_kernel();
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < tokens;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    flags[g] = merged_into[g] < 0 ? 1 : 0;
+  }
+}
+
+// Output slot of every token's group; index / assignment; the (slot, token) sort pairs.
+// Slots at or past M (only if the caller's `kept` is wrong) are dropped instead of written.
+__global__ void slots_kernel(const int64_t* __restrict__ merged_into, const int64_t* __restrict__ kept_before,
+                             int64_t tokens, int64_t L, int64_t kept, int64_t* __restrict__ index,
+                             int64_t* __restrict__ assignment, uint64_t* __restrict__ slot_key,
+                             int64_t* __restrict__ token_id) {
+  detail::await_previous_kernel();
+  const int64_t rows = tokens / L;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < tokens;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = g / L;
+    const int64_t anchor = merged_into[g] < 0 ? g : merged_into[g];
+    const int64_t m = kept_before[anchor] - kept_before[b * L];
+    const bool valid = m >= 0 && m < kept;
+    assignment[g] = m;
+    if (valid && anchor == g) index[b * kept + m] = g - b * L;
+    slot_key[g] = static_cast<uint64_t>(valid ? b * kept + m : rows * kept);
+    token_id[g] = g;
+  }
+}
+
+__global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, const int64_t* __restrict__ sorted_token,
+                                    int64_t tokens, uint64_t slots, Group* __restrict__ groups) {
+  detail::await_previous_kernel();
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < tokens;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t key = sorted_slot[j];
+    if (key < slots) record_member(groups[key], sorted_slot, j, tokens, 0, sorted_token[j]);
+  }
+}
+
+// Shared memory of group_row.
+template <int kRowItems>
+struct RowGroupsSmem {
+  using Scan = cub::BlockScan<int32_t, kRowThreads>;
+  using Sort = cub::BlockRadixSort<uint32_t, kRowThreads, kRowItems, uint32_t>;
+  union {
+    typename Scan::TempStorage scan;
+    typename Sort::TempStorage sort;
+  } storage;
+  uint32_t slot_of[kRowThreads * kRowItems];  // slot of each kept token by l, then the sorted slots
+};
+
+// Row b of at most kRowThreads * kRowItems tokens, by a block of kRowThreads threads: what the
+// general path gets from the kept-flag scan, slots_kernel, the radix sort and group_bounds_kernel.
+// Thread t holds tokens l = kRowItems t + i (CUB's blocked arrangement); the block scan numbers
+// the kept tokens, and a stable block radix sort on the slot groups the members in token order.
+// Reads merged_into with __ldcg (other blocks of the calling kernel may have written it); ends
+// with the block done with `smem`.
+template <int kRowItems>
+__device__ void group_row(const int64_t* __restrict__ merged_into, int64_t b, int64_t L, int64_t kept, int key_bits,
+                          int64_t* __restrict__ index, int64_t* __restrict__ assignment,
+                          int64_t* __restrict__ members, Group* __restrict__ groups, RowGroupsSmem<kRowItems>& smem) {
+  using Smem = RowGroupsSmem<kRowItems>;
+  const uint32_t none = static_cast<uint32_t>(kept);  // slot key of padding and of slots >= kept
+  const int64_t row = b * L;
+  for (int64_t m = threadIdx.x; m < kept; m += kRowThreads) {  // empty unless a member says otherwise
+    groups[b * kept + m] = Group{};
+  }
+  int32_t anchor[kRowItems];  // l of the kept token each token ends in
+  int32_t kept_here = 0;
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int64_t l = kRowItems * static_cast<int64_t>(threadIdx.x) + i;
+    const int64_t into = l < L ? __ldcg(merged_into + row + l) : -1;
+    anchor[i] = static_cast<int32_t>(into < 0 ? l : into - row);
+    kept_here += l < L && anchor[i] == l ? 1 : 0;
+  }
+  int32_t next_slot = 0;
+  typename Smem::Scan(smem.storage.scan).ExclusiveSum(kept_here, next_slot);
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
+    if (l < L && anchor[i] == l) smem.slot_of[l] = static_cast<uint32_t>(next_slot++);
+  }
+  __syncthreads();
+  uint32_t key[kRowItems], token[kRowItems];
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
+    token[i] = static_cast<uint32_t>(l);
+    key[i] = none;
+    if (l >= L) continue;
+    const uint32_t m = smem.slot_of[anchor[i]];
+    assignment[row + l] = m;
+    if (m < none) {
+      key[i] = m;
+      if (anchor[i] == l) index[b * kept + m] = l;
+    }
+  }
+  __syncthreads();  // slot_of is read before it holds the sorted slots
+  typename Smem::Sort(smem.storage.sort).Sort(key, token, 0, key_bits);
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
+    smem.slot_of[j] = key[i];
+    if (j < L) members[row + j] = row + token[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
+    if (j >= L || key[i] == none) continue;
+    record_member(groups[b * kept + key[i]], smem.slot_of, j, L, row, row + token[i]);
+  }
+  __syncthreads();  // slot_of and the sort storage are free for the next row
+}
+
+// Rows of at most kRowThreads * kRowItems tokens, one block each (group_row), where exact mode
+// does not group them itself (screened mode, or LIGHTKV_FUSED_GROUPS=0).
+template <int kRowItems>
+__global__ void __launch_bounds__(kRowThreads)
+    row_groups_kernel(const int64_t* __restrict__ merged_into, int64_t rows, int64_t L, int64_t kept, int key_bits,
+                      int64_t* __restrict__ index, int64_t* __restrict__ assignment, int64_t* __restrict__ members,
+                      Group* __restrict__ groups) {
+  detail::await_previous_kernel();
+  __shared__ RowGroupsSmem<kRowItems> smem;
+  for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {
+    group_row<kRowItems>(merged_into, b, L, kept, key_bits, index, assignment, members, groups, smem);
+  }
+}
+
 // Exact mode: what choose_kernel and rank_select_kernel do for screened windows, from the float64
 // sums of exact_dots_kernel, each added over the feature splits in split order. Each src's best
 // dst (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by that
@@ -971,15 +1142,31 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
 // loads of all of a lane's dsts, of 4 splits, in flight together) and writing the src's score and
 // dst to keys / best_dst; the last of the window's blocks to finish (a ticket per window) ranks
 // it. Writes merged_into of every token of every window (-1: kept; all of a window larger than
-// exact_window, which only a wrong max_window lets through).
+// exact_window, which only a wrong max_window lets through). With p.fused_row_groups, the block
+// whose window completes a row's merged_into (a ticket per row: its windows' tokens, L in all,
+// as every token of a row is in one window) then groups the row (group_row<kRowItems>), instead
+// of row_groups_kernel after this kernel.
+template <int kRowItems>
 __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
   constexpr int kDstsPerLane = kMaxSrcs / 32;
-  __shared__ double staged[kExactSmallPairs];  // the pair sums of a window of at most 64 tokens
-  __shared__ double norm[kExactMaxWindow];  // by window position
-  __shared__ double key[kMaxSrcs];
-  __shared__ int best_dst[kMaxSrcs];  // window position, -1 if none
+  static_assert(kSelectThreads == kRowThreads, "a block groups a row as row_groups_kernel's do");
+  struct Window {
+    double staged[kExactSmallPairs];  // the pair sums of a window of at most 64 tokens
+    double norm[kExactMaxWindow];     // by window position
+    double key[kMaxSrcs];
+    int best_dst[kMaxSrcs];  // window position, -1 if none
+  };
+  union Smem {  // a window's arrays, then a row's grouping
+    Window window;
+    RowGroupsSmem<kRowItems> row;
+  };
+  __shared__ Smem smem;
+  double(&staged)[kExactSmallPairs] = smem.window.staged;
+  double(&norm)[kExactMaxWindow] = smem.window.norm;
+  double(&key)[kMaxSrcs] = smem.window.key;
+  int(&best_dst)[kMaxSrcs] = smem.window.best_dst;
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
   const double* __restrict__ partial = p.exact_partial;
   for (int64_t item = blockIdx.x; item < p.num_windows * p.select_groups; item += gridDim.x) {
@@ -1076,143 +1263,15 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
       }
       p.merged_into[p.window_tokens[start + position]] = into;
     }
-  }
-}
-
-// An output slot's group: its members are members[begin, end), in token order. The first
-// kStagedMembers are also kept here, so that merge_values_kernel starts loading a group of up to
-// that many members (nearly all groups) after one load. begin = end = 0: no member (only with a
-// wrong `kept`).
-struct alignas(16) Group {
-  int64_t begin, end;
-  int64_t first[kStagedMembers];  // members[begin + i] where the group has them
-};
-
-// Position j of n in a list sorted by group key (sorted[j] its group's key), holding member token
-// `token`, into its group's record: begin / end (plus `offset`) where j starts / ends the group,
-// and the member where it is among the group's first kStagedMembers.
-template <typename Key>
-__device__ __forceinline__ void record_member(Group& group, const Key* sorted, int64_t j, int64_t n, int64_t offset,
-                                              int64_t token) {
-  const Key key = sorted[j];
-  int at = 0;  // position in the group, as far as it matters
-  while (at < kStagedMembers && j > at && sorted[j - at - 1] == key) ++at;
-  if (at == 0) group.begin = offset + j;
-  if (at < kStagedMembers) group.first[at] = token;
-  if (j + 1 == n || sorted[j + 1] != key) group.end = offset + j + 1;
-}
-
-__global__ void kept_flags_kernel(const int64_t* __restrict__ merged_into, int64_t tokens,
-                                  int64_t* __restrict__ flags) {
-  detail::await_previous_kernel();
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < tokens;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    flags[g] = merged_into[g] < 0 ? 1 : 0;
-  }
-}
-
-// Output slot of every token's group; index / assignment; the (slot, token) sort pairs.
-// Slots at or past M (only if the caller's `kept` is wrong) are dropped instead of written.
-__global__ void slots_kernel(const int64_t* __restrict__ merged_into, const int64_t* __restrict__ kept_before,
-                             int64_t tokens, int64_t L, int64_t kept, int64_t* __restrict__ index,
-                             int64_t* __restrict__ assignment, uint64_t* __restrict__ slot_key,
-                             int64_t* __restrict__ token_id) {
-  detail::await_previous_kernel();
-  const int64_t rows = tokens / L;
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < tokens;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = g / L;
-    const int64_t anchor = merged_into[g] < 0 ? g : merged_into[g];
-    const int64_t m = kept_before[anchor] - kept_before[b * L];
-    const bool valid = m >= 0 && m < kept;
-    assignment[g] = m;
-    if (valid && anchor == g) index[b * kept + m] = g - b * L;
-    slot_key[g] = static_cast<uint64_t>(valid ? b * kept + m : rows * kept);
-    token_id[g] = g;
-  }
-}
-
-__global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, const int64_t* __restrict__ sorted_token,
-                                    int64_t tokens, uint64_t slots, Group* __restrict__ groups) {
-  detail::await_previous_kernel();
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < tokens;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t key = sorted_slot[j];
-    if (key < slots) record_member(groups[key], sorted_slot, j, tokens, 0, sorted_token[j]);
-  }
-}
-
-// Rows of at most kRowThreads * kRowItems tokens, one block each: what the general path gets
-// from the kept-flag scan, slots_kernel, the radix sort and group_bounds_kernel, in one launch.
-// Thread t holds tokens l = kRowItems t + i (CUB's blocked arrangement); the block scan numbers
-// the kept tokens, and a stable block radix sort on the slot groups the members in token order.
-template <int kRowItems>
-__global__ void __launch_bounds__(kRowThreads)
-    row_groups_kernel(const int64_t* __restrict__ merged_into, int64_t rows, int64_t L, int64_t kept, int key_bits,
-                      int64_t* __restrict__ index, int64_t* __restrict__ assignment, int64_t* __restrict__ members,
-                      Group* __restrict__ groups) {
-  detail::await_previous_kernel();
-  using RowScan = cub::BlockScan<int32_t, kRowThreads>;
-  using RowSort = cub::BlockRadixSort<uint32_t, kRowThreads, kRowItems, uint32_t>;
-  union Storage {
-    typename RowScan::TempStorage scan;
-    typename RowSort::TempStorage sort;
-  };
-  __shared__ Storage storage;
-  __shared__ uint32_t slot_of[kRowThreads * kRowItems];  // slot of each kept token by l, then the sorted slots
-  const uint32_t none = static_cast<uint32_t>(kept);  // slot key of padding and of slots >= kept
-  for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {
-    const int64_t row = b * L;
-    for (int64_t m = threadIdx.x; m < kept; m += kRowThreads) {  // empty unless a member says otherwise
-      groups[b * kept + m] = Group{};
-    }
-    int32_t anchor[kRowItems];  // l of the kept token each token ends in
-    int32_t kept_here = 0;
-#pragma unroll
-    for (int i = 0; i < kRowItems; ++i) {
-      const int64_t l = kRowItems * static_cast<int64_t>(threadIdx.x) + i;
-      const int64_t into = l < L ? merged_into[row + l] : -1;
-      anchor[i] = static_cast<int32_t>(into < 0 ? l : into - row);
-      kept_here += l < L && anchor[i] == l ? 1 : 0;
-    }
-    int32_t next_slot = 0;
-    RowScan(storage.scan).ExclusiveSum(kept_here, next_slot);
-#pragma unroll
-    for (int i = 0; i < kRowItems; ++i) {
-      const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
-      if (l < L && anchor[i] == l) slot_of[l] = static_cast<uint32_t>(next_slot++);
-    }
-    __syncthreads();
-    uint32_t key[kRowItems], token[kRowItems];
-#pragma unroll
-    for (int i = 0; i < kRowItems; ++i) {
-      const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
-      token[i] = static_cast<uint32_t>(l);
-      key[i] = none;
-      if (l >= L) continue;
-      const uint32_t m = slot_of[anchor[i]];
-      assignment[row + l] = m;
-      if (m < none) {
-        key[i] = m;
-        if (anchor[i] == l) index[b * kept + m] = l;
+    if (p.fused_row_groups && n > 0) {  // uniform over the block
+      const int64_t b = p.window_tokens[start] / p.L;
+      // The ticket's last reads of key and best_dst are done before group_row reuses their memory.
+      if (b < p.tokens / p.L && detail::last_to_arrive(&p.row_tickets[b], static_cast<unsigned int>(p.L),
+                                                       static_cast<unsigned int>(n))) {
+        group_row<kRowItems>(p.merged_into, b, p.L, p.kept, p.row_key_bits, p.index, p.assignment, p.members,
+                             p.groups, smem.row);
       }
     }
-    __syncthreads();  // slot_of is read before it holds the sorted slots
-    RowSort(storage.sort).Sort(key, token, 0, key_bits);
-#pragma unroll
-    for (int i = 0; i < kRowItems; ++i) {
-      const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
-      slot_of[j] = key[i];
-      if (j < L) members[row + j] = row + token[i];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kRowItems; ++i) {
-      const int j = kRowItems * static_cast<int>(threadIdx.x) + i;
-      if (j >= L || key[i] == none) continue;
-      record_member(groups[b * kept + key[i]], slot_of, j, L, row, row + token[i]);
-    }
-    __syncthreads();  // slot_of and the sort storage are free for the next row
   }
 }
 
@@ -1446,7 +1505,8 @@ struct Plan {
   int64_t exact_split;       // exact mode: feature splits per item (shape-only)
   int exact_group;           // exact mode: blocks per side of an exact_dots_kernel item, 1 or kExactGroup
   int64_t select_groups;     // exact mode: exact_select_kernel's blocks per window, at most
-  bool row_groups;           // rows short enough for row_groups_kernel
+  bool row_groups;           // rows short enough for group_row (row_groups_kernel)
+  bool fused_row_groups;     // exact mode with such rows: exact_select_kernel groups them
   int end_bit;  // bits of the (slot, token) sort keys, sentinel slot included
   int row_key_bits;  // the same for row_groups_kernel's row-local slots
 };
@@ -1465,6 +1525,9 @@ int exact_group_knob() {
   if (detail::knob_is("LIGHTKV_EXACT_GROUP", "3")) return kExactGroup;
   return 0;
 }
+
+// Tokens per thread of group_row for the plan's rows: 2 up to 1024, else kRowItemsMax.
+int row_items(const Plan& plan) { return plan.L <= kRowThreads * 2 ? 2 : kRowItemsMax; }
 
 // Upper bound on the 64-src tiles: every window contributes at most n / 128 + 1 of them.
 int64_t tile_bound(const Plan& plan) { return plan.total / (2 * kTile) + plan.windows + 1; }
@@ -1539,6 +1602,7 @@ Plan make_plan(const MergeArgs& a) {
                               ? kPartialItems * kTile * kTile
                               : 0;
   plan.row_groups = plan.L <= kRowTokens;
+  plan.fused_row_groups = plan.exact && plan.row_groups && !detail::knob_is("LIGHTKV_FUSED_GROUPS", "0");
   plan.end_bit = bit_width(static_cast<uint64_t>(plan.slots));
   plan.row_key_bits = bit_width(static_cast<uint64_t>(a.kept));
   return plan;
@@ -1547,6 +1611,7 @@ Plan make_plan(const MergeArgs& a) {
 struct Workspace {  // the screened mode's arrays are empty in exact mode, the general slot path's when plan.row_groups
   double* exact_partial;
   unsigned int* select_tickets;  // null unless plan.select_groups > 1
+  unsigned int* row_tickets;     // null unless plan.fused_row_groups
   int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
   double* norms;
   double* keys;
@@ -1589,6 +1654,7 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   ws.exact_partial = carver.take<double>(plan.exact ? plan.exact_split * plan.total * plan.exact_slot : 0);
   // Null when unneeded (an empty carved array would have the next one's address).
   ws.select_tickets = plan.select_groups > 1 ? carver.take<unsigned int>(plan.windows) : nullptr;
+  ws.row_tickets = plan.fused_row_groups ? carver.take<unsigned int>(plan.B) : nullptr;
   ws.offsets = carver.take<int64_t>(screened * 2 * (plan.windows + 1));
   ws.norms = carver.take<double>(screened * plan.tokens);
   ws.keys = carver.take<double>(ranked_in_global * plan.total);
@@ -1693,7 +1759,9 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
   const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
   LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
                                                 : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
-  return launch(exact_select_kernel, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
+  const auto exact_select =
+      plan.fused_row_groups && row_items(plan) != 2 ? exact_select_kernel<kRowItemsMax> : exact_select_kernel<2>;
+  return launch(exact_select, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
 }
 
 // Steps 1-3: merged_into of every token.
@@ -1771,6 +1839,14 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.exact_window = a.max_window;
   p.exact_partial = ws.exact_partial;
   p.select_tickets = ws.select_tickets;
+  p.fused_row_groups = plan.fused_row_groups;
+  p.row_tickets = ws.row_tickets;
+  p.kept = a.kept;
+  p.row_key_bits = plan.row_key_bits;
+  p.index = a.index;
+  p.assignment = a.assignment;
+  p.members = ws.sorted_token_id;
+  p.groups = ws.groups;
 
   // 1-3: every src's best dst and score, the first r per window merged.
   switch (a.metric.dtype) {
@@ -1789,8 +1865,9 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   }
 
   // 4: output slots, index, assignment; group members contiguous, in token order.
+  if (plan.fused_row_groups) return cudaSuccess;  // exact_select_kernel did
   if (plan.row_groups) {
-    const auto row_groups = plan.L <= kRowThreads * 2 ? row_groups_kernel<2> : row_groups_kernel<kRowItemsMax>;
+    const auto row_groups = row_items(plan) == 2 ? row_groups_kernel<2> : row_groups_kernel<kRowItemsMax>;
     return launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into, plan.B, plan.L, a.kept,
                   plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id, ws.groups);
   }
