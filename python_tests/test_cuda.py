@@ -277,9 +277,10 @@ def test_chained_launches_match_plain_launches(grid, monkeypatch):
     assert_bitwise_equal(chained, plain)
 
 
-# Rows of 576 and 1300 tokens: group_row with 2 and 8 tokens per thread; windows of 36 (one
-# exact_select_kernel block each) and of 325 tokens (blocks of 16 srcs, the last one ranking).
-@pytest.mark.parametrize("grid,windows", [((24, 24), 4), ((26, 50), 2)], ids=["rows-of-576", "rows-of-1300"])
+# Rows of 576, 1300 and 3072 tokens: group_row with 2, 4 and 8 tokens per thread; windows of 36
+# (one exact_select_kernel block each), 325 and 192 tokens (blocks of 16 srcs, the last one ranking).
+@pytest.mark.parametrize("grid,windows", [((24, 24), 4), ((26, 50), 2), ((48, 64), 4)],
+                         ids=["rows-of-576", "rows-of-1300", "rows-of-3072"])
 def test_exact_select_groups_rows_like_row_groups_kernel(grid, windows, monkeypatch):
     """In exact mode the block that completes a row's windows groups the row inside
     exact_select_kernel; LIGHTKV_FUSED_GROUPS=0 launches row_groups_kernel after it instead. The

@@ -77,7 +77,7 @@ constexpr int kChooseThreads = 256;  // one warp per src
 constexpr int kPrepareThreads = 256;
 constexpr int kRankThreads = 256;
 constexpr int kRowThreads = 512;
-constexpr int kRowItemsMax = 8;  // tokens per thread of group_row: 2 for rows up to 1024, else 8
+constexpr int kRowItemsMax = 8;  // tokens per thread of group_row: 2, 4 or 8, the fewest that hold a row
 constexpr int64_t kRowTokens = kRowThreads * kRowItemsMax;  // rows up to this long: group_row
 constexpr int64_t kMaxGrid = 1 << 20;
 constexpr int64_t kMaxScreenGrid = 1 << 16;
@@ -1526,8 +1526,11 @@ int exact_group_knob() {
   return 0;
 }
 
-// Tokens per thread of group_row for the plan's rows: 2 up to 1024, else kRowItemsMax.
-int row_items(const Plan& plan) { return plan.L <= kRowThreads * 2 ? 2 : kRowItemsMax; }
+// Tokens per thread of group_row for the plan's rows: the fewest of 2, 4 and kRowItemsMax that
+// hold a row (the block sorts kRowThreads times that many keys, padding included).
+int row_items(const Plan& plan) {
+  return plan.L <= kRowThreads * 2 ? 2 : plan.L <= kRowThreads * 4 ? 4 : kRowItemsMax;
+}
 
 // Upper bound on the 64-src tiles: every window contributes at most n / 128 + 1 of them.
 int64_t tile_bound(const Plan& plan) { return plan.total / (2 * kTile) + plan.windows + 1; }
@@ -1759,8 +1762,10 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
   const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
   LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
                                                 : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
-  const auto exact_select =
-      plan.fused_row_groups && row_items(plan) != 2 ? exact_select_kernel<kRowItemsMax> : exact_select_kernel<2>;
+  const int group_row_items = plan.fused_row_groups ? row_items(plan) : 2;  // 2: the least shared memory
+  const auto exact_select = group_row_items == 2   ? exact_select_kernel<2>
+                            : group_row_items == 4 ? exact_select_kernel<4>
+                                                   : exact_select_kernel<kRowItemsMax>;
   return launch(exact_select, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
 }
 
@@ -1867,7 +1872,10 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   // 4: output slots, index, assignment; group members contiguous, in token order.
   if (plan.fused_row_groups) return cudaSuccess;  // exact_select_kernel did
   if (plan.row_groups) {
-    const auto row_groups = row_items(plan) == 2 ? row_groups_kernel<2> : row_groups_kernel<kRowItemsMax>;
+    const int items = row_items(plan);
+    const auto row_groups = items == 2   ? row_groups_kernel<2>
+                            : items == 4 ? row_groups_kernel<4>
+                                         : row_groups_kernel<kRowItemsMax>;
     return launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into, plan.B, plan.L, a.kept,
                   plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id, ws.groups);
   }

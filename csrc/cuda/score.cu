@@ -206,12 +206,15 @@ static_assert(kTileRows == kTileCols, "tile_dot stages rows and columns with one
 template <typename T, bool kTensorCores = (sizeof(T) == 2)>
 struct TileLayout {  // SIMT: 16 x 16 threads, 4 x 4 logits each
   static constexpr int kThreads = 256, kBlocksPerSm = 3, kRows = 4, kCols = 4, kRowLanes = 16;
+  // one_pass_kernel, which keeps 1 or 2 tiles' logits in registers: blocks per SM without spills
+  static constexpr int kOnePassBlocksPerSm[2] = {2, 1};
   __device__ static int row(int i) { return threadIdx.x / 16 + 16 * i; }
   __device__ static int col(int j) { return threadIdx.x % 16 + 16 * j; }
 };
 template <typename T>
 struct TileLayout<T, true> {  // tensor cores: warp w holds rows 16 w .. 16 w + 15 as mma_m16n8k16 accumulators
   static constexpr int kThreads = 128, kBlocksPerSm = 5, kRows = 2, kCols = 16, kRowLanes = 4;
+  static constexpr int kOnePassBlocksPerSm[2] = {5, 3};
   __device__ static int row(int i) { return 16 * (threadIdx.x / 32) + threadIdx.x % 32 / 4 + 8 * i; }
   __device__ static int col(int j) { return 8 * (j / 2) + 2 * (threadIdx.x % 4) + j % 2; }
 };
@@ -729,9 +732,8 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
 // resident at once) and do the same work at the same time, and the hand-off is one barrier and a
 // read of the peers' shared memory: no round trip through global memory, no second launch.
 // image_offsets_kernel runs first (it also zeroes the importance and the tickets).
-// Each tile's values take registers: one block fewer per SM for each tile than the two passes.
 template <typename T, int kTiles>
-__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm - kTiles)
+__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePassBlocksPerSm[kTiles - 1])
     one_pass_kernel(const Params p) {
   detail::await_previous_kernel();
   using L = TileLayout<T>;

@@ -584,12 +584,16 @@ int main(int argc, char** argv) {
                                 18);
   run_merge_case<__half>({"fp16 tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3}, 4000}, 19);
   run_merge_case<float>({"fp32 vector staging", 2, 2, 100, 32, {50, 50}, 0.5, false, {0, 1, 2, 3}, 4}, 20);
-  // Slots and groups: more rows than blocks (row_groups_kernel loops), rows past the short-row
-  // variant (1024 tokens), and rows longer than it takes (the general path: device scan, radix sort).
+  // Slots and groups: more rows than blocks (row_groups_kernel loops), rows of group_row's three
+  // sizes (up to 1024, 2048 and 4096 tokens), and rows longer than it takes (the general path:
+  // device scan, radix sort).
   run_merge_case<__half>({"fp16 five rows", 5, 2, 64, 16, {16, 16, 16, 16}, 0.5, false, {0, 1, 2, 3}, 2}, 21);
   run_merge_case<__half>({"fp16 rows of 2000", 2, 1, 2000, 16, std::vector<int64_t>(20, 100), 0.5, false,
                           {0, 1, 2, 3}, 10},
                          23);
+  run_merge_case<float>({"fp32 rows of 3000", 1, 1, 3000, 8, std::vector<int64_t>(30, 100), 0.5, false,
+                         {0, 1, 2, 3}, 20},
+                        29);
   run_merge_case<float>({"fp32 rows of 4200", 2, 1, 4200, 8, std::vector<int64_t>(42, 100), 0.5, false,
                          {0, 1, 2, 3}, 30},
                         22);
