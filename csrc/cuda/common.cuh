@@ -412,9 +412,15 @@ bool clusters_fit(void (*kernel)(Params...), int threads, unsigned int cluster_b
   config.attrs = &cluster;
   config.numAttrs = 1;
   int clusters = 0;
+  // Relaxed capture mode: the queries may run while this thread captures a CUDA graph (the first
+  // call of a shape inside torch.cuda.graph), where a stricter mode could refuse them and end the
+  // capture.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
   const bool fits = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90 &&
                     cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
                     cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+  if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);  // the caller's mode again
   (void)cudaGetLastError();  // a refused query is an answer, not an error for the next call
   return fits;
 }
