@@ -370,6 +370,22 @@ __device__ __forceinline__ T* cluster_peer(T* variable, unsigned rank) {
 #endif
 }
 
+// Starts bringing the `bytes` at `base` (global memory) into L2, each thread of the grid a 128-byte
+// line in turn: nothing waits for it and nothing changes but where a later read finds the data
+// (for what a later kernel reads, fetched while this one waits on its own round trips).
+__device__ __forceinline__ void prefetch_to_l2(const void* base, int64_t bytes) {
+#if defined(__CUDA_ARCH__)
+  const char* at = static_cast<const char*>(base);
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x * 128;
+  for (int64_t offset = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) * 128; offset < bytes; offset += stride) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(at + offset));
+  }
+#else
+  (void)base;
+  (void)bytes;
+#endif
+}
+
 // Every thread of the grid sets its share of a[0, n) to `value`: a memset without a launch.
 template <typename T>
 __device__ __forceinline__ void grid_fill(T* a, int64_t n, T value) {

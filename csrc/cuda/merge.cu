@@ -108,6 +108,9 @@ constexpr int64_t kExactGroupMinPairs = 4096;
 constexpr int64_t kExactGroupTargetWarps = 2048;
 constexpr int64_t kMaxExactSplit = 16;  // exact_select_kernel: at most 2 round trips for a window of <= 64 tokens
 constexpr int kSelectThreads = 512;  // exact_select_kernel: a warp per src, 16 srcs at a time
+// v up to this size is fetched into L2 while the decisions run (a third of an H100's 50 MB L2,
+// so that what the decisions and the scoring read stays there too; batch 1 of the presets).
+constexpr int64_t kPrefetchBytes = int64_t{16} << 20;
 
 // Per metric dtype: how screened tiles are staged and accumulated. 16-bit metrics stay as raw
 // bits for the tensor cores; wider ones are staged in their own type.
@@ -171,6 +174,10 @@ struct Params {
   double* exact_partial;       // exact mode: (split, total * exact_slot) float64 sums, by window start
   int64_t select_groups;       // exact mode: exact_select_kernel's blocks per window, at most
   unsigned int* select_tickets;  // per window if select_groups > 1 (zeroed by exact_dots), else null
+  // v's elements, when they fill one range of at most kPrefetchBytes (else 0 bytes): the first
+  // decision kernel starts fetching it into L2 for merge_values_kernel.
+  const void* prefetch_base;
+  int64_t prefetch_bytes;
   // Exact mode with rows of at most kRowTokens: exact_select_kernel also does row_groups_kernel's
   // work, a row by the block whose window completes its merged_into (row_tickets count its tokens).
   bool fused_row_groups;
@@ -272,6 +279,7 @@ __device__ __forceinline__ double warp_sum(double x) {
 template <typename M>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const Params p) {
   detail::await_previous_kernel();
+  detail::prefetch_to_l2(p.prefetch_base, p.prefetch_bytes);
   if (blockIdx.x < 2) {
     const bool pairs = blockIdx.x == 1;
     const auto count = [&](int64_t w) -> int64_t {
@@ -977,6 +985,8 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
       if (quad == 0 && dst_norms && dst_live[g]) norm_out[2 * dst + 1] = dst_norm[g];
     }
   }
+  // Last, where it takes no registers from the products (at the start, float16 block pairs spill).
+  detail::prefetch_to_l2(p.prefetch_base, p.prefetch_bytes);
 }
 
 // An output slot's group: its members are members[begin, end), in token order. The first
@@ -1811,6 +1821,20 @@ cudaError_t begin_merge(const MergeArgs& a, void* workspace, size_t workspace_by
   return cudaSuccess;
 }
 
+// Bytes of the one range that `t`'s elements fill when it is a permutation of a contiguous tensor
+// (HF's layout, the packed token-major view) of at most kPrefetchBytes; 0 otherwise.
+int64_t prefetch_bytes(const Tensor4& t) {
+  int64_t elements = 1, span = 1;
+  for (int i = 0; i < 4; ++i) {
+    if (t.stride[i] < 0) return 0;
+    elements *= t.size[i];
+    span += (t.size[i] - 1) * t.stride[i];
+  }
+  const int64_t element_bytes = t.dtype == DType::Float32 ? 4 : 2;  // k and v are 16- or 32-bit
+  const int64_t bytes = span * element_bytes;
+  return elements > 0 && span == elements && bytes <= kPrefetchBytes ? bytes : 0;
+}
+
 // Steps 1-4: which tokens merge; index, assignment and the groups (never reads the importance).
 cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   const Plan& plan = m.plan;
@@ -1844,6 +1868,8 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.exact_window = a.max_window;
   p.exact_partial = ws.exact_partial;
   p.select_tickets = ws.select_tickets;
+  p.prefetch_base = a.v.data;
+  p.prefetch_bytes = prefetch_bytes(a.v);
   p.fused_row_groups = plan.fused_row_groups;
   p.row_tickets = ws.row_tickets;
   p.kept = a.kept;
