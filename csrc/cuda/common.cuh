@@ -271,8 +271,8 @@ __device__ __forceinline__ int64_t find_segment(const int64_t* offsets, int64_t 
 }
 
 // Kernel chaining (programmatic dependent launch, compute capability 9.0 and later). A compress
-// is a chain of small dependent kernels (11 for a LLaVA-1.5 image), so the gap between one
-// kernel's end and the next one's start weighs as much as the work. KernelLauncher lets each
+// is two chains of small dependent kernels (5 kernels for a LLaVA-1.5 image), so the gap between
+// one kernel's end and the next one's start weighs as much as the work. KernelLauncher lets each
 // kernel launch while the previous one in the stream still runs; the new kernel's blocks wait
 // here, already resident, until that kernel has finished and its writes are visible. Every
 // kernel of this library calls this first, unconditionally, before it touches global memory:
