@@ -109,7 +109,8 @@ constexpr int64_t kExactGroupTargetWarps = 2048;
 constexpr int64_t kMaxExactSplit = 16;  // exact_select_kernel: at most 2 round trips for a window of <= 64 tokens
 constexpr int kSelectThreads = 512;  // exact_select_kernel: a warp per src, 16 srcs at a time
 // v up to this size is fetched into L2 while the decisions run (a third of an H100's 50 MB L2,
-// so that what the decisions and the scoring read stays there too; batch 1 of the presets).
+// so that what the decisions and the scoring read stays there too; batch 1 of the presets but
+// LLaVA-NeXT's 5 images).
 constexpr int64_t kPrefetchBytes = int64_t{16} << 20;
 
 // Per metric dtype: how screened tiles are staged and accumulated. 16-bit metrics stay as raw
@@ -136,7 +137,14 @@ struct Screen<double> {
   static constexpr int kPad = 1;
 };
 
-struct Group;  // an output slot's members (below)
+// An output slot's group: its members are members[begin, end), in token order. The first
+// kStagedMembers are also kept here, so that merge_values_kernel starts loading a group of up to
+// that many members (nearly all groups) after one load. begin = end = 0: no member (only with a
+// wrong `kept`).
+struct alignas(16) Group {
+  int64_t begin, end;
+  int64_t first[kStagedMembers];  // members[begin + i] where the group has them
+};
 
 struct Params {
   const void* metric;
@@ -988,15 +996,6 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
   // Last, where it takes no registers from the products (at the start, float16 block pairs spill).
   detail::prefetch_to_l2(p.prefetch_base, p.prefetch_bytes);
 }
-
-// An output slot's group: its members are members[begin, end), in token order. The first
-// kStagedMembers are also kept here, so that merge_values_kernel starts loading a group of up to
-// that many members (nearly all groups) after one load. begin = end = 0: no member (only with a
-// wrong `kept`).
-struct alignas(16) Group {
-  int64_t begin, end;
-  int64_t first[kStagedMembers];  // members[begin + i] where the group has them
-};
 
 // Position j of n in a list sorted by group key (sorted[j] its group's key), holding member token
 // `token`, into its group's record: begin / end (plus `offset`) where j starts / ends the group,

@@ -53,8 +53,8 @@ constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (
 // them at once.
 constexpr int kSplitsInFlight = 16;
 constexpr int64_t kMaxRowRanges = 16;  // column_mass_kernel's row ranges, at most
-// The last column_mass_kernel block of a column tile loads this many of its partial sums at once
-// (LLaVA-1.5: all of its 32 KV heads').
+// The last scoring block of a column tile loads this many of its partial sums at once (LLaVA-1.5:
+// all of its 32 KV heads').
 constexpr int kPartsInFlight = 32;
 constexpr int kOffsetThreads = 512;
 // Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
@@ -93,13 +93,12 @@ struct Params {
   float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits, (-inf, 0) for a
                                // masked text token
   int64_t nsplit;
-  float* partial;              // (H_kv * rsplit, B * L); one pass: (H_kv * row_tile_capacity, B * L)
+  float* partial;              // (H_kv * rsplit, B * L); one pass: (H_kv * an image's row tiles, B * L)
   int64_t rsplit;
   int64_t column_run;          // column_mass_kernel: consecutive items per block
   unsigned int* tickets;       // per column tile: its items done (zeroed by the kernel launched before)
   int64_t ticket_count;
   int64_t cluster_blocks;      // one_pass_kernel: blocks per cluster
-  int64_t row_tile_capacity;   // one_pass_kernel: partial's row tiles per KV head
   int64_t tokens;              // B * L
   bool vector_stage;           // tensor-core path: stage the head dim with 16-byte loads (vector_staging)
   float* importance;
@@ -478,6 +477,15 @@ __device__ __forceinline__ float column_total(float (&column_sum)[L::kCols],
   return total;
 }
 
+// Importance 1 / (the image's vision tokens) for column tile `col_tile` of image `img`, whose text
+// counts no token: thread c < kTileCols writes column c.
+__device__ __forceinline__ void write_uniform_importance(const Params& p, const int64_t* img, int64_t col_tile) {
+  const int64_t c = col_tile * kTileCols + threadIdx.x;
+  if (threadIdx.x < kTileCols && c < img[kVisLen]) {
+    p.importance[img[kRow] * p.L + img[kVisStart] + c] = 1.f / static_cast<float>(img[kVisLen]);
+  }
+}
+
 // (max, 1 / sum) of a row's softmax from kCount (max, sum of 2^(l - max)) pairs over parts of its
 // columns, (-inf, 0) for a part where no column counts, combined in pair order. The inverse is 0
 // for a row whose logits are all -inf (masked, or every size 0): it contributes nothing.
@@ -644,10 +652,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     const int64_t col_tile = tile - col_tile_off[image];
     const int64_t counted = text_counted[image];
     if (counted == 0) {  // no text to attend: uniform importance, written once per column tile
-      const int64_t c = col_tile * kTileCols + threadIdx.x;
-      if (hk == 0 && range == 0 && threadIdx.x < kTileCols && c < img[kVisLen]) {
-        p.importance[img[kRow] * p.L + img[kVisStart] + c] = 1.f / static_cast<float>(img[kVisLen]);
-      }
+      if (hk == 0 && range == 0) write_uniform_importance(p, img, col_tile);
       continue;  // uniform per block
     }
     const int64_t tl = img[kTextLen];
@@ -757,10 +762,9 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePa
     const int64_t col_tiles = ceil_div(img[kVisLen], kTileCols);
     const int64_t counted = p.text_counted[image];
     if (counted == 0) {  // no text to attend (uniform over the cluster): uniform importance
-      for (int64_t col_tile = rank; col_tile < col_tiles; col_tile += cluster) {
-        const int64_t c = col_tile * kTileCols + threadIdx.x;
-        if (hk == 0 && row_tile == 0 && threadIdx.x < kTileCols && c < img[kVisLen]) {
-          p.importance[img[kRow] * p.L + img[kVisStart] + c] = 1.f / static_cast<float>(img[kVisLen]);
+      if (hk == 0 && row_tile == 0) {
+        for (int64_t col_tile = rank; col_tile < col_tiles; col_tile += cluster) {
+          write_uniform_importance(p, img, col_tile);
         }
       }
       continue;
@@ -847,19 +851,15 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePa
       const int64_t tile_cols = min(int64_t{kTileCols}, img[kVisLen] - col_tile * kTileCols);
       const bool live = col < tile_cols;
       const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + col;
-      if (live) p.partial[(hk * p.row_tile_capacity + row_tile) * p.tokens + token] = part_sum;
+      // Part hk * row tiles + row_tile of the image's H_kv * row tiles, summed in that order.
       const int64_t row_tiles = ceil_div(p.group * img[kTextLen], kTileRows);
       const int64_t parts = p.H_kv * row_tiles;
+      if (live) p.partial[(hk * row_tiles + row_tile) * p.tokens + token] = part_sum;
       if (!detail::last_to_arrive(&p.tickets[col_tile_off[image] + col_tile], static_cast<unsigned int>(parts))) {
         continue;
       }
       if (live) {
-        float total = 0.f;
-#pragma unroll 8  // the loads of 8 parts in flight together; the sum stays in (KV head, row tile) order
-        for (int64_t part = 0; part < parts; ++part) {
-          const int64_t slot = part / row_tiles * p.row_tile_capacity + part % row_tiles;
-          total += __ldcg(&p.partial[slot * p.tokens + token]);
-        }
+        const float total = detail::ordered_sum<kPartsInFlight>(p.partial + token, p.tokens, parts);
         p.importance[token] = total / static_cast<float>(p.H_q * counted);
       }
     }
@@ -1092,7 +1092,6 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.tickets = ws.tickets;
   p.ticket_count = column_tile_bound(plan);
   p.cluster_blocks = plan.cluster_blocks;
-  p.row_tile_capacity = plan.row_tile_capacity;
   p.tokens = plan.tokens;
   p.importance = a.importance;
   p.vector_stage = vector_staging(a);

@@ -5,7 +5,8 @@
 // launch run one after another (so kernel chaining is moot), with grid x capped (kernels walk
 // their work in grid-stride loops, so a small grid must give the same answer); a cluster launch
 // runs its clusters one after another, the blocks of each at once (they share a barrier and each
-// other's shared memory), with at most kClusterCap clusters. The CUB algorithms are plain host versions with the same results.
+// other's shared memory), with at most kClusterCap clusters. The CUB algorithms are plain host
+// versions with the same results.
 // Tensor-core mma runs in its warp-shuffle form (common.cuh), which checks the kernels' fragment
 // layouts. Built with -fsanitize=thread it also finds shared-memory races (a missing
 // __syncthreads).
