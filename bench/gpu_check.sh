@@ -80,6 +80,9 @@ step racecheck 60 "'$SANITIZER' --tool racecheck --error-exitcode 1 ./build-gpu/
 step bench_targets 80 "$BENCH --presets llava15 qwen25vl --batches 1 32 --json '$OUT/bench_gpu.json' | tee '$OUT/bench_gpu.md'"
 step bench_large 40 "$BENCH --presets video16k llava_next video --json '$OUT/bench_gpu_large.json' | tee -a '$OUT/bench_gpu.md'"
 step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
+# When each kernel of a graph replay runs on which stream: how much the scoring and decision
+# chains overlap at batch 1, and the gaps between chained kernels (markdown only).
+step timeline 20 "{ echo; echo '## Timeline of a CUDA-graph replay (chaining and second stream on)'; } >> '$OUT/kernel_breakdown.md'; $PYTHON bench/kernel_breakdown.py --timeline --cases llava15:1 qwen25vl:1 llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
 if [ -n "$BASELINE" ]; then
   step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
   # The same inputs through both builds: bitwise the same outputs, where the change meant no other

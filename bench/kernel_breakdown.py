@@ -17,14 +17,23 @@ profiler range, for Nsight Compute's hardware counters (gpu_check.sh's `ncu` ste
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \
         python bench/kernel_breakdown.py --ncu-range --cases llava15:32
+
+`--timeline` (CUDA, dense presets) shows instead when each kernel of a call runs: the compress
+captured in a CUDA graph as bench_kernels.py's lightkv_ext_graph (chaining and second stream
+on), replayed `--calls` times under the profiler; for the last replay, per kernel its stream,
+start and end (µs after the replay's first kernel starts) and the idle time on its stream before
+it, then the span against the summed kernel times (how much the two streams overlap).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import json
+import os
 import re
 import sys
+import tempfile
 from typing import List, Optional, Sequence, Tuple
 from unittest import mock
 
@@ -35,7 +44,7 @@ import lightkv_ext
 from lightkv_ext import api
 from lightkv_ext.windows import WindowLayout
 from _timing import cli_device, format_number, markdown_table, run_metadata, write_json
-from bench_kernels import PRESETS, dense_call, make_case, varlen_call, with_environment
+from bench_kernels import PRESETS, dense_call, graph_call, make_case, varlen_call, with_environment
 
 DEFAULT_CASES = ("llava15:1", "llava15:32", "qwen25vl:1", "video:1", "video16k:1")
 
@@ -89,6 +98,60 @@ def profile_rows(fn, device: torch.device, calls: int) -> List[dict]:
              "share": us / total if total > 0 else 0.0} for name, us in time_us.most_common()]
 
 
+GPU_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")  # Chrome-trace categories of work on the GPU
+
+
+def timeline_rows(trace_events: Sequence[dict], replays: int) -> List[dict]:
+    """The last of `replays` equal runs in a Chrome trace's events: per GPU activity, in start
+    order, its stream, start and end (µs after the run's first start) and the time its stream was
+    idle before it (None for a stream's first)."""
+    activities = sorted((e for e in trace_events if e.get("cat") in GPU_ACTIVITIES), key=lambda e: e["ts"])
+    if not activities or len(activities) % replays != 0:
+        raise ValueError(f"expected the same GPU activities in each of {replays} replays, "
+                         f"got {len(activities)} in all")
+    last = activities[len(activities) - len(activities) // replays:]
+    first_start = last[0]["ts"]
+    rows, stream_end = [], {}
+    for event in last:
+        stream = event.get("args", {}).get("stream", event.get("tid"))
+        start = event["ts"] - first_start
+        end = start + event["dur"]
+        idle = start - stream_end[stream] if stream in stream_end else None
+        stream_end[stream] = max(end, stream_end.get(stream, end))
+        rows.append({"name": short_name(event["name"]), "stream": stream, "start_us": start, "end_us": end,
+                     "idle_before_us": idle})
+    return rows
+
+
+def timeline(call, device: torch.device, replays: int) -> List[dict]:
+    """timeline_rows of `call` captured in a CUDA graph and replayed `replays` times under the profiler."""
+    replay = graph_call(call, device)
+    replay()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(replays):
+            replay()
+            torch.cuda.synchronize(device)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path) as trace:
+            events = json.load(trace)["traceEvents"]
+    return timeline_rows(events, replays)
+
+
+def print_timeline(name: str, batch: int, rows: Sequence[dict]) -> None:
+    span = max(row["end_us"] for row in rows)
+    busy = sum(row["end_us"] - row["start_us"] for row in rows)
+    print(f"### {name}, batch {batch}: {span:.1f} µs from the first kernel's start to the last one's end, "
+          f"{busy:.1f} µs of kernels summed, {len({row['stream'] for row in rows})} streams\n")
+    print(markdown_table(["kernel", "stream", "start µs", "end µs", "idle before on its stream µs"],
+                         [[row["name"], row["stream"], format_number(row["start_us"]), format_number(row["end_us"]),
+                           "-" if row["idle_before_us"] is None else format_number(row["idle_before_us"])]
+                          for row in rows]))
+    print()
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES],
@@ -103,6 +166,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--ncu-range", action="store_true",
                         help="CUDA: instead of profiling, run each case's compress once (after a warm-up call) "
                              "between cudaProfilerStart and cudaProfilerStop, for `ncu --profile-from-start off`")
+    parser.add_argument("--timeline", action="store_true",
+                        help="CUDA, dense presets: when each kernel of a CUDA-graph replay runs, per stream")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error("--calls must be at least 1")
@@ -141,8 +206,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if device.type != "cuda":
             raise SystemExit("--ncu-range: needs a CUDA device")
         return dict(metadata, dtype=str(dtype).replace("torch.", ""), cases=ncu_range(args.cases, dtype, device))
+    if args.timeline:
+        if device.type != "cuda":
+            raise SystemExit("--timeline: needs a CUDA device")
+        print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
+              f"- {dtype}, the last of {args.calls} replays of a CUDA graph of the call\n")
+        cases = []
+        for name, batch in args.cases:
+            if PRESETS[name].varlen:
+                print(f"### {name}: skipped (compress_varlen cannot be captured in a CUDA graph)\n")
+                continue
+            case, call = case_call(name, batch, dtype, device)
+            rows = timeline(call, device, args.calls)
+            print_timeline(name, batch, rows)
+            cases.append({"preset": name, "batch": batch, "vision_tokens": case.vision_tokens, "timeline": rows})
+            del case
+        result = dict(metadata, dtype=str(dtype).replace("torch.", ""), calls=args.calls, cases=cases)
+        if args.json:
+            write_json(args.json, result)
+        return result
     print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
-          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining and second stream off, merge mode {args.merge_mode}\n")
+          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining and second stream off, "
+          f"merge mode {args.merge_mode}\n")
     cases = []
     for name, batch in args.cases:
         case, call = case_call(name, batch, dtype, device)

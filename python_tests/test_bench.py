@@ -153,6 +153,45 @@ def test_kernel_breakdown_ncu_range_cuda(bench_modules):
     assert [(case["preset"], case["batch"]) for case in result["cases"]] == [("tiny", 1), ("tiny_varlen", 2)]
 
 
+def test_kernel_breakdown_timeline_rows_take_the_last_replay(bench_modules):
+    """Two replays of two streams: the second replay's kernels, relative to its first start, with
+    the idle time on each stream before each kernel."""
+    def kernel(name, ts, dur, stream):
+        return {"cat": "kernel", "name": f"void {name}<float>(Params)", "ts": ts, "dur": dur, "tid": stream,
+                "args": {"stream": stream}}
+
+    replay = [("a_kernel", 0.0, 5.0, 7), ("b_kernel", 1.0, 2.0, 13), ("c_kernel", 6.0, 1.5, 13),
+              ("d_kernel", 9.0, 1.0, 7)]
+    events = [{"cat": "cpu_op", "name": "aten::empty", "ts": 0.0, "dur": 1.0}]
+    events += [kernel(name, 100.0 + ts, dur, stream) for name, ts, dur, stream in replay]
+    events += [kernel(name, 500.0 + ts, dur, stream) for name, ts, dur, stream in reversed(replay)]
+    rows = bench_modules["kernel_breakdown"].timeline_rows(events, replays=2)
+    assert [(row["name"], row["stream"], row["start_us"], row["end_us"], row["idle_before_us"]) for row in rows] == [
+        ("a_kernel", 7, 0.0, 5.0, None), ("b_kernel", 13, 1.0, 3.0, None), ("c_kernel", 13, 6.0, 7.5, 3.0),
+        ("d_kernel", 7, 9.0, 10.0, 4.0)]
+    with pytest.raises(ValueError, match="same GPU activities in each of 3 replays"):
+        bench_modules["kernel_breakdown"].timeline_rows(events, replays=3)
+
+
+def test_kernel_breakdown_timeline_needs_cuda(bench_modules):
+    with pytest.raises(SystemExit, match="--timeline: needs a CUDA device"):
+        bench_modules["kernel_breakdown"].main(["--timeline", "--cases", "tiny:1", "--device", "cpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_breakdown_timeline_cuda(bench_modules):
+    """A graph replay's kernels, in start order within the span; varlen presets are skipped."""
+    result = bench_modules["kernel_breakdown"].main(["--timeline", "--cases", "tiny:1", "tiny_varlen:1",
+                                                     "--calls", "2"])
+    assert [(case["preset"], case["batch"]) for case in result["cases"]] == [("tiny", 1)]
+    rows = result["cases"][0]["timeline"]
+    assert any(row["name"] == "merge_values_kernel" for row in rows)
+    starts = [row["start_us"] for row in rows]
+    assert starts[0] == 0.0 and starts == sorted(starts)
+    assert all(row["end_us"] >= row["start_us"] for row in rows)
+
+
 def test_kernel_breakdown_names_and_cases(bench_modules):
     breakdown = bench_modules["kernel_breakdown"]
     signature = ("void lightkv_cuda::(anonymous namespace)::merge_values_kernel<__nv_bfloat16, 8>"

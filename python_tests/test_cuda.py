@@ -116,6 +116,17 @@ def test_one_pass_matches_reference_and_repeats(N, H_kv, H_q, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_score_rows_combined_between_passes(dtype):
+    """17 row tiles in at most 16 row ranges, over 9 column ranges: row_finals_kernel combines each
+    row's statistics once between the passes (as the 16k-token image's are)."""
+    k, _, text = make_inputs(2, 1, 17, 520, 64, 32, dtype, seed=23)
+    mask = random_mask(2, 64, seed=24)
+    got = lightkv_ext.score(k, text, text_mask=mask)
+    torch.testing.assert_close(got, reference.score(k, text, text_mask=mask), **SCORE_TOL)
+    assert_bitwise_equal(lightkv_ext.score(k, text, text_mask=mask), got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H_kv,H_q,grid,T,D,windows,ratio", SHAPES)
 def test_compress_matches_reference(B, H_kv, H_q, grid, T, D, windows, ratio, dtype):
     N = grid[0] * grid[1]

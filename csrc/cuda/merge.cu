@@ -705,9 +705,17 @@ __device__ double exact_similarity(const Params& p, int64_t src_token, int64_t d
 }
 
 // One warp per src of a merging window: its best dst by exact float64 cosine (see 4b above).
+// The src's lists (one per dst range, kTopK entries each, padded with (-inf, INT_MAX)) hold
+// distinct dsts, so their union's kTopK best are what merging the lists would keep: the exact
+// scan covers every dst when at least kTopK entries are within 2 eps of the best screened value
+// (the kTopK-th best is then within it too, and a dst past the lists could be as close), or when
+// that value is not finite; else exactly the entries within 2 eps. Neither needs the lists merged
+// or sorted: a warp maximum, a count, and the candidates in any order (the best by `beats` is the
+// same in every order). The lane of entry e loads it: entries lane, lane + 32, ...
 template <typename M>
 __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) {
   detail::await_previous_kernel();
+  constexpr unsigned kAll = 0xffffffffu;
   const int lane = threadIdx.x % 32;
   const int64_t warps = kChooseThreads / 32;
   const bool partial = feature_split(p) > 1;
@@ -716,26 +724,23 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
     const int64_t w = find_segment(p.window_offsets, p.num_windows, slot);
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
     if ((slot - start) % 2 != 0 || merge_count(p.ratio, n) == 0) continue;  // dst, or no similarities
-    TopList<double> top;
-    // The lists of 4 ranges at a time, one entry per lane (all loads in flight together), merged
-    // through shuffles: every lane builds the same top list.
-    constexpr int kRangesPerStep = 32 / kTopK;
-    const int64_t ranges = partial ? 1 : used_dst_ranges(n / 2, p.dst_split);
-    for (int64_t range0 = 0; range0 < ranges; range0 += kRangesPerStep) {
-      const int64_t range = range0 + lane / kTopK;
-      const int64_t at = (range * p.total + slot) * kTopK + lane % kTopK;
-      const double my_value = range < ranges ? p.range_value[at] : -INFINITY;
-      const int my_dst = range < ranges ? p.range_dst[at] : INT_MAX;
-#pragma unroll 1
-      for (int from = 0; from < 32; ++from) {
-        const double value = __shfl_sync(0xffffffffu, my_value, from);
-        const int dst = __shfl_sync(0xffffffffu, my_dst, from);
-        if (dst != INT_MAX) top.insert(value, dst);  // lists are padded with INT_MAX
-      }
-    }
+    const int64_t entries = (partial ? 1 : used_dst_ranges(n / 2, p.dst_split)) * kTopK;
+    // Entry e: place e % kTopK of the list of dst range e / kTopK.
+    const auto entry_at = [&](int64_t e) { return (e / kTopK * p.total + slot) * kTopK + e % kTopK; };
     const int64_t src_token = p.window_tokens[slot];
-    const double threshold = top.value[0] - 2.0 * p.eps;
-    const bool scan_all = !isfinite(top.value[0]) || (top.dst[kTopK - 1] != INT_MAX && top.value[kTopK - 1] >= threshold);
+    double best_screened = -INFINITY;  // padding is -inf, and no screened value is NaN (keep_best)
+    for (int64_t e = lane; e < entries; e += 32) best_screened = fmax(best_screened, p.range_value[entry_at(e)]);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      best_screened = fmax(best_screened, __shfl_xor_sync(kAll, best_screened, offset));
+    }
+    const double threshold = best_screened - 2.0 * p.eps;
+    // Entries within 2 eps: with a finite best value, padding (-inf) never is.
+    int near = 0;
+    for (int64_t e0 = 0; e0 < entries; e0 += 32) {
+      const int64_t e = e0 + lane;
+      near += __popc(__ballot_sync(kAll, e < entries && p.range_value[entry_at(e)] >= threshold));
+    }
+    const bool scan_all = !isfinite(best_screened) || near >= kTopK;
     double best = -INFINITY;
     int best_at = INT_MAX;
     if (scan_all) {
@@ -748,11 +753,17 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
         }
       }
     } else {
-      for (int i = 0; i < kTopK && top.dst[i] != INT_MAX && top.value[i] >= threshold; ++i) {
-        const double value = exact_similarity<M>(p, src_token, p.window_tokens[start + 2 * int64_t{top.dst[i]} + 1], lane);
-        if (beats(value, top.dst[i], best, best_at)) {
-          best = value;
-          best_at = top.dst[i];
+      for (int64_t e0 = 0; e0 < entries; e0 += 32) {
+        const int64_t e = e0 + lane;
+        const bool listed = e < entries && p.range_value[entry_at(e)] >= threshold;
+        const int my_dst = listed ? p.range_dst[entry_at(e)] : INT_MAX;
+        for (unsigned candidates = __ballot_sync(kAll, listed); candidates != 0; candidates &= candidates - 1) {
+          const int dst = __shfl_sync(kAll, my_dst, __ffs(candidates) - 1);
+          const double value = exact_similarity<M>(p, src_token, p.window_tokens[start + 2 * int64_t{dst} + 1], lane);
+          if (beats(value, dst, best, best_at)) {
+            best = value;
+            best_at = dst;
+          }
         }
       }
     }

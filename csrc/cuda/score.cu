@@ -16,7 +16,9 @@
 //   pass 2 (column_mass_kernel): for a column tile, sum 2^(l - max) / sum over a range of row
 //           tiles (`rsplit` ranges per KV head) -> partial[(hk, range), token]; the last of a
 //           column tile's H_kv * rsplit items to finish (a ticket per tile) writes importance =
-//           the sum of the partials in (hk, range) order / (H_q * T_img).
+//           the sum of the partials in (hk, range) order / (H_q * T_img). Where its items walk
+//           several row tiles over many column ranges, row_finals_kernel combines each row's pairs
+//           once between the passes, instead of every item for each of its rows.
 // With LIGHTKV_SCORE_PASSES=1, where the rows are at most 2048 tokens long, the text makes at most
 // kOnePassRowTiles row tiles per image and the GPU runs thread block clusters (compute
 // capability 9.0 on), one_pass_kernel does both passes in one launch instead: a cluster of
@@ -57,6 +59,10 @@ constexpr int64_t kMaxRowRanges = 16;  // column_mass_kernel's row ranges, at mo
 // all of its 32 KV heads').
 constexpr int kPartsInFlight = 32;
 constexpr int kOffsetThreads = 512;
+constexpr int kFinalThreads = 128;  // row_finals_kernel
+// row_finals_kernel runs where a row's column ranges are at least this many: fewer pairs cost its
+// items less to combine than a launch (the 16-frame video preset: 2 ranges, 4 row tiles per item).
+constexpr int64_t kFinalMinSplits = 8;
 // Up to this many images, row_stats_kernel builds the image tables itself (each block the ones it
 // reads, block 0 the ones column_mass_kernel reads, and copies to shared memory):
 // image_offsets_kernel is not launched.
@@ -93,6 +99,7 @@ struct Params {
   float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits, (-inf, 0) for a
                                // masked text token
   int64_t nsplit;
+  float2* finals;              // (text row, H_q) -> (max, 1 / sum) over all column ranges (row_finals_kernel), or null
   float* partial;              // (H_kv * rsplit, B * L); one pass: (H_kv * an image's row tiles, B * L)
   int64_t rsplit;
   int64_t column_run;          // column_mass_kernel: consecutive items per block
@@ -501,6 +508,13 @@ __device__ __forceinline__ float2 row_max_and_inverse_sum(const float2 (&pair)[k
   return make_float2(m, total > 0.f ? 1.f / total : 0.f);
 }
 
+// The statistics of a row's column ranges, (-inf, 0) past `count`, loaded together.
+__device__ __forceinline__ void load_row_pairs(const float2* __restrict__ at, int count,
+                                               float2 (&pair)[kSplitsInFlight]) {
+#pragma unroll
+  for (int s = 0; s < kSplitsInFlight; ++s) pair[s] = s < count ? at[s] : make_float2(-INFINITY, 0.f);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
     row_stats_kernel(const Params p) {
@@ -606,6 +620,22 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
   }
 }
 
+// Between the passes, where column_mass_kernel's items walk several row tiles (the 16k-token
+// image: 7 per item, each combining its 64 rows' statistics of 16 column ranges, while the other
+// warps wait at the barrier): every (text row, query head)'s statistics combined once, by
+// row_max_and_inverse_sum in split order as column_mass_kernel would (the same bits), so that its
+// items load one pair per row.
+__global__ void __launch_bounds__(kFinalThreads) row_finals_kernel(const Params p) {
+  detail::await_previous_kernel();
+  const int64_t rows = offsets_of(p, kTextRows)[p.num_images] * p.H_q;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kFinalThreads;
+  for (int64_t row = blockIdx.x * int64_t{kFinalThreads} + threadIdx.x; row < rows; row += stride) {
+    float2 pair[kSplitsInFlight];
+    load_row_pairs(p.stats + row * p.nsplit, static_cast<int>(p.nsplit), pair);
+    p.finals[row] = row_max_and_inverse_sum(pair);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
     column_mass_kernel(const Params p) {
@@ -644,10 +674,14 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
   // every item of a run within an image) finds that tile's queries and row stats still staged.
   const int64_t run = p.column_run, run_stride = (static_cast<int64_t>(gridDim.x) - 1) * run;
   int64_t staged_image = -1, staged_hk = -1, staged_row_tile = -1;
-  for (int64_t item = blockIdx.x * run; item < items; item += (item + 1) % run == 0 ? run_stride + 1 : 1) {
-    const int64_t tile = item % tiles;
-    const int64_t hk = item / tiles / p.rsplit, range = item / tiles % p.rsplit;
-    const int64_t image = find_segment(col_tile_off, p.num_images, tile);
+  // (Divisions by 1 are skipped: they are the common case, and a 64-bit division is ~20 instructions.)
+  for (int64_t item = blockIdx.x * run; item < items; item += run == 1 || (item + 1) % run == 0 ? run_stride + 1 : 1) {
+    const int64_t part = item / tiles, tile = item - part * tiles;  // part = hk * rsplit + range
+    const int64_t hk = p.rsplit == 1 ? part : part / p.rsplit, range = part - hk * p.rsplit;
+    // Consecutive items are mostly of one image: the one staged last is tried before a search.
+    const bool in_staged =
+        staged_image >= 0 && tile >= col_tile_off[staged_image] && tile < col_tile_off[staged_image + 1];
+    const int64_t image = in_staged ? staged_image : find_segment(col_tile_off, p.num_images, tile);
     const int64_t* img = images + image * kImageFields;
     const int64_t col_tile = tile - col_tile_off[image];
     const int64_t counted = text_counted[image];
@@ -657,7 +691,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
     }
     const int64_t tl = img[kTextLen];
     const int64_t row_tiles = ceil_div(p.group * tl, kTileRows);
-    const int64_t per_range = ceil_div(row_tiles, p.rsplit);
+    const int64_t per_range = p.rsplit == 1 ? row_tiles : ceil_div(row_tiles, p.rsplit);
     const int64_t row_begin = range * per_range;
     const int64_t row_end = min(row_tiles, row_begin + per_range);
 
@@ -674,24 +708,24 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       staged_row_tile = row_tile;
       // Thread `local` < kTileRows combines the statistics of row `local` (a masked row's are
       // (-inf, 0)): its nsplit <= kSplitsInFlight column ranges' are loaded together with the tile
-      // setup's mask and size (one round trip), then combined in split order.
+      // setup's mask and size (one round trip), then combined in split order; or it loads the pair
+      // row_finals_kernel combined.
       const int local = threadIdx.x;
       const int64_t r = row_tile * kTileRows + local;
       const bool combines = !rows_staged && local < kTileRows && r < p.group * tl;
-      const float2* st = p.stats;
-      if (combines) st += ((text_off[image] + r % tl) * p.H_q + hk * p.group + r / tl) * p.nsplit;
+      const bool combined = p.finals != nullptr;
+      const int64_t per_row = combined ? 1 : p.nsplit;
+      const float2* st = combined ? p.finals : p.stats;
+      if (combines) st += ((text_off[image] + r % tl) * p.H_q + hk * p.group + r / tl) * per_row;
       float2 pair[kSplitsInFlight];
       if (local < kTileRows) {
         const TileSetup setup =
             load_tile_setup(p, img, hk, row_tile, /*rows=*/!rows_staged, col_tile, /*cols=*/row_tile == row_begin);
-#pragma unroll
-        for (int s = 0; s < kSplitsInFlight; ++s) {
-          pair[s] = combines && s < p.nsplit ? st[s] : make_float2(-INFINITY, 0.f);
-        }
+        load_row_pairs(st, combines ? static_cast<int>(per_row) : 0, pair);  // at most kSplitsInFlight
         store_tile_setup(sm, setup);
       }
       if (local < kTileRows && !rows_staged) {
-        const float2 row = row_max_and_inverse_sum(pair);
+        const float2 row = combined ? pair[0] : row_max_and_inverse_sum(pair);  // (-inf, 0) past the rows
         row_max[local] = row.x;
         row_inv_sum[local] = row.y;
       }
@@ -873,6 +907,7 @@ struct Plan {
   // one_pass_kernel, when it applies: column tiles per block, blocks per cluster and the grid (0:
   // the two passes run instead), and a bound on the row tiles of an image
   int64_t tiles_per_block, cluster_blocks, one_pass_grid, row_tile_capacity;
+  bool finals;  // row_finals_kernel runs between the passes
 };
 
 // 16-byte staging loads (16-bit types only) need contiguous head dims, a multiple of 8 of them,
@@ -980,6 +1015,10 @@ Plan make_plan(const ScoreArgs& a) {
       plan.one_pass_grid = cluster * std::max<int64_t>(1, std::min(groups, kMaxGrid / cluster));
     }
   }
+  // Two passes whose column ranges make many pairs per row, and whose row ranges can hold several
+  // row tiles: column_mass_kernel would combine a row's pairs once per column tile.
+  plan.finals = plan.one_pass_grid == 0 && plan.nsplit >= kFinalMinSplits &&
+                ceil_div(plan.row_tile_capacity, plan.rsplit) > 1;
   return plan;
 }
 
@@ -989,6 +1028,7 @@ struct Workspace {
   int64_t* offsets;
   int64_t* text_counted;
   float2* stats;
+  float2* finals;
   float* partial;
   size_t bytes;
 };
@@ -1001,6 +1041,7 @@ Workspace carve(const ScoreArgs& a, const Plan& plan, void* base) {
   ws.offsets = carver.take<int64_t>((plan.num_images + 1) * kCountArrays);
   ws.text_counted = carver.take<int64_t>(plan.num_images);
   ws.stats = carver.take<float2>(one_pass ? 0 : a.text_capacity * plan.H_q * plan.nsplit);
+  ws.finals = carver.take<float2>(plan.finals ? a.text_capacity * plan.H_q : 0);
   ws.partial = carver.take<float>(plan.H_kv * (one_pass ? plan.row_tile_capacity : plan.rsplit) * plan.tokens);
   ws.tickets = carver.take<unsigned int>(column_tile_bound(plan));
   ws.bytes = carver.bytes();
@@ -1019,6 +1060,10 @@ cudaError_t launch_passes(const Params& p, const Plan& plan, const ScoreArgs& a,
   const int64_t row_items = row_tile_bound(plan, a) * plan.H_kv * plan.nsplit;
   LIGHTKV_RETURN_IF_ERROR(
       launch(row_stats_kernel<T>, detail::grid_for(row_items, kMaxGrid), TileLayout<T>::kThreads, p));
+  if (plan.finals) {
+    const int64_t blocks = ceil_div(a.text_capacity * plan.H_q, int64_t{kFinalThreads});
+    LIGHTKV_RETURN_IF_ERROR(launch(row_finals_kernel, detail::grid_for(blocks, kMaxGrid), kFinalThreads, p));
+  }
   return launch(column_mass_kernel<T>, detail::grid_for(ceil_div(column_items(plan), plan.column_run), kMaxGrid),
                 TileLayout<T>::kThreads, p);
 }
@@ -1086,6 +1131,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.text_counted = ws.text_counted;
   p.stats = ws.stats;
   p.nsplit = plan.nsplit;
+  p.finals = plan.finals ? ws.finals : nullptr;
   p.partial = ws.partial;
   p.rsplit = plan.rsplit;
   p.column_run = plan.column_run;

@@ -46,6 +46,7 @@ cases = [  # B, Hkv, Hq, grid, T, D, windows, ratio
     (2, 4, 4, (5, 7), 3, 72, (5, 7), 0.5),
     (2, 1, 2, (9, 11), 5, 40, (2, 2), 0.3),
     (1, 2, 2, (16, 16), 9, 128, 1, 0.9),
+    (2, 1, 17, (20, 26), 64, 32, 2, 0.5),  # 17 row tiles in 16 row ranges, 9 column ranges: row_finals_kernel
 ]
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for i, (B, Hkv, Hq, grid, T, D, win, ratio) in enumerate(cases):

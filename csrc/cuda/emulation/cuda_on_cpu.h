@@ -241,6 +241,18 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int offset) {
   return __shfl_sync(mask, v, static_cast<int>(emu::tidx.x % 32) ^ offset);
 }
+// Bit l: lane l's predicate, for every lane of the warp.
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  const unsigned t = emu::tidx.x, w = t / 32, lane = t % 32;
+  emu::block->slots[w][lane] = predicate != 0 ? 1 : 0;
+  emu::block->warp_barriers[w]->arrive_and_wait();
+  unsigned bits = 0;
+  for (unsigned l = 0; l < 32; ++l) bits |= static_cast<unsigned>(emu::block->slots[w][l]) << l;
+  emu::block->warp_barriers[w]->arrive_and_wait();
+  return bits;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 // Real atomics and fences: the blocks of a cluster run at once.
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_add(value);

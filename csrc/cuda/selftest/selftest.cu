@@ -504,6 +504,8 @@ void run_merge_case(const MergeCase& c, uint64_t seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A line per case as it passes, also into a pipe or file: a run cut short shows how far it got.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const bool small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -553,6 +555,11 @@ int main(int argc, char** argv) {
   run_score_case<__nv_bfloat16>({"bf16 runs of column items", 1, 2, 2, 140000, 14, 16,
                                  {{0, 0, 130, 0, 9}, {0, 130, 170, 9, 5}}, true, true, {0, 1, 2, 3}},
                                 26);
+  // 17 row tiles in at most 16 row ranges (some of 2 row tiles) over 9 column ranges: the rows'
+  // statistics are combined once, between the passes (row_finals_kernel).
+  run_score_case<__nv_bfloat16>({"bf16 rows combined between passes", 1, 1, 17, 520, 64, 32, {{0, 0, 520, 0, 64}},
+                                 true, true, {0, 1, 2, 3}},
+                                27);
   // One pass over 18 column tiles: clusters of 9 blocks of 2 tiles each (the other cases with
   // at most 16 column tiles per row take clusters of blocks of 1 tile).
   run_score_case<__nv_bfloat16>({"bf16 one pass, 18 column tiles", 1, 1, 2, 1100, 9, 16, {{0, 0, 1100, 0, 9}},
