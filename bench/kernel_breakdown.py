@@ -152,6 +152,11 @@ def print_timeline(name: str, batch: int, rows: Sequence[dict]) -> None:
     print()
 
 
+def print_header(metadata: dict, run: str) -> None:
+    print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
+          f"- {run}\n")
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES],
@@ -209,8 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.timeline:
         if device.type != "cuda":
             raise SystemExit("--timeline: needs a CUDA device")
-        print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
-              f"- {dtype}, the last of {args.calls} replays of a CUDA graph of the call\n")
+        print_header(metadata, f"{dtype}, the last of {args.calls} replays of a CUDA graph of the call")
         cases = []
         for name, batch in args.cases:
             if PRESETS[name].varlen:
@@ -225,9 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if args.json:
             write_json(args.json, result)
         return result
-    print(f"- device: {metadata['device']}\n- torch {metadata['torch']}\n- command: `{metadata['command']}`\n"
-          f"- {dtype}, {args.calls} profiled calls per case, kernel chaining and second stream off, "
-          f"merge mode {args.merge_mode}\n")
+    print_header(metadata, f"{dtype}, {args.calls} profiled calls per case, kernel chaining and second stream off, "
+                           f"merge mode {args.merge_mode}")
     cases = []
     for name, batch in args.cases:
         case, call = case_call(name, batch, dtype, device)

@@ -140,9 +140,10 @@ def test_kernel_breakdown_cpu(bench_modules, tmp_path, merge_mode):
         assert math.isclose(sum(row["share"] for row in rows.values()), 1.0)
 
 
-def test_kernel_breakdown_ncu_range_needs_cuda(bench_modules):
-    with pytest.raises(SystemExit, match="--ncu-range: needs a CUDA device"):
-        bench_modules["kernel_breakdown"].main(["--ncu-range", "--cases", "tiny:1", "--device", "cpu"])
+@pytest.mark.parametrize("flag", ["--ncu-range", "--timeline"])
+def test_kernel_breakdown_cuda_only_modes_need_cuda(bench_modules, flag):
+    with pytest.raises(SystemExit, match=f"{flag}: needs a CUDA device"):
+        bench_modules["kernel_breakdown"].main([flag, "--cases", "tiny:1", "--device", "cpu"])
 
 
 @pytest.mark.gpu
@@ -171,11 +172,6 @@ def test_kernel_breakdown_timeline_rows_take_the_last_replay(bench_modules):
         ("d_kernel", 7, 9.0, 10.0, 4.0)]
     with pytest.raises(ValueError, match="same GPU activities in each of 3 replays"):
         bench_modules["kernel_breakdown"].timeline_rows(events, replays=3)
-
-
-def test_kernel_breakdown_timeline_needs_cuda(bench_modules):
-    with pytest.raises(SystemExit, match="--timeline: needs a CUDA device"):
-        bench_modules["kernel_breakdown"].main(["--timeline", "--cases", "tiny:1", "--device", "cpu"])
 
 
 @pytest.mark.gpu

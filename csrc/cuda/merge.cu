@@ -734,12 +734,10 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
       best_screened = fmax(best_screened, __shfl_xor_sync(kAll, best_screened, offset));
     }
     const double threshold = best_screened - 2.0 * p.eps;
-    // Entries within 2 eps: with a finite best value, padding (-inf) never is.
+    // Entry e is within 2 eps: with a finite best value, padding (-inf) never is.
+    const auto near_entry = [&](int64_t e) { return e < entries && p.range_value[entry_at(e)] >= threshold; };
     int near = 0;
-    for (int64_t e0 = 0; e0 < entries; e0 += 32) {
-      const int64_t e = e0 + lane;
-      near += __popc(__ballot_sync(kAll, e < entries && p.range_value[entry_at(e)] >= threshold));
-    }
+    for (int64_t e0 = 0; e0 < entries; e0 += 32) near += __popc(__ballot_sync(kAll, near_entry(e0 + lane)));
     const bool scan_all = !isfinite(best_screened) || near >= kTopK;
     double best = -INFINITY;
     int best_at = INT_MAX;
@@ -754,9 +752,8 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
       }
     } else {
       for (int64_t e0 = 0; e0 < entries; e0 += 32) {
-        const int64_t e = e0 + lane;
-        const bool listed = e < entries && p.range_value[entry_at(e)] >= threshold;
-        const int my_dst = listed ? p.range_dst[entry_at(e)] : INT_MAX;
+        const bool listed = near_entry(e0 + lane);
+        const int my_dst = listed ? p.range_dst[entry_at(e0 + lane)] : INT_MAX;
         for (unsigned candidates = __ballot_sync(kAll, listed); candidates != 0; candidates &= candidates - 1) {
           const int dst = __shfl_sync(kAll, my_dst, __ffs(candidates) - 1);
           const double value = exact_similarity<M>(p, src_token, p.window_tokens[start + 2 * int64_t{dst} + 1], lane);

@@ -713,9 +713,9 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       const int local = threadIdx.x;
       const int64_t r = row_tile * kTileRows + local;
       const bool combines = !rows_staged && local < kTileRows && r < p.group * tl;
-      const bool combined = p.finals != nullptr;
-      const int64_t per_row = combined ? 1 : p.nsplit;
-      const float2* st = combined ? p.finals : p.stats;
+      const bool from_finals = p.finals != nullptr;
+      const int64_t per_row = from_finals ? 1 : p.nsplit;
+      const float2* st = from_finals ? p.finals : p.stats;
       if (combines) st += ((text_off[image] + r % tl) * p.H_q + hk * p.group + r / tl) * per_row;
       float2 pair[kSplitsInFlight];
       if (local < kTileRows) {
@@ -725,7 +725,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
         store_tile_setup(sm, setup);
       }
       if (local < kTileRows && !rows_staged) {
-        const float2 row = combined ? pair[0] : row_max_and_inverse_sum(pair);  // (-inf, 0) past the rows
+        const float2 row = from_finals ? pair[0] : row_max_and_inverse_sum(pair);  // (-inf, 0) past the rows
         row_max[local] = row.x;
         row_inv_sum[local] = row.y;
       }
