@@ -96,6 +96,22 @@ __device__ __forceinline__ void wait_async_copies() {
 #endif
 }
 
+// Closes this thread's group of the copy_16_bytes_async copies started since the last group
+// (an empty group where none were: a ring of stages counts one group per stage filled).
+__device__ __forceinline__ void close_async_copy_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits for this thread's closed copy groups, all but the newest kNewest.
+template <int kNewest>
+__device__ __forceinline__ void wait_async_copy_groups_but_newest() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kNewest) : "memory");
+#endif
+}
+
 // Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* at) { return *reinterpret_cast<const uint32_t*>(at); }
 

@@ -7,8 +7,8 @@
 //   exact_dots_kernel: one warp per (window, feature split, 8-src block, 8-dst block), or per
 //      group of 3 x 3 such block pairs where there are many windows of at most 3 blocks (LLaVA-1.5
 //      at large batch: its 36-token windows are 3 x 3 block pairs): float64 dot products of the
-//      (src, dst) pairs on the float64 tensor cores, and squared norms, the metric rows loaded
-//      straight into registers.
+//      (src, dst) pairs on the float64 tensor cores, and squared norms, the metric rows copied
+//      ahead of the products into a ring of shared memory per lane.
 //   exact_select_kernel: per window (a block per 16 srcs for windows over 64 tokens, the last to
 //      finish ranking), the splits summed in order, each src's best dst, the srcs ranked, the
 //      first r merged; then step 4 for rows of at most kRowTokens, each by the block that
@@ -94,11 +94,12 @@ constexpr int64_t kExactMaxWindow = 512;
 constexpr int64_t kExactMaxWork = int64_t{1} << 28;  // float64 FMAs of all pairs, windows > 64
 constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all splits, windows > 64 (32 MiB)
 constexpr int kExactBlock = 8;  // srcs (and dsts) per exact_dots item: one 8 x 8 float64 mma tile
-// 4 warps, an item each; 4 blocks per SM (at 5, float16 spills), 2 for block groups (200 registers)
+// 4 warps, an item each; 4 blocks per SM (at 5, float16 spills), 2 for block groups (210 registers)
 constexpr int kExactThreads = 128;
 constexpr int kExactBlocksPerSm = 4;
 constexpr int kExactGroupBlocksPerSm = 2;
 constexpr int kExactVectors = 4;    // 16 bytes of each of its 2 rows a lane loads 4 times per step
+constexpr int kExactStages = 3;     // exact_dots_kernel: batches a lane holds in shared memory (2 in flight)
 constexpr int64_t kExactTargetWarps = 8192;  // feature splits aim at this many items: ~4 waves of an H100
 // Block groups (exact_dots_kernel<M, kExactGroup>) for windows of at most kExactGroup blocks, where
 // the block pairs alone make this many items (LLaVA-1.5 at batch 32: 512 windows of 9): fewer,
@@ -832,12 +833,15 @@ __host__ __device__ constexpr int64_t exact_step_features() {
 // float64 dot products of the item's (src, dst) pairs over the split's features, and the squared
 // norms of its tokens (the srcs' in the items of dst group 0, the dsts' in those of src group 0),
 // into exact_partial at the window's start: pair (i, j) at i n_dst + j, then the norms by window
-// position. No shared memory and no barrier: lane (row, quad) loads src `row` and dst `row` of
-// each of its blocks straight into registers, kExactVectors 16-byte vectors of each per step, a
-// batch's loads all in flight together. Each value it holds is one k of a float64
-// mma.m8n8k4 (A[row][quad]: the src's, B[quad][row]: the dst's), so the accumulators end as
-// D[row][2 quad, +1], and the lane sums its rows' squares in the same order; the quad then adds
-// its four norm sums as (0 + 1) + (2 + 3). Which lane holds which feature depends on neither the
+// position. No barrier: lane (row, quad) copies src `row` and dst `row` of each of its blocks,
+// kExactVectors 16-byte vectors of each per step, in batches into a ring of kExactStages batches
+// of its own in shared memory (cp.async), two batches ahead of the one it multiplies, so memory
+// latency overlaps the products (loads straight into registers made the warp wait a round trip
+// per batch: a third of its cycles at LLaVA-1.5 batch 32). A slot is read only by the lane that
+// copied it, so the lane waits for its own copies, and for nothing else. Each value it holds is
+// one k of a float64 mma.m8n8k4 (A[row][quad]: the src's, B[quad][row]: the dst's), so the
+// accumulators end as D[row][2 quad, +1], and the lane sums its rows' squares in the same order;
+// the quad then adds its four norm sums as (0 + 1) + (2 + 3). Which lane holds which feature depends on neither the
 // layout, nor a token's position, nor kGroup: equal tokens get equal sums, and both variants the
 // same sums for the same split. kGroup = 3 (a LLaVA-1.5 window's 3 x 3 block pairs in one item)
 // converts each value to float64 once per item where a block pair's item (kGroup = 1) converts it
@@ -850,12 +854,15 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
   constexpr int kPerVector = 16 / sizeof(S);
   constexpr int64_t kStep = exact_step_features<M>();
   constexpr int kWarps = kExactThreads / 32;
-  // Vectors of each row per batch: a block pair's whole step; a group's 6 rows one vector at a
-  // time (at 2, ptxas spills even with 255 registers).
-  constexpr int kBatch = kGroup == 1 ? kExactVectors : 1;
+  // Vectors of each row per batch: half a block pair's step; a group's 6 rows one vector at a time
+  // (at 2, ptxas spills even with 255 registers).
+  constexpr int kBatch = kGroup == 1 ? kExactVectors / 2 : 1;
   static_assert(kExactVectors % kBatch == 0, "whole batches per step");
+  constexpr int kSlots = 2 * kGroup * kBatch;  // 16-byte vectors a lane copies per batch
+  __shared__ uint4 staged[kWarps][kExactStages][kSlots][32];
   const S* __restrict__ metric = static_cast<const S*>(p.metric);
   const int lane = threadIdx.x % 32, row = lane / 4, quad = lane % 4;
+  uint4 (&ring)[kExactStages][kSlots][32] = staged[threadIdx.x / 32];
   const int64_t groups = ceil_div(p.exact_blocks, kGroup), group_pairs = groups * groups;
   const int64_t items = p.num_windows * p.exact_split * group_pairs;
   const int64_t per_split = ceil_div(p.exact_steps, p.exact_split) * kStep;
@@ -913,36 +920,56 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
 #pragma unroll
           for (int db = 0; db < kGroup; ++db) detail::mma_m8n8k4(acc[sb][db], x[sb], y[db]);
       };
-      for (int64_t f0 = f_begin; f0 < f_end; f0 += kStep) {  // zeros past the split or the window
-        if (p.vector_stage) {
-#pragma unroll 1  // a batch's loads are not hoisted over the previous batch's products (registers)
-          for (int v0 = 0; v0 < kExactVectors; v0 += kBatch) {
-            uint4 a_raw[kBatch][kGroup], b_raw[kBatch][kGroup];
+      if (p.vector_stage) {  // zeros past the split or the window
+        const int64_t batches = ceil_div(max(f_end - f_begin, int64_t{0}), kStep) * (kExactVectors / kBatch);
+        int64_t next_first = f_begin + kPerVector * quad;  // the first feature of the next vector copied
+        // Starts copying batch `batch` (when there is one) into stage `stage` of the lane's ring.
+        const auto copy_batch = [&](int64_t batch, int stage) {
+          if (batch < batches) {
 #pragma unroll
             for (int v = 0; v < kBatch; ++v) {
-              const bool in_range = f0 + kPerVector * (quad + 4 * (v0 + v)) < f_end;
+              const bool in_range = next_first < f_end;
 #pragma unroll
               for (int g = 0; g < kGroup; ++g) {
-                a_raw[v][g] = detail::load_16_bytes(in_range && src_live[g], metric + src_base[g] + feature.offset());
-                b_raw[v][g] = detail::load_16_bytes(in_range && dst_live[g], metric + dst_base[g] + feature.offset());
+                detail::copy_16_bytes_async(&ring[stage][2 * (kGroup * v + g)][lane],
+                                            metric + src_base[g] + feature.offset(), in_range && src_live[g], metric);
+                detail::copy_16_bytes_async(&ring[stage][2 * (kGroup * v + g) + 1][lane],
+                                            metric + dst_base[g] + feature.offset(), in_range && dst_live[g], metric);
               }
               feature.advance(4 * kPerVector);
-            }
-#pragma unroll
-            for (int v = 0; v < kBatch; ++v) {
-#pragma unroll
-              for (int e = 0; e < kPerVector; ++e) {
-                S a[kGroup], b[kGroup];
-#pragma unroll
-                for (int g = 0; g < kGroup; ++g) {
-                  a[g] = vector_element<S>(a_raw[v][g], e);
-                  b[g] = vector_element<S>(b_raw[v][g], e);
-                }
-                add(a, b);
-              }
+              next_first += 4 * kPerVector;
             }
           }
-        } else {  // odd layouts: the same values in the same order, one at a time
+          detail::close_async_copy_group();
+        };
+        for (int stage = 0; stage < kExactStages - 1; ++stage) copy_batch(stage, stage);
+        int read_stage = 0;
+#pragma unroll 1
+        for (int64_t batch = 0; batch < batches; ++batch) {
+          detail::wait_async_copy_groups_but_newest<kExactStages - 2>();  // this batch has landed
+          uint4 raw[kSlots];
+#pragma unroll
+          for (int q = 0; q < kSlots; ++q) raw[q] = ring[read_stage][q][lane];
+          // Into the stage of the previous batch, whose values the previous iteration multiplied.
+          const int write_stage = read_stage == 0 ? kExactStages - 1 : read_stage - 1;
+          copy_batch(batch + kExactStages - 1, write_stage);
+          read_stage = read_stage + 1 == kExactStages ? 0 : read_stage + 1;
+#pragma unroll
+          for (int v = 0; v < kBatch; ++v) {
+#pragma unroll
+            for (int e = 0; e < kPerVector; ++e) {
+              S a[kGroup], b[kGroup];
+#pragma unroll
+              for (int g = 0; g < kGroup; ++g) {
+                a[g] = vector_element<S>(raw[2 * (kGroup * v + g)], e);
+                b[g] = vector_element<S>(raw[2 * (kGroup * v + g) + 1], e);
+              }
+              add(a, b);
+            }
+          }
+        }
+      } else {  // odd layouts: the same values in the same order, one at a time
+        for (int64_t f0 = f_begin; f0 < f_end; f0 += kStep) {
 #pragma unroll 1
           for (int v = 0; v < kExactVectors; ++v) {
             const int64_t first = f0 + kPerVector * (quad + 4 * v);

@@ -583,6 +583,9 @@ int main(int argc, char** argv) {
                          24);
   run_merge_case<float>({"fp32 ratio 0", 2, 2, 64, 16, {16, 16, 16, 16}, 0.0, false, {0, 1, 2, 3}, 0}, 14);
   run_merge_case<float>({"fp32 odd D scalar path", 1, 3, 99, 13, {33, 33, 33}, 0.9, false, {0, 1, 2, 3}, 5}, 15);
+  // Exact mode with more features than 16 splits of one step (20 steps: 10 splits of 2), so each
+  // exact_dots_kernel item streams 4 batches through its lane's ring of 3.
+  run_merge_case<float>({"fp32 exact items of 2 steps", 1, 8, 72, 160, {36, 36}, 0.5, false, {0, 1, 2, 3}, 0}, 30);
   // Screening paths: one feature chunk with dst ranges (direct), LLaVA-like small windows with
   // many features (partial sums over feature splits), exact ties everywhere (every src falls
   // back to the exact scan of all its dsts), and 16-byte staging of a float32 metric.
