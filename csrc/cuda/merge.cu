@@ -841,9 +841,9 @@ __host__ __device__ constexpr int64_t exact_step_features() {
 // copied it, so the lane waits for its own copies, and for nothing else. Each value it holds is
 // one k of a float64 mma.m8n8k4 (A[row][quad]: the src's, B[quad][row]: the dst's), so the
 // accumulators end as D[row][2 quad, +1], and the lane sums its rows' squares in the same order;
-// the quad then adds its four norm sums as (0 + 1) + (2 + 3). Which lane holds which feature depends on neither the
-// layout, nor a token's position, nor kGroup: equal tokens get equal sums, and both variants the
-// same sums for the same split. kGroup = 3 (a LLaVA-1.5 window's 3 x 3 block pairs in one item)
+// the quad then adds its four norm sums as (0 + 1) + (2 + 3). Which lane holds which feature
+// depends on neither the layout, nor a token's position, nor kGroup: equal tokens get equal sums,
+// and both variants the same sums for the same split. kGroup = 3 (a LLaVA-1.5 window's 3 x 3 block pairs in one item)
 // converts each value to float64 once per item where a block pair's item (kGroup = 1) converts it
 // once per partner block, and the conversions run at a quarter of the float64 rate.
 template <typename M, int kGroup>
@@ -922,13 +922,12 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
       };
       if (p.vector_stage) {  // zeros past the split or the window
         const int64_t batches = ceil_div(max(f_end - f_begin, int64_t{0}), kStep) * (kExactVectors / kBatch);
-        int64_t next_first = f_begin + kPerVector * quad;  // the first feature of the next vector copied
         // Starts copying batch `batch` (when there is one) into stage `stage` of the lane's ring.
         const auto copy_batch = [&](int64_t batch, int stage) {
           if (batch < batches) {
 #pragma unroll
             for (int v = 0; v < kBatch; ++v) {
-              const bool in_range = next_first < f_end;
+              const bool in_range = f_begin + kPerVector * (quad + 4 * (batch * kBatch + v)) < f_end;
 #pragma unroll
               for (int g = 0; g < kGroup; ++g) {
                 detail::copy_16_bytes_async(&ring[stage][2 * (kGroup * v + g)][lane],
@@ -937,7 +936,6 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
                                             metric + dst_base[g] + feature.offset(), in_range && dst_live[g], metric);
               }
               feature.advance(4 * kPerVector);
-              next_first += 4 * kPerVector;
             }
           }
           detail::close_async_copy_group();
