@@ -19,6 +19,12 @@
 //           the sum of the partials in (hk, range) order / (H_q * T_img). Where its items walk
 //           several row tiles over many column ranges, row_finals_kernel combines each row's pairs
 //           once between the passes, instead of every item for each of its rows.
+// On tensor cores with the whole head in one staging step (D <= kChunkMma: the hot case), both
+// passes keep the queries of their rows in registers (mma fragments) and stage keys in two slots
+// of shared memory alternately: while one column tile's keys are multiplied, the next one's
+// (pass 1: of the same rows; pass 2: of the block's next item) are in flight to the other slot,
+// so a tile's load is no longer a round trip its warps wait for (row_stats_pipelined,
+// column_mass_pipelined).
 // With LIGHTKV_SCORE_PASSES=1, where the rows are at most 2048 tokens long, the text makes at most
 // kOnePassRowTiles row tiles per image and the GPU runs thread block clusters (compute
 // capability 9.0 on), one_pass_kernel does both passes in one launch instead: a cluster of
@@ -55,6 +61,10 @@ constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (
 // them at once.
 constexpr int kSplitsInFlight = 16;
 constexpr int64_t kMaxRowRanges = 16;  // column_mass_kernel's row ranges, at most
+// The blocks per SM column_mass_kernel's row ranges are sized for (a wave of items): the 16-bit
+// layout's occupancy when they were tuned on an H100 (5). The pipelined passes run 4 (TileLayout);
+// the ranges are left as tuned until timed on a GPU.
+constexpr int64_t kPlannedColumnBlocksPerSm = 5;
 // The last scoring block of a column tile loads this many of its partial sums at once (LLaVA-1.5:
 // all of its 32 KV heads').
 constexpr int kPartsInFlight = 32;
@@ -211,7 +221,7 @@ static_assert(kTileRows == kTileCols, "tile_dot stages rows and columns with one
 // the lanes of a warp that share a column are lane ^ kRowLanes, ^ (2 kRowLanes) .. ^ 16.
 template <typename T, bool kTensorCores = (sizeof(T) == 2)>
 struct TileLayout {  // SIMT: 16 x 16 threads, 4 x 4 logits each
-  static constexpr int kThreads = 256, kBlocksPerSm = 3, kRows = 4, kCols = 4, kRowLanes = 16;
+  static constexpr int kThreads = 256, kPassBlocksPerSm = 3, kRows = 4, kCols = 4, kRowLanes = 16;
   // one_pass_kernel, which keeps 1 or 2 tiles' logits in registers: blocks per SM without spills
   static constexpr int kOnePassBlocksPerSm[2] = {2, 1};
   __device__ static int row(int i) { return threadIdx.x / 16 + 16 * i; }
@@ -219,7 +229,9 @@ struct TileLayout {  // SIMT: 16 x 16 threads, 4 x 4 logits each
 };
 template <typename T>
 struct TileLayout<T, true> {  // tensor cores: warp w holds rows 16 w .. 16 w + 15 as mma_m16n8k16 accumulators
-  static constexpr int kThreads = 128, kBlocksPerSm = 5, kRows = 2, kCols = 16, kRowLanes = 4;
+  static constexpr int kThreads = 128, kRows = 2, kCols = 16, kRowLanes = 4;
+  // The two passes keep their rows' queries in registers (32 more per thread): 4 blocks per SM
+  static constexpr int kPassBlocksPerSm = 4;
   static constexpr int kOnePassBlocksPerSm[2] = {5, 3};
   __device__ static int row(int i) { return 16 * (threadIdx.x / 32) + threadIdx.x % 32 / 4 + 8 * i; }
   __device__ static int col(int j) { return 8 * (j / 2) + 2 * (threadIdx.x % 4) + j % 2; }
@@ -227,6 +239,15 @@ struct TileLayout<T, true> {  // tensor cores: warp w holds rows 16 w .. 16 w + 
 static_assert(TileLayout<__half>::kThreads / 32 * 16 == kTileRows, "one warp per 16 rows of a tile");
 static_assert(TileLayout<__half>::kThreads >= kTileCols && TileLayout<float>::kThreads >= kTileCols,
               "a thread per row and per column of a tile");
+
+constexpr int kStagedStride = kChunkMma + 8;  // 16-bit values per staged row (see TileSmem)
+constexpr int kMmaSteps = kChunkMma / 16;      // k-steps of mma_m16n8k16 per staging step
+using StagedTile = uint16_t[kTileRows][kStagedStride];
+// tile_dot stages the queries in slot kQuerySlot and the keys in slot kKeySlot, and the column
+// data of those keys (k_first, cols, bias) is TileSmem's entry kKeySlot. The pipelined walks
+// (whole_head_on_tensor_cores) load the queries into registers from the slot other than the keys'
+// and then stage the keys of consecutive column tiles in alternate slots.
+constexpr int kQuerySlot = 0, kKeySlot = 1;
 
 struct TileSmem {
   union {
@@ -236,18 +257,99 @@ struct TileSmem {
     } simt;
     struct {  // tensor-core staging: raw 16-bit values, rows of 68 words (the 8 rows an ldmatrix
               // matrix reads start 4 banks apart: conflict-free)
-      alignas(16) uint16_t q[kTileRows][kChunkMma + 8];
-      alignas(16) uint16_t k[kTileCols][kChunkMma + 8];
+      alignas(16) StagedTile staged[2];
     } mma;
   };
-  int64_t q_base[kTileRows];  // element offset of each row's query vector
-  bool row_ok[kTileRows];     // row exists and its text token is counted
-  // Columns 0 .. cols - 1 are vision tokens of the image, consecutive in k: column c's key starts
-  // at element k_first + c * k_stride[2].
-  int64_t k_first;
-  int cols;
-  float bias[kTileCols];  // log2(size) or 0; -inf from column `cols` on, which masks those logits
+  // Per row set (column_mass_pipelined alternates two; the other walks use set 0):
+  int64_t q_base[2][kTileRows];  // element offset of each row's query vector
+  bool row_ok[2][kTileRows];     // row exists and its text token is counted
+  // Per slot: columns 0 .. cols - 1 are vision tokens of the image, consecutive in k: column c's
+  // key starts at element k_first + c * k_stride[2]; bias is log2(size) or 0, -inf from column
+  // `cols` on, which masks those logits.
+  int64_t k_first[2];
+  int cols[2];
+  float bias[2][kTileCols];
 };
+
+// Starts staging head dims d0 .. d0 + kChunkMma - 1 of the tile's queries (the rows of
+// sm.q_base / row_ok of `row_set`; zeros elsewhere) into `to`, 16-bit types only. With vector_stage, thread t
+// copies 16-byte vector t % kVectors of rows t / kVectors, + kRowStep, ...: all of its copies are
+// in flight together, until wait_async_copies / a copy group wait. Otherwise element by element
+// (done on return).
+template <typename L>
+__device__ __forceinline__ void stage_queries(const Params& p, const TileSmem& sm, int64_t d0, StagedTile& to,
+                                              int row_set = 0) {
+  const uint16_t* __restrict__ text = static_cast<const uint16_t*>(p.text);
+  const int64_t* q_base = sm.q_base[row_set];
+  const bool* row_ok = sm.row_ok[row_set];
+  if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of 8
+    constexpr int kVectors = kChunkMma / 8, kRowStep = L::kThreads / kVectors;
+    const int at = 8 * (threadIdx.x % kVectors), first_row = threadIdx.x / kVectors;
+    const bool in_head = d0 + at < p.D;
+#pragma unroll
+    for (int i = 0; i < kTileRows / kRowStep; ++i) {
+      const int row = first_row + i * kRowStep;
+      detail::copy_16_bytes_async(&to[row][at], text + q_base[row] + d0 + at, in_head && row_ok[row], text);
+    }
+  } else {
+    const int kk = threadIdx.x % kChunkMma;
+    const int64_t d = d0 + kk;
+    const bool live = d < p.D;
+    for (int row = threadIdx.x / kChunkMma; row < kTileRows; row += L::kThreads / kChunkMma) {
+      to[row][kk] = live && row_ok[row] ? text[q_base[row] + d * p.text_stride[3]] : uint16_t{0};
+    }
+  }
+}
+
+// The same for the keys of columns 0 .. cols - 1 starting at element k_first (a pointer walk over
+// consecutive tokens).
+template <typename L>
+__device__ __forceinline__ void stage_keys(const Params& p, int64_t k_first, int cols, int64_t d0, StagedTile& to) {
+  const uint16_t* __restrict__ k = static_cast<const uint16_t*>(p.k);
+  if (p.vector_stage) {
+    constexpr int kVectors = kChunkMma / 8, kRowStep = L::kThreads / kVectors;
+    const int at = 8 * (threadIdx.x % kVectors), first_row = threadIdx.x / kVectors;
+    const bool in_head = d0 + at < p.D;
+    const int64_t step = kRowStep * p.k_stride[2];
+    const uint16_t* from = k + k_first + first_row * p.k_stride[2] + d0 + at;
+#pragma unroll
+    for (int i = 0; i < kTileCols / kRowStep; ++i, from += step) {
+      const int row = first_row + i * kRowStep;
+      detail::copy_16_bytes_async(&to[row][at], from, in_head && row < cols, k);
+    }
+  } else {
+    const int kk = threadIdx.x % kChunkMma;
+    const int64_t d = d0 + kk;
+    const bool live = d < p.D;
+    for (int row = threadIdx.x / kChunkMma; row < kTileCols; row += L::kThreads / kChunkMma) {
+      to[row][kk] = live && row < cols ? k[k_first + row * p.k_stride[2] + d * p.k_stride[3]] : uint16_t{0};
+    }
+  }
+}
+
+// The A fragment of mma_m16n8k16 for head dims k0 .. k0 + 15 of warp w's rows 16 w .. 16 w + 15
+// of the staged queries.
+__device__ __forceinline__ void load_query_step(const StagedTile& queries, int k0, uint32_t (&a)[4]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Matrices: rows +0 / +8 at k0, then at k0 + 8.
+  detail::load_matrix_x4(a, &queries[16 * warp + lane % 8 + 8 * (lane / 8 % 2)][k0 + 8 * (lane / 16)]);
+}
+
+// part[nt] += the warp's rows (A fragment a, head dims k0 .. k0 + 15) times the staged keys of
+// columns 8 nt .. 8 nt + 7 over the same head dims, nt < 8.
+template <typename T>
+__device__ __forceinline__ void multiply_step(const uint32_t (&a)[4], const StagedTile& keys, int k0,
+                                              float (&part)[8][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {  // matrices: n-tile 2 np at k0, k0 + 8, then n-tile 2 np + 1
+    uint32_t b[4];
+    detail::load_matrix_x4(b, &keys[16 * np + 8 * (lane / 16) + lane % 8][k0 + 8 * (lane / 8 % 2)]);
+    const uint32_t left[2] = {b[0], b[1]}, right[2] = {b[2], b[3]};
+    detail::mma_m16n8k16<T>(part[2 * np], a, left);
+    detail::mma_m16n8k16<T>(part[2 * np + 1], a, right);
+  }
+}
 
 // acc[i][j] = <query of row L::row(i), key of column L::col(j)> over the whole head dim, for
 // L = TileLayout<T>. Expects q_base/row_ok/k_first/cols to be visible to all threads. With a
@@ -259,12 +361,8 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
   using L = TileLayout<T>;
   if constexpr (sizeof(T) == 2) {
     // Warp w computes rows 16 w.., all 64 columns; fragments as in mma_m16n8k16.
-    const uint16_t* __restrict__ text = static_cast<const uint16_t*>(p.text);
-    const uint16_t* __restrict__ k = static_cast<const uint16_t*>(p.k);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const bool whole_head = p.D <= kChunkMma;
     const bool stage_rows = !(rows_staged && whole_head), stage_cols = !(cols_staged && whole_head);
-    constexpr int kVectors = kChunkMma / 8;  // 16-byte vectors per staged row
     float part[8][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
@@ -272,62 +370,17 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
       for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkMma) {
       __syncthreads();  // every warp is done with what this step stages over
-      if (p.vector_stage) {  // contiguous, aligned head dims that are a multiple of 8
-        // Thread t copies 16-byte vector t % kVectors of rows t / kVectors, + kRowStep, ...; all
-        // of its copies are in flight together: one memory round trip per chunk. Keys are a
-        // pointer walk (consecutive tokens), queries come from the rows' offsets.
-        constexpr int kRowStep = L::kThreads / kVectors;
-        const int at = 8 * (threadIdx.x % kVectors), first_row = threadIdx.x / kVectors;
-        const bool in_head = d0 + at < p.D;
-        if (stage_rows) {
-#pragma unroll
-          for (int i = 0; i < kTileRows / kRowStep; ++i) {
-            const int row = first_row + i * kRowStep;
-            detail::copy_16_bytes_async(&sm.mma.q[row][at], text + sm.q_base[row] + d0 + at, in_head && sm.row_ok[row],
-                                        text);
-          }
-        }
-        if (stage_cols) {
-          const int64_t step = kRowStep * p.k_stride[2];
-          const uint16_t* from = k + sm.k_first + first_row * p.k_stride[2] + d0 + at;
-          const int cols = sm.cols;
-#pragma unroll
-          for (int i = 0; i < kTileCols / kRowStep; ++i, from += step) {
-            const int row = first_row + i * kRowStep;
-            detail::copy_16_bytes_async(&sm.mma.k[row][at], from, in_head && row < cols, k);
-          }
-        }
-        detail::wait_async_copies();
-      } else {
-        const int kk = threadIdx.x % kChunkMma;
-        const int64_t d = d0 + kk;
-        const bool live = d < p.D;
-        for (int row = threadIdx.x / kChunkMma; row < kTileRows; row += L::kThreads / kChunkMma) {
-          if (stage_rows) {
-            sm.mma.q[row][kk] = live && sm.row_ok[row] ? text[sm.q_base[row] + d * p.text_stride[3]] : uint16_t{0};
-          }
-          if (stage_cols) {
-            sm.mma.k[row][kk] =
-                live && row < sm.cols ? k[sm.k_first + row * p.k_stride[2] + d * p.k_stride[3]] : uint16_t{0};
-          }
-        }
-      }
+      // Both operands' copies in flight together: one memory round trip per chunk.
+      if (stage_rows) stage_queries<L>(p, sm, d0, sm.mma.staged[kQuerySlot]);
+      if (stage_cols) stage_keys<L>(p, sm.k_first[kKeySlot], sm.cols[kKeySlot], d0, sm.mma.staged[kKeySlot]);
+      detail::wait_async_copies();
       __syncthreads();
 #pragma unroll
       for (int k0 = 0; k0 < kChunkMma; k0 += 16) {
         if (d0 + k0 >= p.D) break;  // the zero-filled tail of a short head
-        // Matrices of a: rows +0 / +8 at k0, then at k0 + 8; of b: n-tile 2 np at k0, k0 + 8,
-        // then n-tile 2 np + 1.
         uint32_t a[4];
-        detail::load_matrix_x4(a, &sm.mma.q[16 * warp + lane % 8 + 8 * (lane / 8 % 2)][k0 + 8 * (lane / 16)]);
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t b[4];
-          detail::load_matrix_x4(b, &sm.mma.k[16 * np + 8 * (lane / 16) + lane % 8][k0 + 8 * (lane / 8 % 2)]);
-          const uint32_t left[2] = {b[0], b[1]}, right[2] = {b[2], b[3]};
-          detail::mma_m16n8k16<T>(part[2 * np], a, left);
-          detail::mma_m16n8k16<T>(part[2 * np + 1], a, right);
-        }
+        load_query_step(sm.mma.staged[kQuerySlot], k0, a);
+        multiply_step<T>(a, sm.mma.staged[kKeySlot], k0, part);
       }
     }
 #pragma unroll
@@ -344,13 +397,14 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
     }
     for (int64_t d0 = 0; d0 < p.D; d0 += kChunkD) {
       __syncthreads();  // every thread is done with the previous chunk
+      const int cols = sm.cols[kKeySlot];
+      const int64_t k_first = sm.k_first[kKeySlot];
       for (int e = threadIdx.x; e < kTileRows * kChunkD; e += L::kThreads) {
         const int row = e / kChunkD, kk = e % kChunkD;
         const int64_t d = d0 + kk;
         const bool live = d < p.D;
-        sm.simt.q[kk][row] = (live && sm.row_ok[row]) ? to_float(text[sm.q_base[row] + d * p.text_stride[3]]) : 0.f;
-        sm.simt.k[kk][row] =
-            (live && row < sm.cols) ? to_float(k[sm.k_first + row * p.k_stride[2] + d * p.k_stride[3]]) : 0.f;
+        sm.simt.q[kk][row] = (live && sm.row_ok[0][row]) ? to_float(text[sm.q_base[0][row] + d * p.text_stride[3]]) : 0.f;
+        sm.simt.k[kk][row] = (live && row < cols) ? to_float(k[k_first + row * p.k_stride[2] + d * p.k_stride[3]]) : 0.f;
       }
       __syncthreads();
 #pragma unroll
@@ -370,12 +424,62 @@ __device__ __forceinline__ void tile_dot(const Params& p, TileSmem& sm, bool row
   }
 }
 
+// Whether the passes take the pipelined walks (row_stats_pipelined, column_mass_kernel's): 16-bit
+// types on tensor cores, with the whole head in one staging step.
+template <typename T>
+__device__ __forceinline__ bool whole_head_on_tensor_cores(const Params& p) {
+  return sizeof(T) == 2 && p.D <= kChunkMma;
+}
+
+// acc = the warp's rows (query fragments, see load_query_step) times the staged keys over the
+// whole head, as tile_dot computes it (same order: the same bits), for p.D <= kChunkMma.
+template <typename T>
+__device__ __forceinline__ void multiply_keys(const uint32_t (&query)[kMmaSteps][4], const StagedTile& keys,
+                                              int64_t dims, float (&acc)[TileLayout<T>::kRows][TileLayout<T>::kCols]) {
+  using L = TileLayout<T>;
+  float part[8][4];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[nt][e] = 0.f;
+#pragma unroll
+  for (int s = 0; s < kMmaSteps; ++s) {
+    if (16 * s >= dims) break;  // the zero-filled tail of a short head
+    multiply_step<T>(query[s], keys, 16 * s, part);
+  }
+#pragma unroll
+  for (int i = 0; i < L::kRows; ++i)
+#pragma unroll
+    for (int j = 0; j < L::kCols; ++j) acc[i][j] = part[j / 2][2 * i + j % 2];
+}
+
+// Starts a pipelined walk (whole_head_on_tensor_cores) over a row tile whose setup the caller has
+// published: with `rows` stages its queries in slot key_slot ^ 1 and loads them into `query` as the
+// warp's fragments, and with `keys` stages the keys of entry key_slot's column data in key_slot,
+// in one round trip. Ends with every warp done reading slot key_slot ^ 1 (free for keys).
+template <typename T>
+__device__ __forceinline__ void stage_queries_to_registers(const Params& p, TileSmem& sm, int key_slot, bool keys,
+                                                           bool rows, uint32_t (&query)[kMmaSteps][4]) {
+  using L = TileLayout<T>;
+  if (rows) stage_queries<L>(p, sm, 0, sm.mma.staged[key_slot ^ 1]);
+  if (keys) stage_keys<L>(p, sm.k_first[key_slot], sm.cols[key_slot], 0, sm.mma.staged[key_slot]);
+  detail::wait_async_copies();
+  __syncthreads();
+  if (!rows) return;  // uniform over the block
+#pragma unroll
+  for (int s = 0; s < kMmaSteps; ++s) {
+    if (16 * s < p.D) load_query_step(sm.mma.staged[key_slot ^ 1], 16 * s, query[s]);
+  }
+  __syncthreads();
+}
+
 // Tile setup shared by the passes: thread `local` < kTileRows sets up row `local` of row tile
 // `row_tile` (with `rows`) and column `local` of column tile `col_tile` (with `cols`). Row r of
 // (image, hk) is query head hk * group + r / T_img, text token text_start + r % T_img; columns
 // 0 .. cols - 1 are vision tokens col_tile * kTileCols + c of the image. Loading (the row's mask,
 // the column's size) and storing to shared memory are separate steps, so that both loads, and
-// any a caller issues in between, are in flight together: one round trip.
+// any a caller issues in between, are in flight together: one round trip. The column data goes to
+// entry `slot` of TileSmem's.
 struct TileSetup {
   bool rows, cols, row_exists, mask;
   int col_count;
@@ -408,19 +512,20 @@ __device__ __forceinline__ TileSetup load_tile_setup(const Params& p, const int6
   return t;
 }
 
-__device__ __forceinline__ void store_tile_setup(TileSmem& sm, const TileSetup& t) {
+__device__ __forceinline__ void store_tile_setup(TileSmem& sm, const TileSetup& t, int slot = kKeySlot,
+                                                 int row_set = 0) {
   const int local = threadIdx.x;
   if (t.rows) {
-    sm.row_ok[local] = t.row_exists && t.mask;
-    sm.q_base[local] = t.q_base;
+    sm.row_ok[row_set][local] = t.row_exists && t.mask;
+    sm.q_base[row_set][local] = t.q_base;
   }
   if (t.cols) {
     if (local == 0) {
-      sm.cols = t.col_count;
-      sm.k_first = t.k_first;
+      sm.cols[slot] = t.col_count;
+      sm.k_first[slot] = t.k_first;
     }
     // log2(size), or 0 without sizes; -inf past the image's columns.
-    sm.bias[local] = local < t.col_count ? log2f(static_cast<float>(t.size)) : -INFINITY;
+    sm.bias[slot][local] = local < t.col_count ? log2f(static_cast<float>(t.size)) : -INFINITY;
   }
 }
 
@@ -515,8 +620,76 @@ __device__ __forceinline__ void load_row_pairs(const float2* __restrict__ at, in
   for (int s = 0; s < kSplitsInFlight; ++s) pair[s] = s < count ? at[s] : make_float2(-INFINITY, 0.f);
 }
 
+// Folds a tile's logits (acc: dot products, before scale and bias) into its rows' online softmax
+// statistics: the running max and sum of 2^(l - max), base 2.
+template <typename L>
+__device__ __forceinline__ void add_tile_to_row_stats(float scale_log2, const float (&acc)[L::kRows][L::kCols],
+                                                      const float* bias, float (&run_max)[L::kRows],
+                                                      float (&run_sum)[L::kRows]) {
+  float col_bias[L::kCols];
+#pragma unroll
+  for (int j = 0; j < L::kCols; ++j) col_bias[j] = bias[L::col(j)];
+#pragma unroll
+  for (int i = 0; i < L::kRows; ++i) {
+    float logit[L::kCols];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < L::kCols; ++j) {
+      logit[j] = fmaf(scale_log2, acc[i][j], col_bias[j]);  // -inf past the image's columns
+      tile_max = fmaxf(tile_max, logit[j]);
+    }
+    const float new_max = fmaxf(run_max[i], max_over_row_lanes<L>(tile_max));
+    float local = 0.f;
+    if (new_max != -INFINITY) {  // uniform over the lanes of the row
+#pragma unroll
+      for (int j = 0; j < L::kCols; ++j) local += exp2_into_sum(logit[j] - new_max);
+    }
+    local = sum_over_row_lanes<L>(local);
+    if (new_max != -INFINITY) {
+      run_sum[i] = run_sum[i] * exp2f(run_max[i] - new_max) + local;
+      run_max[i] = new_max;
+    }
+  }
+}
+
+// Row statistics over column tiles col_begin .. col_end - 1 of a row tile whose setup (rows, and
+// the first column tile in slot kKeySlot) the caller has published, on tensor cores with the
+// whole head in one staging step (whole_head_on_tensor_cores). The rows' queries are staged once
+// and kept in registers; while a tile's keys are multiplied, the next tile's are in flight to the
+// other slot (and its sizes to registers): one exposed round trip per item instead of two per
+// tile. The products and their order are tile_dot's: the same bits.
 template <typename T>
-__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
+__device__ __forceinline__ void row_stats_pipelined(const Params& p, TileSmem& sm, const int64_t* img, int64_t hk,
+                                                    int64_t row_tile, int64_t col_begin, int64_t col_end,
+                                                    float (&run_max)[TileLayout<T>::kRows],
+                                                    float (&run_sum)[TileLayout<T>::kRows]) {
+  if constexpr (sizeof(T) == 2) {
+    using L = TileLayout<T>;
+    if (col_begin >= col_end) return;  // uniform over the block
+    uint32_t query[kMmaSteps][4];
+    stage_queries_to_registers<T>(p, sm, kKeySlot, /*keys=*/true, /*rows=*/true, query);
+    int slot = kKeySlot;
+    for (int64_t col_tile = col_begin; col_tile < col_end; ++col_tile, slot ^= 1) {
+      const bool prefetch = col_tile + 1 < col_end;
+      TileSetup next{};
+      if (prefetch) {
+        next = load_tile_setup(p, img, hk, row_tile, /*rows=*/false, col_tile + 1, /*cols=*/true);
+        stage_keys<L>(p, next.k_first, next.col_count, 0, sm.mma.staged[slot ^ 1]);
+      }
+      detail::close_async_copy_group();
+      detail::wait_async_copy_groups_but_newest<1>();  // this tile's keys have landed (this thread's copies)
+      __syncthreads();                                  // everybody's
+      float acc[L::kRows][L::kCols];
+      multiply_keys<T>(query, sm.mma.staged[slot], p.D, acc);
+      add_tile_to_row_stats<L>(p.scale_log2, acc, sm.bias[slot], run_max, run_sum);
+      if (prefetch && threadIdx.x < kTileRows) store_tile_setup(sm, next, slot ^ 1);
+      __syncthreads();  // this slot is read; the next tile's column data is written
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kPassBlocksPerSm)
     row_stats_kernel(const Params p) {
   detail::await_previous_kernel();
   using L = TileLayout<T>;
@@ -572,38 +745,19 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
       run_max[i] = -INFINITY;
       run_sum[i] = 0.f;
     }
-    for (int64_t col_tile = col_begin; col_tile < col_end; ++col_tile) {
-      if (col_tile > col_begin) {
-        setup_tile(p, sm, img, hk, row_tile, /*rows=*/false, col_tile, /*cols=*/true);
-        __syncthreads();
+    if (whole_head_on_tensor_cores<T>(p)) {
+      row_stats_pipelined<T>(p, sm, img, hk, row_tile, col_begin, col_end, run_max, run_sum);
+    } else {
+      for (int64_t col_tile = col_begin; col_tile < col_end; ++col_tile) {
+        if (col_tile > col_begin) {
+          setup_tile(p, sm, img, hk, row_tile, /*rows=*/false, col_tile, /*cols=*/true);
+          __syncthreads();
+        }
+        float acc[L::kRows][L::kCols];
+        tile_dot<T>(p, sm, /*rows_staged=*/col_tile > col_begin, /*cols_staged=*/false, acc);
+        add_tile_to_row_stats<L>(p.scale_log2, acc, sm.bias[kKeySlot], run_max, run_sum);
+        __syncthreads();  // columns of this tile are read before the next setup_tile
       }
-      float acc[L::kRows][L::kCols];
-      tile_dot<T>(p, sm, /*rows_staged=*/col_tile > col_begin, /*cols_staged=*/false, acc);
-      float col_bias[L::kCols];
-#pragma unroll
-      for (int j = 0; j < L::kCols; ++j) col_bias[j] = sm.bias[L::col(j)];
-#pragma unroll
-      for (int i = 0; i < L::kRows; ++i) {
-        float logit[L::kCols];
-        float tile_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < L::kCols; ++j) {
-          logit[j] = fmaf(p.scale_log2, acc[i][j], col_bias[j]);  // -inf past the image's columns
-          tile_max = fmaxf(tile_max, logit[j]);
-        }
-        const float new_max = fmaxf(run_max[i], max_over_row_lanes<L>(tile_max));
-        float local = 0.f;
-        if (new_max != -INFINITY) {  // uniform over the lanes of the row
-#pragma unroll
-          for (int j = 0; j < L::kCols; ++j) local += exp2_into_sum(logit[j] - new_max);
-        }
-        local = sum_over_row_lanes<L>(local);
-        if (new_max != -INFINITY) {
-          run_sum[i] = run_sum[i] * exp2f(run_max[i] - new_max) + local;
-          run_max[i] = new_max;
-        }
-      }
-      __syncthreads();  // columns of this tile are read before the next setup_tile
     }
     if (threadIdx.x % L::kRowLanes == 0) {  // every row's: (-inf, 0) for a masked one
       const int64_t tl = img[kTextLen];
@@ -614,7 +768,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlock
         if (r >= p.group * tl) continue;
         const int64_t hq = hk * p.group + r / tl, t = r % tl;
         p.stats[((text_off[image] + t) * p.H_q + hq) * p.nsplit + split] =
-            sm.row_ok[local_row] ? make_float2(run_max[i], run_sum[i]) : make_float2(-INFINITY, 0.f);
+            sm.row_ok[0][local_row] ? make_float2(run_max[i], run_sum[i]) : make_float2(-INFINITY, 0.f);
       }
     }
   }
@@ -636,126 +790,305 @@ __global__ void __launch_bounds__(kFinalThreads) row_finals_kernel(const Params 
   }
 }
 
+// column_mass_kernel's image tables (global memory, or copies in shared memory).
+struct ColumnTables {
+  const int64_t* images;
+  const int64_t* text_counted;
+  const int64_t* col_tile_off;
+  const int64_t* text_off;
+};
+
+// A column_mass_kernel item: column tile `col_tile` of image `image` (tile `tile` of all images),
+// against row tiles row_begin .. row_end - 1 of KV head hk's rows (row range `range`).
+struct ColumnItem {
+  int64_t tile, image, counted;
+  const int64_t* img;
+  // Tile counts of one image's row (< 2^31: a row of k or text holds 64 times as many values)
+  int hk, range, col_tile, row_begin, row_end;
+};
+
+// Whose rows (image, KV head, row tile) a block holds staged: their row statistics, and their
+// queries in shared memory or registers.
+struct RowsHeld {
+  int64_t image = -1;
+  int hk = -1, row_tile = -1;
+  __device__ bool are(const ColumnItem& it, int tile) const {
+    return it.image == image && it.hk == hk && tile == row_tile;
+  }
+  __device__ void set(const ColumnItem& it, int tile) {
+    image = it.image;
+    hk = it.hk;
+    row_tile = tile;
+  }
+};
+
+// Item `item` of `tiles` column tiles. Consecutive items are mostly of one image: `image_hint`
+// (an image, or -1) is tried before a search.
+__device__ __forceinline__ ColumnItem column_item(const Params& p, const ColumnTables& tables, int64_t tiles,
+                                                  int64_t item, int64_t image_hint) {
+  ColumnItem it;
+  // (Divisions by 1 are skipped: they are the common case, and a 64-bit division is ~20 instructions.)
+  const int64_t part = item / tiles;  // hk * rsplit + range
+  it.tile = item - part * tiles;
+  const int64_t hk = p.rsplit == 1 ? part : part / p.rsplit;
+  it.hk = static_cast<int>(hk);
+  it.range = static_cast<int>(part - hk * p.rsplit);
+  const bool in_hint =
+      image_hint >= 0 && it.tile >= tables.col_tile_off[image_hint] && it.tile < tables.col_tile_off[image_hint + 1];
+  it.image = in_hint ? image_hint : find_segment(tables.col_tile_off, p.num_images, it.tile);
+  it.img = tables.images + it.image * kImageFields;
+  it.col_tile = static_cast<int>(it.tile - tables.col_tile_off[it.image]);
+  it.counted = tables.text_counted[it.image];
+  const int64_t row_tiles = ceil_div(p.group * it.img[kTextLen], kTileRows);
+  const int64_t per_range = p.rsplit == 1 ? row_tiles : ceil_div(row_tiles, p.rsplit);
+  it.row_begin = static_cast<int>(it.range * per_range);
+  it.row_end = static_cast<int>(min(row_tiles, it.row_begin + per_range));
+  return it;
+}
+
+// The item a column_mass_kernel block takes after `item`: runs of p.column_run consecutive items,
+// gridDim.x runs apart.
+__device__ __forceinline__ int64_t next_column_item(const Params& p, int64_t item) {
+  const int64_t run = p.column_run;
+  return run == 1 || (item + 1) % run == 0 ? item + (static_cast<int64_t>(gridDim.x) - 1) * run + 1 : item + 1;
+}
+
+// Setup of row tile `row_tile` of an item (its rows with `rows`, its column tile into entry `slot`
+// with `cols`), and with `rows` each row's (max, 1 / sum) in row_max / row_inv_sum: thread `local`
+// < kTileRows combines the statistics of row `local` (a masked row's are (-inf, 0)), its nsplit <=
+// kSplitsInFlight column ranges' loaded together with the tile setup's mask and size (one round
+// trip) and combined in split order, or loads the pair row_finals_kernel combined.
+__device__ __forceinline__ void setup_mass_tile(const Params& p, TileSmem& sm, const ColumnTables& tables,
+                                                const ColumnItem& it, int64_t row_tile, bool rows, bool cols,
+                                                int slot, float* row_max, float* row_inv_sum, int row_set = 0) {
+  const int local = threadIdx.x;
+  if (local >= kTileRows) return;
+  const int64_t tl = it.img[kTextLen];
+  const int64_t r = row_tile * kTileRows + local;
+  const bool combines = rows && r < p.group * tl;
+  const bool from_finals = p.finals != nullptr;
+  const int64_t per_row = from_finals ? 1 : p.nsplit;
+  const float2* st = from_finals ? p.finals : p.stats;
+  if (combines) st += ((tables.text_off[it.image] + r % tl) * p.H_q + it.hk * p.group + r / tl) * per_row;
+  const TileSetup setup = load_tile_setup(p, it.img, it.hk, row_tile, rows, it.col_tile, cols);
+  float2 pair[kSplitsInFlight];
+  load_row_pairs(st, combines ? static_cast<int>(per_row) : 0, pair);  // at most kSplitsInFlight
+  store_tile_setup(sm, setup, slot, row_set);
+  if (rows) {
+    const float2 row = from_finals ? pair[0] : row_max_and_inverse_sum(pair);  // (-inf, 0) past the rows
+    row_max[local] = row.x;
+    row_inv_sum[local] = row.y;
+  }
+}
+
+// column_sum += a tile's probabilities (acc: dot products, before scale and bias), summed over the
+// thread's rows: 2^(l - max) / sum.
+template <typename L>
+__device__ __forceinline__ void add_tile_to_column_sums(float scale_log2, const float (&acc)[L::kRows][L::kCols],
+                                                        const float* bias, const float* row_max,
+                                                        const float* row_inv_sum, float (&column_sum)[L::kCols]) {
+#pragma unroll
+  for (int i = 0; i < L::kRows; ++i) {
+    // A row that counts nothing (inverse sum 0) adds 2^(l - inf) * 0 = +0, as does a column past
+    // the image (l = -inf): every column's sum stays exactly that of the counted terms.
+    const float inv_sum = row_inv_sum[L::row(i)];
+    const float shift = inv_sum == 0.f ? INFINITY : row_max[L::row(i)];
+#pragma unroll
+    for (int j = 0; j < L::kCols; ++j) {
+      column_sum[j] += exp2f(fmaf(scale_log2, acc[i][j], bias[L::col(j)]) - shift) * inv_sum;
+    }
+  }
+}
+
+// The item's partial column sums, thread c < kTileCols writing column c's; the last of the column
+// tile's H_kv * rsplit items to finish (a ticket) writes its columns' importance, the partials
+// summed in (hk, range) order.
+template <typename L>
+__device__ __forceinline__ void finish_column_item(const Params& p, const ColumnItem& it,
+                                                   float (&column_sum)[L::kCols],
+                                                   float (&column_part)[L::kThreads / 32][kTileCols]) {
+  const float part_sum = column_total<L>(column_sum, column_part);
+  const int local = threadIdx.x;
+  const bool live = local < min(int64_t{kTileCols}, it.img[kVisLen] - it.col_tile * kTileCols);
+  const int64_t token = it.img[kRow] * p.L + it.img[kVisStart] + it.col_tile * kTileCols + local;
+  if (live) p.partial[(it.hk * p.rsplit + it.range) * p.tokens + token] = part_sum;
+  const int64_t parts = p.H_kv * p.rsplit;
+  if (!detail::last_to_arrive(&p.tickets[it.tile], static_cast<unsigned int>(parts))) return;
+  if (live) {
+    const float total = detail::ordered_sum<kPartsInFlight>(p.partial + token, p.tokens, parts);  // in part order
+    p.importance[token] = total / static_cast<float>(p.H_q * it.counted);
+  }
+}
+
+// Importance 1 / (the image's vision tokens) for an item whose image counts no text token, written
+// by one item per column tile.
+__device__ __forceinline__ void write_uniform_item(const Params& p, const ColumnItem& it) {
+  if (it.hk == 0 && it.range == 0) write_uniform_importance(p, it.img, it.col_tile);
+}
+
+// column_mass_kernel's walk through tile_dot, for every type and head size.
 template <typename T>
-__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kBlocksPerSm)
+__device__ __forceinline__ void column_mass_tiled(const Params& p, const ColumnTables& tables, int64_t tiles,
+                                                  int64_t items, TileSmem& sm, float* row_max, float* row_inv_sum,
+                                                  float (&column_part)[TileLayout<T>::kThreads / 32][kTileCols]) {
+  using L = TileLayout<T>;
+  RowsHeld staged;
+  for (int64_t item = blockIdx.x * p.column_run; item < items; item = next_column_item(p, item)) {
+    const ColumnItem it = column_item(p, tables, tiles, item, staged.image);
+    if (it.counted == 0) {  // no text to attend (uniform per block)
+      write_uniform_item(p, it);
+      continue;
+    }
+    __syncthreads();  // the previous item is done with the shared column data
+    float column_sum[L::kCols] = {};
+    for (int row_tile = it.row_begin; row_tile < it.row_end; ++row_tile) {
+      const bool rows_staged = staged.are(it, row_tile);
+      staged.set(it, row_tile);
+      setup_mass_tile(p, sm, tables, it, row_tile, /*rows=*/!rows_staged, /*cols=*/row_tile == it.row_begin, kKeySlot,
+                      row_max, row_inv_sum);
+      // tile_dot's first barrier publishes the setup and row_max / row_inv_sum.
+      float acc[L::kRows][L::kCols];
+      tile_dot<T>(p, sm, rows_staged, /*cols_staged=*/row_tile > it.row_begin, acc);
+      add_tile_to_column_sums<L>(p.scale_log2, acc, sm.bias[kKeySlot], row_max, row_inv_sum, column_sum);
+      __syncthreads();  // rows of this tile are read before the next setup
+    }
+    finish_column_item<L>(p, it, column_sum, column_part);
+  }
+}
+
+// Row statistics column_mass_kernel keeps: of the row tile multiplied and the two set up ahead.
+constexpr int kMassRowSets = 3;
+
+// column_mass_kernel's walk on tensor cores with the whole head in one staging step
+// (whole_head_on_tensor_cores): the queries are kept in registers, and the loads run ahead of the
+// products. Step s of an item sets up row tile s + 2 (its mask and row statistics), stages row
+// tile s + 1's queries in the slot other than the keys', and multiplies row tile s: the setup's
+// loads and the queries' copies are in flight together, the copies also while row tile s is
+// multiplied. (The queries' row data is kept for one row tile, the row statistics for
+// kMassRowSets.) During an item's last row tile the next item's keys (and sizes) are in flight to
+// the other slot instead. Where an item is the single row tile of the item before (LLaVA-1.5: all
+// items of a run within an image), its walk is that product alone. Same products, order and sums
+// as column_mass_tiled: the same bits.
+template <typename T>
+__device__ __forceinline__ void column_mass_pipelined(const Params& p, const ColumnTables& tables, int64_t tiles,
+                                                      int64_t items, TileSmem& sm,
+                                                      float (&row_max)[kMassRowSets][kTileRows],
+                                                      float (&row_inv_sum)[kMassRowSets][kTileRows],
+                                                      float (&column_part)[TileLayout<T>::kThreads / 32][kTileCols]) {
+  if constexpr (sizeof(T) == 2) {
+    using L = TileLayout<T>;
+    uint32_t query[kMmaSteps][4];
+    RowsHeld in_query;  // whose rows `query` holds (their statistics: set in_query.row_tile % kMassRowSets)
+    int slot = kKeySlot;    // the slot of this item's keys
+    int64_t keys_item = -1;  // the item whose keys and column data are in (or in flight to) that slot
+    for (int64_t item = blockIdx.x * p.column_run; item < items; item = next_column_item(p, item)) {
+      const ColumnItem it = column_item(p, tables, tiles, item, in_query.image);
+      if (it.counted == 0) {  // no text to attend (uniform per block)
+        write_uniform_item(p, it);
+        continue;
+      }
+      __syncthreads();  // the previous item is done with the shared column data
+      float column_sum[L::kCols] = {};
+      const bool keys_staged = keys_item == item;
+      const bool rows_held = keys_staged && it.row_end == it.row_begin + 1 && in_query.are(it, it.row_begin);
+      bool prefetched = false;
+      for (int step = rows_held ? it.row_begin : it.row_begin - 2; step < it.row_end; ++step) {  // uniform
+        const int setup_tile = step + 2, query_tile = step + 1;
+        const bool sets_up = setup_tile >= it.row_begin && setup_tile < it.row_end;
+        const bool stages_queries = query_tile >= it.row_begin && query_tile < it.row_end;
+        const bool multiplies = step >= it.row_begin;
+        TileSetup next{};
+        int64_t next_item = -1;
+        if (stages_queries) {
+          stage_queries<L>(p, sm, 0, sm.mma.staged[slot ^ 1], query_tile % 2);
+          if (query_tile == it.row_begin && !keys_staged) {
+            stage_keys<L>(p, sm.k_first[slot], sm.cols[slot], 0, sm.mma.staged[slot]);
+          }
+        } else if (query_tile == it.row_end) {  // the next item's keys and sizes (an item with rows to multiply)
+          const int64_t candidate = next_column_item(p, item);
+          if (candidate < items) {
+            const ColumnItem n = column_item(p, tables, tiles, candidate, it.image);
+            if (n.counted > 0 && n.row_begin < n.row_end) {
+              next_item = candidate;
+              next = load_tile_setup(p, n.img, n.hk, 0, /*rows=*/false, n.col_tile, /*cols=*/true);
+              stage_keys<L>(p, next.k_first, next.col_count, 0, sm.mma.staged[slot ^ 1]);
+            }
+          }
+        }
+        detail::close_async_copy_group();
+        if (sets_up) {  // its loads in flight with the copies; the queries' row data of set setup_tile % 2
+          setup_mass_tile(p, sm, tables, it, setup_tile, /*rows=*/true, /*cols=*/setup_tile == it.row_begin && !keys_staged,
+                          slot, row_max[setup_tile % kMassRowSets], row_inv_sum[setup_tile % kMassRowSets],
+                          setup_tile % 2);
+        }
+        if (rows_held) {
+          detail::wait_async_copy_groups_but_newest<1>();  // this item's keys, prefetched by the item before
+          __syncthreads();                                  // everybody's
+        }
+        if (multiplies) {
+          float acc[L::kRows][L::kCols];
+          multiply_keys<T>(query, sm.mma.staged[slot], p.D, acc);
+          add_tile_to_column_sums<L>(p.scale_log2, acc, sm.bias[slot], row_max[step % kMassRowSets],
+                                     row_inv_sum[step % kMassRowSets], column_sum);
+        }
+        if (next_item >= 0) {
+          if (threadIdx.x < kTileRows) store_tile_setup(sm, next, slot ^ 1);
+          keys_item = next_item;
+          prefetched = true;
+        }
+        if (query_tile < it.row_end) {
+          detail::wait_async_copies();
+          __syncthreads();  // row tile s + 1's queries (and keys) and s + 2's setup are visible
+          if (stages_queries) {
+#pragma unroll
+            for (int k = 0; k < kMmaSteps; ++k) {
+              if (16 * k < p.D) load_query_step(sm.mma.staged[slot ^ 1], 16 * k, query[k]);
+            }
+            in_query.set(it, query_tile);
+            __syncthreads();  // every warp is done reading slot ^ 1
+          }
+        }
+      }
+      finish_column_item<L>(p, it, column_sum, column_part);
+      if (prefetched) slot ^= 1;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kPassBlocksPerSm)
     column_mass_kernel(const Params p) {
   detail::await_previous_kernel();
   using L = TileLayout<T>;
   __shared__ TileSmem sm;
-  __shared__ float row_max[kTileRows];
-  __shared__ float row_inv_sum[kTileRows];
+  __shared__ float row_max[kMassRowSets][kTileRows];
+  __shared__ float row_inv_sum[kMassRowSets][kTileRows];
   __shared__ float column_part[L::kThreads / 32][kTileCols];  // per warp
   __shared__ int64_t fused_images[kFusedImages * kImageFields];
   __shared__ int64_t fused_counted[kFusedImages];
   __shared__ int64_t fused_offsets[2][kFusedImages + 1];  // column tiles, text rows
-  const int64_t* images = p.images;
-  const int64_t* text_counted = p.text_counted;
-  const int64_t* col_tile_off = offsets_of(p, kColTiles);
-  const int64_t* text_off = offsets_of(p, kTextRows);
+  ColumnTables tables{p.images, p.text_counted, offsets_of(p, kColTiles), offsets_of(p, kTextRows)};
   if (p.fused_tables) {  // uniform: few images, whose tables are copied to shared memory in one round trip
-    for (int64_t i = threadIdx.x; i < p.num_images * kImageFields; i += L::kThreads) fused_images[i] = images[i];
-    if (threadIdx.x < p.num_images) fused_counted[threadIdx.x] = text_counted[threadIdx.x];
+    for (int64_t i = threadIdx.x; i < p.num_images * kImageFields; i += L::kThreads) fused_images[i] = tables.images[i];
+    if (threadIdx.x < p.num_images) fused_counted[threadIdx.x] = tables.text_counted[threadIdx.x];
     if (threadIdx.x <= p.num_images) {
-      fused_offsets[0][threadIdx.x] = col_tile_off[threadIdx.x];
-      fused_offsets[1][threadIdx.x] = text_off[threadIdx.x];
+      fused_offsets[0][threadIdx.x] = tables.col_tile_off[threadIdx.x];
+      fused_offsets[1][threadIdx.x] = tables.text_off[threadIdx.x];
     }
     __syncthreads();
-    images = fused_images;
-    text_counted = fused_counted;
-    col_tile_off = fused_offsets[0];
-    text_off = fused_offsets[1];
+    tables = ColumnTables{fused_images, fused_counted, fused_offsets[0], fused_offsets[1]};
   }
   // Disjoint images have at most ticket_count column tiles; overlapping ones (the contract forbids
   // them, but only the CPU op can check a device table without a sync) must not index past it.
-  const int64_t tiles = min(col_tile_off[p.num_images], p.ticket_count);
+  const int64_t tiles = min(tables.col_tile_off[p.num_images], p.ticket_count);
   const int64_t items = tiles * p.H_kv * p.rsplit;
-  // Each block takes runs of column_run consecutive items (column tiles innermost), gridDim.x runs
-  // apart, so that an item whose range is the single row tile of the item before (LLaVA-1.5:
-  // every item of a run within an image) finds that tile's queries and row stats still staged.
-  const int64_t run = p.column_run, run_stride = (static_cast<int64_t>(gridDim.x) - 1) * run;
-  int64_t staged_image = -1, staged_hk = -1, staged_row_tile = -1;
-  // (Divisions by 1 are skipped: they are the common case, and a 64-bit division is ~20 instructions.)
-  for (int64_t item = blockIdx.x * run; item < items; item += run == 1 || (item + 1) % run == 0 ? run_stride + 1 : 1) {
-    const int64_t part = item / tiles, tile = item - part * tiles;  // part = hk * rsplit + range
-    const int64_t hk = p.rsplit == 1 ? part : part / p.rsplit, range = part - hk * p.rsplit;
-    // Consecutive items are mostly of one image: the one staged last is tried before a search.
-    const bool in_staged =
-        staged_image >= 0 && tile >= col_tile_off[staged_image] && tile < col_tile_off[staged_image + 1];
-    const int64_t image = in_staged ? staged_image : find_segment(col_tile_off, p.num_images, tile);
-    const int64_t* img = images + image * kImageFields;
-    const int64_t col_tile = tile - col_tile_off[image];
-    const int64_t counted = text_counted[image];
-    if (counted == 0) {  // no text to attend: uniform importance, written once per column tile
-      if (hk == 0 && range == 0) write_uniform_importance(p, img, col_tile);
-      continue;  // uniform per block
-    }
-    const int64_t tl = img[kTextLen];
-    const int64_t row_tiles = ceil_div(p.group * tl, kTileRows);
-    const int64_t per_range = p.rsplit == 1 ? row_tiles : ceil_div(row_tiles, p.rsplit);
-    const int64_t row_begin = range * per_range;
-    const int64_t row_end = min(row_tiles, row_begin + per_range);
-
-    __syncthreads();  // the previous item is done with the shared column data
-    // An empty range of rows still writes its (zero) partial sums, for the tile's live columns.
-    if (row_begin >= row_end) setup_tile(p, sm, img, hk, 0, /*rows=*/false, col_tile, /*cols=*/true);
-    float column_sum[L::kCols];
-#pragma unroll
-    for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
-    for (int64_t row_tile = row_begin; row_tile < row_end; ++row_tile) {
-      const bool rows_staged = image == staged_image && hk == staged_hk && row_tile == staged_row_tile;
-      staged_image = image;
-      staged_hk = hk;
-      staged_row_tile = row_tile;
-      // Thread `local` < kTileRows combines the statistics of row `local` (a masked row's are
-      // (-inf, 0)): its nsplit <= kSplitsInFlight column ranges' are loaded together with the tile
-      // setup's mask and size (one round trip), then combined in split order; or it loads the pair
-      // row_finals_kernel combined.
-      const int local = threadIdx.x;
-      const int64_t r = row_tile * kTileRows + local;
-      const bool combines = !rows_staged && local < kTileRows && r < p.group * tl;
-      const bool from_finals = p.finals != nullptr;
-      const int64_t per_row = from_finals ? 1 : p.nsplit;
-      const float2* st = from_finals ? p.finals : p.stats;
-      if (combines) st += ((text_off[image] + r % tl) * p.H_q + hk * p.group + r / tl) * per_row;
-      float2 pair[kSplitsInFlight];
-      if (local < kTileRows) {
-        const TileSetup setup =
-            load_tile_setup(p, img, hk, row_tile, /*rows=*/!rows_staged, col_tile, /*cols=*/row_tile == row_begin);
-        load_row_pairs(st, combines ? static_cast<int>(per_row) : 0, pair);  // at most kSplitsInFlight
-        store_tile_setup(sm, setup);
-      }
-      if (local < kTileRows && !rows_staged) {
-        const float2 row = from_finals ? pair[0] : row_max_and_inverse_sum(pair);  // (-inf, 0) past the rows
-        row_max[local] = row.x;
-        row_inv_sum[local] = row.y;
-      }
-      // tile_dot's first barrier publishes row_max / row_inv_sum as well.
-      float acc[L::kRows][L::kCols];
-      tile_dot<T>(p, sm, rows_staged, /*cols_staged=*/row_tile > row_begin, acc);
-#pragma unroll
-      for (int i = 0; i < L::kRows; ++i) {
-        // A row that counts nothing (inverse sum 0) adds 2^(l - inf) * 0 = +0, as does a column
-        // past the image (l = -inf): every column's sum stays exactly that of the counted terms.
-        const float inv_sum = row_inv_sum[L::row(i)];
-        const float shift = inv_sum == 0.f ? INFINITY : row_max[L::row(i)];
-#pragma unroll
-        for (int j = 0; j < L::kCols; ++j) {
-          column_sum[j] += exp2f(fmaf(p.scale_log2, acc[i][j], sm.bias[L::col(j)]) - shift) * inv_sum;
-        }
-      }
-      __syncthreads();  // rows of this tile are read before the next setup_tile
-    }
-    const float part_sum = column_total<L>(column_sum, column_part);
-    const int local = threadIdx.x;
-    const bool live = local < sm.cols;
-    const int64_t token = img[kRow] * p.L + img[kVisStart] + col_tile * kTileCols + local;
-    if (live) p.partial[(hk * p.rsplit + range) * p.tokens + token] = part_sum;
-    const int64_t parts = p.H_kv * p.rsplit;
-    if (!detail::last_to_arrive(&p.tickets[tile], static_cast<unsigned int>(parts))) continue;
-    if (live) {
-      const float total = detail::ordered_sum<kPartsInFlight>(p.partial + token, p.tokens, parts);  // in part order
-      p.importance[token] = total / static_cast<float>(p.H_q * counted);
-    }
+  // Each block takes runs of column_run consecutive items (column tiles innermost), so that an
+  // item whose range is the single row tile of the item before (LLaVA-1.5: every item of a run
+  // within an image) finds that tile's queries and row stats still staged.
+  if (whole_head_on_tensor_cores<T>(p)) {
+    column_mass_pipelined<T>(p, tables, tiles, items, sm, row_max, row_inv_sum, column_part);
+  } else {
+    column_mass_tiled<T>(p, tables, tiles, items, sm, row_max[0], row_inv_sum[0], column_part);
   }
 }
 
@@ -828,7 +1161,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePa
         float row_max = -INFINITY;
 #pragma unroll
         for (int j = 0; j < L::kCols; ++j) {
-          value[t][i][j] = fmaf(p.scale_log2, value[t][i][j], sm.bias[L::col(j)]);  // -inf past the image's columns
+          value[t][i][j] = fmaf(p.scale_log2, value[t][i][j], sm.bias[kKeySlot][L::col(j)]);  // -inf past the image's columns
           row_max = fmaxf(row_max, value[t][i][j]);
         }
         tile_max[t][i] = max_over_row_lanes<L>(row_max);
@@ -850,7 +1183,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePa
 #pragma unroll
       for (int i = 0; i < L::kRows; ++i) {
         const int row = L::row(i);
-        block_rows[row] = sm.row_ok[row] ? make_float2(run_max[i], run_sum[i]) : make_float2(-INFINITY, 0.f);
+        block_rows[row] = sm.row_ok[0][row] ? make_float2(run_max[i], run_sum[i]) : make_float2(-INFINITY, 0.f);
       }
     }
     detail::cluster_sync();  // every block's rows are written
@@ -869,9 +1202,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePa
     for (int t = 0; t < kTiles; ++t) {
       const int64_t col_tile = rank + t * cluster;
       if (col_tile >= col_tiles) break;  // uniform over the block
-      float column_sum[L::kCols];
-#pragma unroll
-      for (int j = 0; j < L::kCols; ++j) column_sum[j] = 0.f;
+      float column_sum[L::kCols] = {};
 #pragma unroll
       for (int i = 0; i < L::kRows; ++i) {
         const float2 row = final_rows[L::row(i)];
@@ -990,8 +1321,8 @@ Plan make_plan(const ScoreArgs& a) {
   // shortest).
   const int64_t row_tiles = std::max<int64_t>(1, row_tile_bound(plan, a));
   const int64_t column_tile_items = column_tile_bound(plan) * std::max<int64_t>(plan.H_kv, 1);
-  // column_mass_kernel's blocks in one wave at the 16-bit layout's occupancy (for every dtype).
-  const int64_t column_wave = detail::kWaveSms * TileLayout<__half>::kBlocksPerSm;
+  // column_mass_kernel's blocks in one wave (for every dtype; see kPlannedColumnBlocksPerSm).
+  const int64_t column_wave = detail::kWaveSms * kPlannedColumnBlocksPerSm;
   plan.nsplit = std::max<int64_t>(1, std::min({ceil_div(kTargetBlocks, row_tiles * std::max<int64_t>(plan.H_kv, 1)),
                                                ceil_div(std::max<int64_t>(plan.L, 1), kTileCols),
                                                int64_t{kSplitsInFlight}}));
