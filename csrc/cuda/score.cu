@@ -453,23 +453,28 @@ __device__ __forceinline__ void multiply_keys(const uint32_t (&query)[kMmaSteps]
     for (int j = 0; j < L::kCols; ++j) acc[i][j] = part[j / 2][2 * i + j % 2];
 }
 
-// Starts a pipelined walk (whole_head_on_tensor_cores) over a row tile whose setup the caller has
-// published: with `rows` stages its queries in slot key_slot ^ 1 and loads them into `query` as the
-// warp's fragments, and with `keys` stages the keys of entry key_slot's column data in key_slot,
-// in one round trip. Ends with every warp done reading slot key_slot ^ 1 (free for keys).
-template <typename T>
-__device__ __forceinline__ void stage_queries_to_registers(const Params& p, TileSmem& sm, int key_slot, bool keys,
-                                                           bool rows, uint32_t (&query)[kMmaSteps][4]) {
-  using L = TileLayout<T>;
-  if (rows) stage_queries<L>(p, sm, 0, sm.mma.staged[key_slot ^ 1]);
-  if (keys) stage_keys<L>(p, sm.k_first[key_slot], sm.cols[key_slot], 0, sm.mma.staged[key_slot]);
-  detail::wait_async_copies();
-  __syncthreads();
-  if (!rows) return;  // uniform over the block
+// The warp's query fragments (load_query_step) over the whole head, from staged queries.
+__device__ __forceinline__ void load_query_fragments(const Params& p, const StagedTile& queries,
+                                                     uint32_t (&query)[kMmaSteps][4]) {
 #pragma unroll
   for (int s = 0; s < kMmaSteps; ++s) {
-    if (16 * s < p.D) load_query_step(sm.mma.staged[key_slot ^ 1], 16 * s, query[s]);
+    if (16 * s < p.D) load_query_step(queries, 16 * s, query[s]);
   }
+}
+
+// Starts a pipelined walk (whole_head_on_tensor_cores) over a row tile whose setup the caller has
+// published: stages its queries in slot kQuerySlot and the keys of entry kKeySlot's column data in
+// kKeySlot, in one round trip, and loads the queries into `query`. Ends with every warp done
+// reading slot kQuerySlot (free for keys).
+template <typename T>
+__device__ __forceinline__ void stage_queries_to_registers(const Params& p, TileSmem& sm,
+                                                           uint32_t (&query)[kMmaSteps][4]) {
+  using L = TileLayout<T>;
+  stage_queries<L>(p, sm, 0, sm.mma.staged[kQuerySlot]);
+  stage_keys<L>(p, sm.k_first[kKeySlot], sm.cols[kKeySlot], 0, sm.mma.staged[kKeySlot]);
+  detail::wait_async_copies();
+  __syncthreads();
+  load_query_fragments(p, sm.mma.staged[kQuerySlot], query);
   __syncthreads();
 }
 
@@ -667,7 +672,7 @@ __device__ __forceinline__ void row_stats_pipelined(const Params& p, TileSmem& s
     using L = TileLayout<T>;
     if (col_begin >= col_end) return;  // uniform over the block
     uint32_t query[kMmaSteps][4];
-    stage_queries_to_registers<T>(p, sm, kKeySlot, /*keys=*/true, /*rows=*/true, query);
+    stage_queries_to_registers<T>(p, sm, query);
     int slot = kKeySlot;
     for (int64_t col_tile = col_begin; col_tile < col_end; ++col_tile, slot ^= 1) {
       const bool prefetch = col_tile + 1 < col_end;
@@ -1040,10 +1045,7 @@ __device__ __forceinline__ void column_mass_pipelined(const Params& p, const Col
           detail::wait_async_copies();
           __syncthreads();  // row tile s + 1's queries (and keys) and s + 2's setup are visible
           if (stages_queries) {
-#pragma unroll
-            for (int k = 0; k < kMmaSteps; ++k) {
-              if (16 * k < p.D) load_query_step(sm.mma.staged[slot ^ 1], 16 * k, query[k]);
-            }
+            load_query_fragments(p, sm.mma.staged[slot ^ 1], query);
             in_query.set(it, query_tile);
             __syncthreads();  // every warp is done reading slot ^ 1
           }
