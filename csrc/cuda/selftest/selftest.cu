@@ -560,6 +560,17 @@ int main(int argc, char** argv) {
   run_score_case<__nv_bfloat16>({"bf16 rows combined between passes", 1, 1, 17, 520, 64, 32, {{0, 0, 520, 0, 64}},
                                  true, true, {0, 1, 2, 3}},
                                 27);
+  // column_mass_kernel items of up to 4 row tiles on the pipelined walk (16-bit, D <= 128), which
+  // sets up row tile s + 2 and stages s + 1's queries while it multiplies s: 51 row tiles in 16
+  // ranges (the last 3 empty), the rows' column-range pairs combined inline, a head-dim tail, an
+  // image with no text; then the same depth with the rows combined between the passes.
+  run_score_case<__nv_bfloat16>({"bf16 deep column items, D=72", 2, 1, 17, 400, 192, 72,
+                                 {{0, 0, 400, 0, 192}, {1, 0, 64, 0, 0}, {1, 64, 300, 0, 100}}, true, true,
+                                 {0, 1, 2, 3}},
+                                28);
+  run_score_case<__half>({"fp16 deep column items, rows combined", 1, 1, 17, 1000, 192, 32, {{0, 0, 1000, 0, 192}},
+                          true, true, {0, 1, 2, 3}},
+                         29);
   // One pass over 18 column tiles: clusters of 9 blocks of 2 tiles each (the other cases with
   // at most 16 column tiles per row take clusters of blocks of 1 tile).
   run_score_case<__nv_bfloat16>({"bf16 one pass, 18 column tiles", 1, 1, 2, 1100, 9, 16, {{0, 0, 1100, 0, 9}},
