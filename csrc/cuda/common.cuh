@@ -75,7 +75,8 @@ __device__ __forceinline__ uint4 load_16_bytes(bool live, const void* from) {
 // (cp.async) and the zeros come from the same instruction (source size 0), without a branch:
 // `readable`, any 16-byte aligned address of the same buffer, stands in for `from` then, so no
 // out-of-bounds address is ever formed into a load (nothing is read from it). Elsewhere it is a
-// plain load and store. Visible to the calling thread after wait_async_copies().
+// plain load and store (the CPU emulation delays it: see cuda_on_cpu.h). Visible to the calling
+// thread after wait_async_copies().
 template <typename E>
 __device__ __forceinline__ void copy_16_bytes_async(void* to, const E* from, bool live, const E* readable) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -83,6 +84,9 @@ __device__ __forceinline__ void copy_16_bytes_async(void* to, const E* from, boo
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(live ? from : readable),
                "r"(live ? 16 : 0)
                : "memory");
+#elif defined(LIGHTKV_CUDA_EMULATION)
+  (void)readable;
+  emu::copy_16_bytes_later(to, live ? static_cast<const void*>(from) : nullptr);
 #else
   (void)readable;
   *reinterpret_cast<uint4*>(to) = load_16_bytes(live, from);
@@ -93,6 +97,8 @@ __device__ __forceinline__ void copy_16_bytes_async(void* to, const E* from, boo
 __device__ __forceinline__ void wait_async_copies() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(LIGHTKV_CUDA_EMULATION)
+  emu::land_all_copies();
 #endif
 }
 
@@ -101,6 +107,8 @@ __device__ __forceinline__ void wait_async_copies() {
 __device__ __forceinline__ void close_async_copy_group() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(LIGHTKV_CUDA_EMULATION)
+  emu::close_copy_group();
 #endif
 }
 
@@ -109,6 +117,8 @@ template <int kNewest>
 __device__ __forceinline__ void wait_async_copy_groups_but_newest() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kNewest) : "memory");
+#elif defined(LIGHTKV_CUDA_EMULATION)
+  emu::land_copy_groups_but_newest(kNewest);
 #endif
 }
 

@@ -8,8 +8,9 @@
 // other's shared memory), with at most kClusterCap clusters. The CUB algorithms are plain host
 // versions with the same results.
 // Tensor-core mma runs in its warp-shuffle form (common.cuh), which checks the kernels' fragment
-// layouts. Built with -fsanitize=thread it also finds shared-memory races (a missing
-// __syncthreads).
+// layouts; a cp.async copy lands only when its thread waits for it (copy_16_bytes_later), which
+// checks the kernels' waits. Built with -fsanitize=thread it also finds shared-memory races (a
+// missing __syncthreads).
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <array>
+#include <deque>
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -84,6 +86,40 @@ inline void cluster_arrive() { cluster_arrival.emplace(cluster->barrier.arrive()
 inline void cluster_wait() {
   cluster->barrier.wait(std::move(*cluster_arrival));
   cluster_arrival.reset();
+}
+
+// cp.async as a GPU may run it: a copy lands at any time between its issue and the copying
+// thread's wait for it. So that kernels see both ends, the emulator fills the destination with
+// all-ones bytes (NaN in every float format) at the issue and writes the copied bytes at the wait
+// (wait_all: every copy; wait_group N: all but the thread's newest N closed groups). A read
+// before the copying thread's wait sees the poison, and a read of another thread's copy that no
+// barrier orders after that wait races (ThreadSanitizer) with one of the two writes.
+struct PendingCopy {
+  void* to;
+  std::array<unsigned char, 16> bytes;
+};
+inline thread_local std::vector<PendingCopy> open_copy_group;
+inline thread_local std::deque<std::vector<PendingCopy>> closed_copy_groups;  // oldest first
+
+inline void copy_16_bytes_later(void* to, const void* from) {
+  PendingCopy copy{to, {}};
+  if (from != nullptr) std::memcpy(copy.bytes.data(), from, 16);  // else zeros, as source size 0
+  std::memset(to, 0xff, 16);
+  open_copy_group.push_back(copy);
+}
+inline void close_copy_group() {
+  closed_copy_groups.push_back(std::move(open_copy_group));
+  open_copy_group.clear();
+}
+inline void land_copy_groups_but_newest(size_t newest) {
+  while (closed_copy_groups.size() > newest) {
+    for (const PendingCopy& copy : closed_copy_groups.front()) std::memcpy(copy.to, copy.bytes.data(), 16);
+    closed_copy_groups.pop_front();
+  }
+}
+inline void land_all_copies() {
+  close_copy_group();
+  land_copy_groups_but_newest(0);
 }
 
 // This block's instance of the `__shared__` variable declared at `key`, uninitialised (0xCD),

@@ -1,7 +1,8 @@
 // Self-test of the torch-free lightkv CUDA kernels against a plain host implementation of the
 // op contract (csrc/lightkv.cpp). Needs a GPU, not PyTorch. Exits 0 when every case matches,
-// 1 on a mismatch, 2 on a CUDA error. Lives outside csrc/cuda/*.cu so setup.py does not link
-// its main() into the extension. `--small` skips the large cases (for compute-sanitizer).
+// 1 on a mismatch, 2 on a CUDA error or a bad argument. Lives outside csrc/cuda/*.cu so setup.py
+// does not link its main() into the extension. `--small` skips the large cases (for
+// compute-sanitizer); `--only TEXT` runs just the cases whose name contains TEXT.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -33,6 +34,14 @@ using lightkv_cuda::DType;
   } while (0)
 
 int g_failures = 0;
+std::string g_only;  // --only: run the cases whose name contains this
+int g_cases_run = 0;
+
+bool selected(const std::string& case_name) {
+  const bool run = case_name.find(g_only) != std::string::npos;
+  g_cases_run += run;
+  return run;
+}
 
 void expect(bool ok, const std::string& what) {
   if (!ok) {
@@ -175,6 +184,7 @@ std::vector<float> host_score(const ScoreCase& c, const HostTensor<T>& k, const 
 // so only the launch is checked (and, under compute-sanitizer, that no access leaves its buffers).
 template <typename T>
 void run_score_case(const ScoreCase& c, uint64_t seed, bool overlapping = false) {
+  if (!selected(c.name)) return;
   std::mt19937_64 rng(seed);
   HostTensor<T> k({c.B, c.H_kv, c.L, c.D}, c.k_order);
   HostTensor<T> text({c.B, c.H_q, c.S, c.D}, {0, 1, 2, 3});
@@ -316,6 +326,7 @@ std::vector<int64_t> host_match(const MergeCase& c, const HostTensor<T>& k, cons
 // most 64, or at most 512 for little work; screened mode when unbounded: see merge.cu).
 template <typename T>
 void run_merge_case(const MergeCase& c, uint64_t seed, int64_t max_window) {
+  if (!selected(c.name)) return;
   std::mt19937_64 rng(seed);
   HostTensor<T> k({c.B, c.H, c.L, c.D}, c.k_order), v({c.B, c.H, c.L, c.D}, {0, 1, 2, 3});
   fill_normal(k, rng);
@@ -506,7 +517,17 @@ void run_merge_case(const MergeCase& c, uint64_t seed) {
 int main(int argc, char** argv) {
   // A line per case as it passes, also into a pipe or file: a run cut short shows how far it got.
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
-  const bool small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
+  bool small = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--small") == 0) {
+      small = true;
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      g_only = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: lightkv_cuda_selftest [--small] [--only TEXT]\n");
+      return 2;
+    }
+  }
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::fprintf(stderr, "lightkv_cuda_selftest: no CUDA device\n");
@@ -619,6 +640,10 @@ int main(int argc, char** argv) {
                          {0, 1, 2, 3}, 30},
                         22);
 
+  if (g_cases_run == 0) {
+    std::fprintf(stderr, "lightkv_cuda_selftest: no case is named like '%s'\n", g_only.c_str());
+    return 2;
+  }
   if (g_failures != 0) {
     std::fprintf(stderr, "lightkv_cuda_selftest: %d check(s) failed\n", g_failures);
     return 1;
