@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-CUDA_SOURCES = sorted((pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
-EMULATION = CUDA_SOURCES[0].parent / "emulation"
+CUDA_DIR = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+EMULATION = CUDA_DIR / "emulation"
 KERNEL = re.compile(r"__global__\b.*?\b(\w+_kernel)\s*\((?:[^()]|\([^()]*\))*\)\s*\{\s*([^;]*;)", re.S)
 
 
@@ -45,7 +46,7 @@ def test_the_emulator_translates_every_shared_declaration():
     """The CPU emulation (csrc/cuda/emulation) gives each block its own `__shared__` variables by
     rewriting their one-line declarations; one it cannot rewrite would be shared by all blocks."""
     to_cpp = load_to_cpp()
-    for path in CUDA_SOURCES + [CUDA_SOURCES[0].parent / "common.cuh"]:
+    for path in CUDA_SOURCES + [CUDA_DIR / "common.cuh"]:
         source = path.read_text()
         translated = to_cpp.translate(source)  # raises on a declaration it cannot rewrite
         assert translated.count("emu::block_shared<") == source.count("__shared__"), path.name
@@ -95,13 +96,12 @@ def test_the_emulator_lands_async_copies_only_at_the_wait(tmp_path):
     compiler = shutil.which("g++")
     if compiler is None or not (cuda_include / "cuda_runtime.h").exists():
         pytest.skip("needs g++ and the CUDA headers")
-    cuda = CUDA_SOURCES[0].parent
     to_cpp = load_to_cpp()
-    (tmp_path / "common.cuh").write_text(to_cpp.translate((cuda / "common.cuh").read_text()))
+    (tmp_path / "common.cuh").write_text(to_cpp.translate((CUDA_DIR / "common.cuh").read_text()))
     (tmp_path / "probe.cpp").write_text(to_cpp.translate(ASYNC_COPY_PROBE))
     binary = tmp_path / "probe"
     subprocess.run(
-        [compiler, "-std=c++20", "-pthread", "-w", f"-I{EMULATION}", f"-I{cuda}", f"-I{cuda_include}",
+        [compiler, "-std=c++20", "-pthread", "-w", f"-I{EMULATION}", f"-I{CUDA_DIR}", f"-I{cuda_include}",
          str(tmp_path / "probe.cpp"), str(EMULATION / "runtime_on_cpu.cpp"), "-o", str(binary)],
         check=True, cwd=tmp_path)
     seen = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.split()
