@@ -1,9 +1,7 @@
 """Source rules of the CUDA kernels that only a GPU run could otherwise catch (as a rare race)."""
 import importlib.util
-import os
 import pathlib
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -14,12 +12,12 @@ EMULATION = CUDA_DIR / "emulation"
 KERNEL = re.compile(r"__global__\b.*?\b(\w+_kernel)\s*\((?:[^()]|\([^()]*\))*\)\s*\{\s*([^;]*;)", re.S)
 
 
-def load_to_cpp():
-    """The CPU emulation's translator of .cu sources (csrc/cuda/emulation/to_cpp.py)."""
-    spec = importlib.util.spec_from_file_location("to_cpp", EMULATION / "to_cpp.py")
-    to_cpp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(to_cpp)
-    return to_cpp
+def load_emulation_build():
+    """The CPU emulation's builder (csrc/cuda/emulation/build.py; its to_cpp: the translator)."""
+    spec = importlib.util.spec_from_file_location("emulation_build", EMULATION / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
 
 
 def test_the_kernel_sources_are_found():
@@ -45,7 +43,7 @@ def test_kernels_launch_through_the_launcher():
 def test_the_emulator_translates_every_shared_declaration():
     """The CPU emulation (csrc/cuda/emulation) gives each block its own `__shared__` variables by
     rewriting their one-line declarations; one it cannot rewrite would be shared by all blocks."""
-    to_cpp = load_to_cpp()
+    to_cpp = load_emulation_build().to_cpp
     for path in CUDA_SOURCES + [CUDA_DIR / "common.cuh"]:
         source = path.read_text()
         translated = to_cpp.translate(source)  # raises on a declaration it cannot rewrite
@@ -58,6 +56,7 @@ ASYNC_COPY_PROBE = r"""
 #include "common.cuh"
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 using namespace lightkv_cuda::detail;
 
 void probe(const float* from, float* seen) {
@@ -78,31 +77,68 @@ void probe(const float* from, float* seen) {
   seen[5] = slots[2][0];
 }
 
-int main() {
-  float from[12], seen[6];
+void misaligned_copy(const float* from) {
+  __shared__ float slot[4];
+  copy_16_bytes_async(slot, from + 1, true, from);
+}
+
+void misaligned_stand_in(const float* from) {
+  __shared__ float slot[4];
+  copy_16_bytes_async(slot, from, false, from + 1);
+}
+
+void misaligned_ldmatrix() {
+  __shared__ uint16_t rows[33 * 8];
+  uint32_t fragments[4];
+  load_matrix_x4(fragments, rows + 1 + 8 * (threadIdx.x % 32));
+}
+
+int main(int argc, char** argv) {
+  alignas(16) float from[12];
+  float seen[6];
   for (int i = 0; i < 12; ++i) from[i] = 1.f + i;
-  emu::launch(dim3(1), dim3(32), [&] { probe(from, seen); });
-  for (float x : seen) std::isnan(x) ? std::printf("nan ") : std::printf("%g ", x);
+  const char* mode = argc > 1 ? argv[1] : "";
+  if (std::strcmp(mode, "misaligned copy") == 0) {
+    emu::launch(dim3(1), dim3(32), [&] { misaligned_copy(from); });
+  } else if (std::strcmp(mode, "misaligned stand-in") == 0) {
+    emu::launch(dim3(1), dim3(32), [&] { misaligned_stand_in(from); });
+  } else if (std::strcmp(mode, "misaligned ldmatrix") == 0) {
+    emu::launch(dim3(1), dim3(32), [&] { misaligned_ldmatrix(); });
+  } else {
+    emu::launch(dim3(1), dim3(32), [&] { probe(from, seen); });
+    for (float x : seen) std::isnan(x) ? std::printf("nan ") : std::printf("%g ", x);
+  }
   return 0;
 }
 """
 
 
-def test_the_emulator_lands_async_copies_only_at_the_wait(tmp_path):
+@pytest.fixture(scope="module")
+def emulator_probe(tmp_path_factory):
+    """ASYNC_COPY_PROBE built over the CPU emulation (csrc/cuda/emulation/build.py)."""
+    build = load_emulation_build()
+    if build.missing_tools():
+        pytest.skip(f"needs {build.missing_tools()}")
+    folder = tmp_path_factory.mktemp("emulator_probe")
+    probe = build.translate(folder, folder / "probe.cpp", ASYNC_COPY_PROBE)
+    return build.compile_program(folder, [probe], "probe")
+
+
+def test_the_emulator_lands_async_copies_only_at_the_wait(emulator_probe):
     """The CPU emulation checks the kernels' cp.async waits: a copy's bytes must not be readable
     before the copying thread waits for them (the destination holds NaN until then), and
     wait_group N lands all but the newest N closed groups, as on a GPU."""
-    cuda_include = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-    compiler = shutil.which("g++")
-    if compiler is None or not (cuda_include / "cuda_runtime.h").exists():
-        pytest.skip("needs g++ and the CUDA headers")
-    to_cpp = load_to_cpp()
-    (tmp_path / "common.cuh").write_text(to_cpp.translate((CUDA_DIR / "common.cuh").read_text()))
-    (tmp_path / "probe.cpp").write_text(to_cpp.translate(ASYNC_COPY_PROBE))
-    binary = tmp_path / "probe"
-    subprocess.run(
-        [compiler, "-std=c++20", "-pthread", "-w", f"-I{EMULATION}", f"-I{CUDA_DIR}", f"-I{cuda_include}",
-         str(tmp_path / "probe.cpp"), str(EMULATION / "runtime_on_cpu.cpp"), "-o", str(binary)],
-        check=True, cwd=tmp_path)
-    seen = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.split()
+    seen = subprocess.run([str(emulator_probe)], check=True, capture_output=True, text=True).stdout.split()
     assert seen == ["nan", "1", "nan", "nan", "0", "9"]
+
+
+@pytest.mark.parametrize("mode, what", [("misaligned copy", "cp.async source"),
+                                        ("misaligned stand-in", "cp.async stand-in source"),
+                                        ("misaligned ldmatrix", "ldmatrix row")])
+def test_the_emulator_stops_at_a_misaligned_address(emulator_probe, mode, what):
+    """A GPU faults where cp.async or ldmatrix gets an address off 16 bytes; x86 would read it, so
+    the emulation aborts and names the access."""
+    run = subprocess.run([str(emulator_probe), mode], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert f"cuda_on_cpu: {what} at " in run.stderr
+    assert "is not 16-byte aligned" in run.stderr

@@ -85,7 +85,7 @@ __device__ __forceinline__ void copy_16_bytes_async(void* to, const E* from, boo
                "r"(live ? 16 : 0)
                : "memory");
 #elif defined(LIGHTKV_CUDA_EMULATION)
-  (void)readable;
+  emu::expect_aligned(readable, 16, "cp.async stand-in source");
   emu::copy_16_bytes_later(to, live ? static_cast<const void*>(from) : nullptr);
 #else
   (void)readable;
@@ -125,10 +125,35 @@ __device__ __forceinline__ void wait_async_copy_groups_but_newest() {
 // Two consecutive 16-bit values (the lower index in the low half), 4-byte aligned.
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* at) { return *reinterpret_cast<const uint32_t*>(at); }
 
+// Every lane's registers `values` in the calling warp: at(i, l) is lane l's values[i]. For the
+// fallbacks of tensor-core instructions below: on a GPU each at() is a warp shuffle (all lanes
+// reach it alike); the CPU emulation exchanges all the values at once, where each shuffle would
+// cost it a barrier over the warp.
+template <typename T, int N>
+class WarpRegisters {
+ public:
+#if defined(LIGHTKV_CUDA_EMULATION)
+  explicit WarpRegisters(const T (&values)[N]) : lanes_(emu::warp_gather(values)) {}
+  T at(int i, int lane) const { return lanes_[lane][i]; }
+
+ private:
+  std::array<std::array<T, N>, 32> lanes_;
+#else
+  __device__ explicit WarpRegisters(const T (&values)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) values_[i] = values[i];
+  }
+  __device__ T at(int i, int lane) const { return __shfl_sync(0xffffffffu, values_[i], lane); }
+
+ private:
+  T values_[N];
+#endif
+};
+
 // ldmatrix .x4: four 8 x 8 matrices of 16-bit values from shared memory, one warp-wide load. Lane
 // 8 m + r gives the address of row r of matrix m (8 values, 16-byte aligned); lane l receives
 // in r[m] the values 2 (l % 4), +1 of row l / 4 of matrix m (as load_pair). From sm_75 on one
-// instruction; elsewhere (the CPU emulation) the same values gathered with warp shuffles.
+// instruction; elsewhere (the CPU emulation) the same values gathered from the lanes' addresses.
 __device__ __forceinline__ void load_matrix_x4(uint32_t (&r)[4], const uint16_t* row_address) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   const unsigned shared_address = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
@@ -136,10 +161,14 @@ __device__ __forceinline__ void load_matrix_x4(uint32_t (&r)[4], const uint16_t*
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address));
 #else
+#if defined(LIGHTKV_CUDA_EMULATION)
+  emu::expect_aligned(row_address, 16, "ldmatrix row");
+#endif
   const int lane = threadIdx.x % 32;
+  const unsigned long long address[1] = {reinterpret_cast<unsigned long long>(row_address)};
+  const WarpRegisters<unsigned long long, 1> addresses(address);
   for (int m = 0; m < 4; ++m) {
-    const unsigned long long row = __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(row_address),
-                                               8 * m + lane / 4);
+    const unsigned long long row = addresses.at(0, 8 * m + lane / 4);
     r[m] = load_pair(reinterpret_cast<const uint16_t*>(row) + 2 * (lane % 4));
   }
 #endif
@@ -163,8 +192,8 @@ __device__ __forceinline__ float bits_to_float(uint16_t bits, __half) {
 //   a[0]: A[group][2 quad, +1]  a[1]: A[group + 8][2 quad, +1]  a[2], a[3]: the same at k + 8
 //   b[0]: B[2 quad, +1][group]  b[1]: the same at k + 8
 //   d[0], d[1]: D[group][2 quad, +1]  d[2], d[3]: D[group + 8][2 quad, +1]
-// Tensor cores from sm_80 on; elsewhere (older GPUs, the CPU emulation) the same products
-// gathered with warp shuffles.
+// Tensor cores from sm_80 on; elsewhere (older GPUs, the CPU emulation) the same products from
+// the lanes' fragments (WarpRegisters).
 template <typename M>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -183,12 +212,14 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   }
 #else
   const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  const WarpRegisters<uint32_t, 4> a_of(a);
+  const WarpRegisters<uint32_t, 2> b_of(b);
   for (int q = 0; q < 4; ++q) {  // the lanes holding k = 2 q, 2 q + 1, 2 q + 8, 2 q + 9
     uint32_t row[4], col0[2], col1[2];
-    for (int i = 0; i < 4; ++i) row[i] = __shfl_sync(0xffffffffu, a[i], 4 * group + q);
+    for (int i = 0; i < 4; ++i) row[i] = a_of.at(i, 4 * group + q);
     for (int i = 0; i < 2; ++i) {
-      col0[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * quad) + q);
-      col1[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * quad + 1) + q);
+      col0[i] = b_of.at(i, 4 * (2 * quad) + q);
+      col1[i] = b_of.at(i, 4 * (2 * quad + 1) + q);
     }
     for (int half = 0; half < 2; ++half) {  // k < 8, k >= 8
       for (int e = 0; e < 2; ++e) {         // low, high element of each pair
@@ -211,7 +242,7 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 // major), B 4 x 8 (column major); fragments as in the PTX ISA's "Matrix Fragments for
 // mma.m8n8k4 with .f64 floating point type" (group = lane / 4, quad = lane % 4):
 //   a: A[group][quad]   b: B[quad][group]   d[0], d[1]: D[group][2 quad, +1]
-// Elsewhere (older GPUs, the CPU emulation) the same products gathered with warp shuffles.
+// Elsewhere (older GPUs, the CPU emulation) the same products from the lanes' fragments.
 __device__ __forceinline__ void mma_m8n8k4(double (&d)[2], double a, double b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
@@ -219,10 +250,12 @@ __device__ __forceinline__ void mma_m8n8k4(double (&d)[2], double a, double b) {
                : "d"(a), "d"(b));
 #else
   const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  const double fragments[2] = {a, b};
+  const WarpRegisters<double, 2> lanes(fragments);
   for (int k = 0; k < 4; ++k) {
-    const double row = __shfl_sync(0xffffffffu, a, 4 * group + k);
-    const double left = __shfl_sync(0xffffffffu, b, 4 * (2 * quad) + k);
-    const double right = __shfl_sync(0xffffffffu, b, 4 * (2 * quad + 1) + k);
+    const double row = lanes.at(0, 4 * group + k);
+    const double left = lanes.at(1, 4 * (2 * quad) + k);
+    const double right = lanes.at(1, 4 * (2 * quad + 1) + k);
     d[0] = fma(row, left, d[0]);
     d[1] = fma(row, right, d[1]);
   }

@@ -1,16 +1,20 @@
 // CPU emulation of the CUDA subset the lightkv kernels use, to check their logic on machines
 // without a GPU (see run.sh). Every CUDA thread is an OS thread, __syncthreads is a std::barrier
-// over the block, warp shuffles go through a per-warp slot array, and `__shared__` variables are
-// per block (to_cpp.py turns each declaration into a block_shared lookup). Blocks of a plain
-// launch run one after another (so kernel chaining is moot), with grid x capped (kernels walk
-// their work in grid-stride loops, so a small grid must give the same answer); a cluster launch
-// runs its clusters one after another, the blocks of each at once (they share a barrier and each
-// other's shared memory), with at most kClusterCap clusters. The CUB algorithms are plain host
-// versions with the same results.
-// Tensor-core mma runs in its warp-shuffle form (common.cuh), which checks the kernels' fragment
-// layouts; a cp.async copy lands only when its thread waits for it (copy_16_bytes_later), which
-// checks the kernels' waits. Built with -fsanitize=thread it also finds shared-memory races (a
-// missing __syncthreads).
+// over the block, warp shuffles go through per-warp slot arrays (a barrier over the warp each),
+// and `__shared__` variables are per block (to_cpp.py turns each declaration into a block_shared
+// lookup). Blocks of a plain launch run one after another (so kernel chaining is moot), with grid
+// x capped (kernels walk their work in grid-stride loops, so a small grid must give the same
+// answer); a cluster launch runs its clusters one after another, the blocks of each at once (they
+// share a barrier and each other's shared memory), with at most kClusterCap clusters. The CUB
+// algorithms are plain host versions with the same results.
+// Tensor-core mma and ldmatrix run in their fallback form (common.cuh), each lane computing its
+// fragment from the warp's registers gathered in one exchange (warp_gather), which checks the
+// kernels' fragment layouts; a cp.async copy lands only when its thread waits for it
+// (copy_16_bytes_later), which checks the kernels' waits, and a cp.async or ldmatrix address off
+// 16 bytes aborts, as it faults on a GPU (expect_aligned). Built with -fsanitize=thread it also
+// finds shared-memory races (a missing __syncthreads); with -fsanitize=address,undefined
+// out-of-bounds accesses (shared variables are allocations of their exact size) and misaligned
+// vector loads.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -57,9 +61,15 @@ inline dim3 bdim, gdim;
 inline constexpr unsigned kGridCap = 4;
 inline constexpr unsigned kClusterCap = 2;
 
-// What the threads of one block share: barriers, shuffle slots, shared memory.
+// What a lane publishes to its warp in one exchange (a shuffle's value, a WarpRegisters' array).
+struct LaneSlot {
+  alignas(8) unsigned char bytes[64];
+};
+using WarpSlots = std::array<LaneSlot, 32>;
+
+// What the threads of one block share: barriers, warp exchange slots, shared memory.
 struct Block {
-  explicit Block(unsigned threads) : barrier(threads), slots(threads / 32) {
+  explicit Block(unsigned threads) : barrier(threads), exchanges(threads / 32) {
     for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
   }
   ~Block() {
@@ -67,11 +77,35 @@ struct Block {
   }
   std::barrier<> barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  std::vector<std::array<uint64_t, 32>> slots;
+  std::vector<std::array<WarpSlots, 2>> exchanges;  // by warp: two, used in turn
   std::mutex shared_mutex;
   std::unordered_map<const void*, void*> shared;  // by declaration
 };
 inline thread_local Block* block = nullptr;
+inline thread_local unsigned exchange_parity = 0;  // which of its warp's two slot arrays is next
+
+// Publishes the calling lane's `size` bytes at `value` to its warp and returns, once every lane
+// has, all of them. One barrier per exchange: the two slot arrays alternate, and a lane refills
+// an array only after the whole warp has reached the next exchange, so after every lane read
+// this one (callers read the slots before they exchange again).
+inline const WarpSlots& exchange_in_warp(const void* value, size_t size) {
+  const unsigned warp = tidx.x / 32;
+  WarpSlots& slots = block->exchanges[warp][exchange_parity];
+  exchange_parity ^= 1;
+  std::memcpy(slots[tidx.x % 32].bytes, value, size);
+  block->warp_barriers[warp]->arrive_and_wait();
+  return slots;
+}
+
+// Every lane's `values` (lane l's at [l]) in one exchange: what N shuffles per lane gather.
+template <typename T, size_t N>
+std::array<std::array<T, N>, 32> warp_gather(const T (&values)[N]) {
+  static_assert(sizeof(values) <= sizeof(LaneSlot::bytes));
+  const WarpSlots& slots = exchange_in_warp(values, sizeof(values));
+  std::array<std::array<T, N>, 32> lanes;
+  for (unsigned lane = 0; lane < 32; ++lane) std::memcpy(lanes[lane].data(), slots[lane].bytes, sizeof(values));
+  return lanes;
+}
 
 // What the blocks of one cluster share: a barrier over all their threads, and their blocks.
 struct Cluster {
@@ -101,7 +135,18 @@ struct PendingCopy {
 inline thread_local std::vector<PendingCopy> open_copy_group;
 inline thread_local std::deque<std::vector<PendingCopy>> closed_copy_groups;  // oldest first
 
+// A GPU faults on an access its address does not align to (cudaErrorMisalignedAddress), where
+// x86 would just read: the emulator aborts instead.
+inline void expect_aligned(const void* address, size_t alignment, const char* what) {
+  if (reinterpret_cast<uintptr_t>(address) % alignment != 0) {
+    std::fprintf(stderr, "cuda_on_cpu: %s at %p is not %zu-byte aligned\n", what, address, alignment);
+    std::abort();
+  }
+}
+
 inline void copy_16_bytes_later(void* to, const void* from) {
+  expect_aligned(to, 16, "cp.async destination");
+  if (from != nullptr) expect_aligned(from, 16, "cp.async source");
   PendingCopy copy{to, {}};
   if (from != nullptr) std::memcpy(copy.bytes.data(), from, 16);  // else zeros, as source size 0
   std::memset(to, 0xff, 16);
@@ -262,15 +307,9 @@ inline void __syncthreads() { emu::block->barrier.arrive_and_wait(); }
 template <typename T>
 inline T __shfl_sync(unsigned, T v, int src_lane) {
   static_assert(sizeof(T) <= 8);
-  const unsigned t = emu::tidx.x, w = t / 32, lane = t % 32;
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  emu::block->slots[w][lane] = bits;
-  emu::block->warp_barriers[w]->arrive_and_wait();
-  uint64_t other = emu::block->slots[w][src_lane % 32];
-  emu::block->warp_barriers[w]->arrive_and_wait();
+  const emu::WarpSlots& slots = emu::exchange_in_warp(&v, sizeof(T));
   T out;
-  std::memcpy(&out, &other, sizeof(T));
+  std::memcpy(&out, slots[static_cast<unsigned>(src_lane) % 32].bytes, sizeof(T));
   return out;
 }
 template <typename T>
@@ -279,12 +318,10 @@ inline T __shfl_xor_sync(unsigned mask, T v, int offset) {
 }
 // Bit l: lane l's predicate, for every lane of the warp.
 inline unsigned __ballot_sync(unsigned, int predicate) {
-  const unsigned t = emu::tidx.x, w = t / 32, lane = t % 32;
-  emu::block->slots[w][lane] = predicate != 0 ? 1 : 0;
-  emu::block->warp_barriers[w]->arrive_and_wait();
+  const unsigned char vote = predicate != 0 ? 1 : 0;
+  const emu::WarpSlots& slots = emu::exchange_in_warp(&vote, 1);
   unsigned bits = 0;
-  for (unsigned l = 0; l < 32; ++l) bits |= static_cast<unsigned>(emu::block->slots[w][l]) << l;
-  emu::block->warp_barriers[w]->arrive_and_wait();
+  for (unsigned l = 0; l < 32; ++l) bits |= static_cast<unsigned>(slots[l].bytes[0]) << l;
   return bits;
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

@@ -1,0 +1,72 @@
+"""The CUDA kernels' logic on every machine, GPU or not, on the CPU emulation (csrc/cuda/emulation):
+a sample of the self-test's cases (csrc/cuda/selftest) under AddressSanitizer and
+UndefinedBehaviorSanitizer, each checking the kernels' outputs against the self-test's host oracle
+(a missing cp.async wait reads NaN; an out-of-bounds or misaligned access stops the run), and the
+public API over the emulated ops against lightkv_ext.reference. `bash csrc/cuda/emulation/run.sh`
+runs all the self-test's cases, and ThreadSanitizer over them."""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+EMULATION = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emulation"
+
+# Self-test case names (--only), picked for a few minutes on 2 cores that reach every kernel:
+# both scoring walks and the one pass, image tables, fp32/fp16/bf16 with head-dim tails, the
+# pipelined column-mass items and the rows combined between the passes, exact and screened merge
+# decisions, feature splits, ties, rows grouped inside the selection and token-major output.
+CASES = [
+    "gqa masked sizes",
+    "ten images",
+    "D=160",
+    "runs of column items",
+    "one pass, 18 column tiles",
+    "fp16 deep column items, rows combined",
+    "uneven windows",
+    "token-major io",
+    "one window 300",
+    "feature splits",
+    "tied keys",
+    "rows of 2000",
+]
+
+
+@pytest.fixture(scope="module")
+def build():
+    """csrc/cuda/emulation/build.py"""
+    spec = importlib.util.spec_from_file_location("emulation_build", EMULATION / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.missing_tools():
+        pytest.skip(f"needs {module.missing_tools()}")
+    return module
+
+
+@pytest.fixture(scope="module")
+def selftest(build, tmp_path_factory):
+    return build.build_selftest(tmp_path_factory.mktemp("emulation"), sanitize="address,undefined")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_emulated_kernels_pass_the_self_test(selftest, case):
+    environment = dict(os.environ, ASAN_OPTIONS="abort_on_error=1:detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
+    run = subprocess.run([str(selftest), "--small", "--only", case], capture_output=True, text=True,
+                         env=environment)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-1] == "lightkv_cuda_selftest: all checks passed"
+    assert any(case in line for line in lines[:-1])
+
+
+def test_the_emulated_ops_match_the_reference(build, tmp_path):
+    """check_reference.py: compress through the public API, its ops swapped for the emulated
+    kernels (emulated_ops.py, the twin of ops_cuda.cpp), on the CUDA tests' shape matrix."""
+    library = build.build_library(tmp_path)
+    run = subprocess.run([sys.executable, str(EMULATION / "check_reference.py")], capture_output=True, text=True,
+                         cwd=EMULATION.parents[2], env=dict(os.environ, LIGHTKV_EMULATED_LIB=str(library)))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines()[-1] == "failures: 0"
+    assert "FAIL" not in run.stdout
