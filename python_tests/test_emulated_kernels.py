@@ -4,15 +4,12 @@ UndefinedBehaviorSanitizer, each checking the kernels' outputs against the self-
 (a missing cp.async wait reads NaN; an out-of-bounds or misaligned access stops the run), and the
 public API over the emulated ops against lightkv_ext.reference. `bash csrc/cuda/emulation/run.sh`
 runs all the self-test's cases, and ThreadSanitizer over them."""
-import importlib.util
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
-
-EMULATION = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emulation"
+from emulation import EMULATION, load_build
 
 # Self-test case names (--only), picked for a few minutes on 2 cores that reach every kernel:
 # both scoring walks and the one pass, image tables, fp32/fp16/bf16 with head-dim tails, the
@@ -36,10 +33,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def build():
-    """csrc/cuda/emulation/build.py"""
-    spec = importlib.util.spec_from_file_location("emulation_build", EMULATION / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_build()
     if module.missing_tools():
         pytest.skip(f"needs {module.missing_tools()}")
     return module
@@ -52,9 +46,7 @@ def selftest(build, tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_emulated_kernels_pass_the_self_test(selftest, case):
-    environment = dict(os.environ, ASAN_OPTIONS="abort_on_error=1:detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
-    run = subprocess.run([str(selftest), "--small", "--only", case], capture_output=True, text=True,
-                         env=environment)
+    run = subprocess.run([str(selftest), "--small", "--only", case], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[-1] == "lightkv_cuda_selftest: all checks passed"

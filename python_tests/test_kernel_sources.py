@@ -1,23 +1,14 @@
 """Source rules of the CUDA kernels that only a GPU run could otherwise catch (as a rare race)."""
-import importlib.util
 import pathlib
 import re
 import subprocess
 
 import pytest
+from emulation import load_build
 
 CUDA_DIR = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-EMULATION = CUDA_DIR / "emulation"
 KERNEL = re.compile(r"__global__\b.*?\b(\w+_kernel)\s*\((?:[^()]|\([^()]*\))*\)\s*\{\s*([^;]*;)", re.S)
-
-
-def load_emulation_build():
-    """The CPU emulation's builder (csrc/cuda/emulation/build.py; its to_cpp: the translator)."""
-    spec = importlib.util.spec_from_file_location("emulation_build", EMULATION / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build
 
 
 def test_the_kernel_sources_are_found():
@@ -43,7 +34,7 @@ def test_kernels_launch_through_the_launcher():
 def test_the_emulator_translates_every_shared_declaration():
     """The CPU emulation (csrc/cuda/emulation) gives each block its own `__shared__` variables by
     rewriting their one-line declarations; one it cannot rewrite would be shared by all blocks."""
-    to_cpp = load_emulation_build().to_cpp
+    to_cpp = load_build().to_cpp
     for path in CUDA_SOURCES + [CUDA_DIR / "common.cuh"]:
         source = path.read_text()
         translated = to_cpp.translate(source)  # raises on a declaration it cannot rewrite
@@ -116,7 +107,7 @@ int main(int argc, char** argv) {
 @pytest.fixture(scope="module")
 def emulator_probe(tmp_path_factory):
     """ASYNC_COPY_PROBE built over the CPU emulation (csrc/cuda/emulation/build.py)."""
-    build = load_emulation_build()
+    build = load_build()
     if build.missing_tools():
         pytest.skip(f"needs {build.missing_tools()}")
     folder = tmp_path_factory.mktemp("emulator_probe")

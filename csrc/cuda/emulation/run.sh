@@ -13,8 +13,6 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../../.." && pwd)"
 BUILD="${1:-$ROOT/build/emulation}"
 CASES=(--small ${ONLY:+--only "$ONLY"})
-# Stop at the first report.
-export ASAN_OPTIONS="abort_on_error=1:detect_leaks=0" UBSAN_OPTIONS="print_stacktrace=1" TSAN_OPTIONS="halt_on_error=1"
 
 echo "== self-test (small cases) on the CPU emulator, under AddressSanitizer and UndefinedBehaviorSanitizer"
 SELFTEST="$(python3 "$HERE/build.py" "$BUILD" selftest --sanitize address,undefined)"

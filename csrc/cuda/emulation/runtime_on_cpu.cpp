@@ -22,3 +22,11 @@ cudaError_t cudaGetDeviceCount(int* c) { *c = 1; return cudaSuccess; }
 cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 }
+
+// Sanitized builds stop at the first report (the environment's *SAN_OPTIONS still override);
+// a build without the sanitizer never calls these.
+extern "C" {
+const char* __asan_default_options() { return "abort_on_error=1:detect_leaks=0"; }
+const char* __ubsan_default_options() { return "print_stacktrace=1"; }
+const char* __tsan_default_options() { return "halt_on_error=1"; }
+}
