@@ -104,15 +104,19 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.fixture(scope="module")
-def emulator_probe(tmp_path_factory):
-    """ASYNC_COPY_PROBE built over the CPU emulation (csrc/cuda/emulation/build.py)."""
+def build_probe(tmp_path_factory, source: str, sanitize: str = None) -> pathlib.Path:
+    """`source` built over the CPU emulation (csrc/cuda/emulation/build.py)."""
     build = load_build()
     if build.missing_tools():
         pytest.skip(f"needs {build.missing_tools()}")
     folder = tmp_path_factory.mktemp("emulator_probe")
-    probe = build.translate(folder, folder / "probe.cpp", ASYNC_COPY_PROBE)
-    return build.compile_program(folder, [probe], "probe")
+    probe = build.translate(folder, folder / "probe.cpp", source)
+    return build.compile_program(folder, [probe], "probe", sanitize)
+
+
+@pytest.fixture(scope="module")
+def emulator_probe(tmp_path_factory):
+    return build_probe(tmp_path_factory, ASYNC_COPY_PROBE)
 
 
 def test_the_emulator_lands_async_copies_only_at_the_wait(emulator_probe):
@@ -133,3 +137,46 @@ def test_the_emulator_stops_at_a_misaligned_address(emulator_probe, mode, what):
     assert run.returncode != 0
     assert f"cuda_on_cpu: {what} at " in run.stderr
     assert "is not 16-byte aligned" in run.stderr
+
+
+HAND_OFF_PROBE = r"""
+#include "common.cuh"
+#include <cstdio>
+#include <cstring>
+using namespace lightkv_cuda::detail;
+
+// Each block writes its partial; then the last block (by_ticket) or every block (a race) sums them.
+void hand_off(unsigned* partials, unsigned* ticket, unsigned* total, bool by_ticket) {
+  if (threadIdx.x == 0) partials[blockIdx.x] = blockIdx.x + 1;
+  if (by_ticket && !last_to_arrive(ticket, gridDim.x)) return;
+  if (threadIdx.x != 0) return;
+  unsigned sum = 0;
+  for (unsigned b = 0; b < gridDim.x; ++b) sum += __ldcg(partials + b);
+  total[blockIdx.x] = sum;
+}
+
+int main(int argc, char** argv) {
+  unsigned partials[4] = {}, ticket = 0, total[4] = {};
+  const bool by_ticket = argc > 1 && std::strcmp(argv[1], "ticket") == 0;
+  emu::launch(dim3(4), dim3(64), [&] { hand_off(partials, &ticket, total, by_ticket); });
+  std::printf("%u\n", total[0] + total[1] + total[2] + total[3]);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def hand_off_probe(tmp_path_factory):
+    return build_probe(tmp_path_factory, HAND_OFF_PROBE, sanitize="thread")
+
+
+def test_the_emulator_runs_blocks_at_once_and_sees_their_hand_offs(hand_off_probe):
+    """A grid's blocks run at once on the CPU emulation, as on a GPU, so ThreadSanitizer checks how
+    they hand results to each other: reading the other blocks' partials without a ticket races,
+    while after last_to_arrive (common.cuh) only the last block reads them, all of them written."""
+    racy = subprocess.run([str(hand_off_probe), "race"], capture_output=True, text=True)
+    assert racy.returncode != 0
+    assert "ThreadSanitizer: data race" in racy.stderr
+    ordered = subprocess.run([str(hand_off_probe), "ticket"], capture_output=True, text=True)
+    assert ordered.returncode == 0, ordered.stderr
+    assert ordered.stdout.split() == ["10"]

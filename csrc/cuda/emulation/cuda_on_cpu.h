@@ -1,20 +1,20 @@
 // CPU emulation of the CUDA subset the lightkv kernels use, to check their logic on machines
-// without a GPU (see run.sh). Every CUDA thread is an OS thread, __syncthreads is a std::barrier
-// over the block, warp shuffles go through per-warp slot arrays (a barrier over the warp each),
-// and `__shared__` variables are per block (to_cpp.py turns each declaration into a block_shared
-// lookup). Blocks of a plain launch run one after another (so kernel chaining is moot), with grid
-// x capped (kernels walk their work in grid-stride loops, so a small grid must give the same
-// answer); a cluster launch runs its clusters one after another, the blocks of each at once (they
-// share a barrier and each other's shared memory), with at most kClusterCap clusters. The CUB
-// algorithms are plain host versions with the same results.
+// without a GPU (see run.sh). Every CUDA thread is an OS thread, __syncthreads is a barrier over
+// the block (SleepingBarrier), warp shuffles go through per-warp slot arrays (a barrier over the
+// warp each), and `__shared__` variables are per block (to_cpp.py turns each declaration into a
+// block_shared lookup). Kernels run one after another (so kernel chaining is moot), with grid x
+// capped (kernels walk their work in grid-stride loops, so a small grid must give the same
+// answer); the blocks of a grid row run at once, as do the blocks of a cluster launch (at most
+// kClusterCap clusters, each sharing a barrier and its blocks' shared memory), so that blocks race
+// as on a GPU. The CUB algorithms are plain host versions with the same results.
 // Tensor-core mma and ldmatrix run in their fallback form (common.cuh), each lane computing its
 // fragment from the warp's registers gathered in one exchange (warp_gather), which checks the
 // kernels' fragment layouts; a cp.async copy lands only when its thread waits for it
 // (copy_16_bytes_later), which checks the kernels' waits, and a cp.async or ldmatrix address off
 // 16 bytes aborts, as it faults on a GPU (expect_aligned). Built with -fsanitize=thread it also
-// finds shared-memory races (a missing __syncthreads); with -fsanitize=address,undefined
-// out-of-bounds accesses (shared variables are allocations of their exact size) and misaligned
-// vector loads.
+// finds shared-memory races (a missing __syncthreads) and global-memory races between blocks (a
+// hand-off not ordered by a ticket); with -fsanitize=address,undefined out-of-bounds accesses
+// (shared variables are allocations of their exact size) and misaligned vector loads.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <array>
 #include <deque>
@@ -67,16 +68,43 @@ struct LaneSlot {
 };
 using WarpSlots = std::array<LaneSlot, 32>;
 
+// A barrier whose waiting threads sleep rather than spin: with several blocks at once there are
+// hundreds of threads on a few cores, and a spinning waiter takes turns from those that would
+// arrive (under ThreadSanitizer, whose every atomic load is slow, many times over).
+class SleepingBarrier {
+ public:
+  explicit SleepingBarrier(unsigned threads) : threads_(threads) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long long phase = phase_;
+    if (++arrived_ == threads_) {
+      arrived_ = 0;
+      ++phase_;
+      lock.unlock();
+      all_arrived_.notify_all();
+      return;
+    }
+    all_arrived_.wait(lock, [&] { return phase_ != phase; });
+  }
+
+ private:
+  const unsigned threads_;
+  unsigned arrived_ = 0;
+  unsigned long long phase_ = 0;
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+};
+
 // What the threads of one block share: barriers, warp exchange slots, shared memory.
 struct Block {
   explicit Block(unsigned threads) : barrier(threads), exchanges(threads / 32) {
-    for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
+    for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.emplace_back(new SleepingBarrier(32));
   }
   ~Block() {
     for (auto& entry : shared) ::operator delete(entry.second, std::align_val_t{64});
   }
-  std::barrier<> barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  SleepingBarrier barrier;
+  std::vector<std::unique_ptr<SleepingBarrier>> warp_barriers;
   std::vector<std::array<WarpSlots, 2>> exchanges;  // by warp: two, used in turn
   std::mutex shared_mutex;
   std::unordered_map<const void*, void*> shared;  // by declaration
@@ -200,19 +228,23 @@ T* peer_shared(T* variable, unsigned rank) {
   return static_cast<T*>(peer->shared.at(key));  // declared there before the barrier that let us read
 }
 
-// Runs `body` as every thread of the blocks in `blocks`, all at once (as the blocks of
-// `in_cluster` when given).
+// Runs `body` as every thread of the blocks in `blocks`, all at once; with a `cluster_size`, each
+// `cluster_size` consecutive blocks form a cluster.
 inline void run_blocks(const std::vector<dim3>& blocks, unsigned threads, const std::function<void()>& body,
-                       Cluster* in_cluster = nullptr) {
+                       unsigned cluster_size = 0) {
   std::vector<std::unique_ptr<Block>> contexts;
-  for (size_t b = 0; b < blocks.size(); ++b) contexts.emplace_back(new Block(threads));
-  if (in_cluster != nullptr) {
-    for (auto& context : contexts) in_cluster->blocks.push_back(context.get());
+  std::vector<std::unique_ptr<Cluster>> clusters;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    contexts.emplace_back(new Block(threads));
+    if (cluster_size == 0) continue;
+    if (b % cluster_size == 0) clusters.emplace_back(new Cluster(static_cast<std::ptrdiff_t>(cluster_size * threads)));
+    clusters.back()->blocks.push_back(contexts.back().get());
   }
   std::vector<std::thread> workers;
   for (size_t b = 0; b < blocks.size(); ++b) {
+    Cluster* in_cluster = cluster_size == 0 ? nullptr : clusters[b / cluster_size].get();
     for (unsigned t = 0; t < threads; ++t) {
-      workers.emplace_back([&, b, t] {
+      workers.emplace_back([&, b, t, in_cluster] {
         tidx = dim3(t, 0, 0);
         bidx = blocks[b];
         block = contexts[b].get();
@@ -242,17 +274,22 @@ inline std::vector<dim3> blocks_of(dim3 grid) {
   return blocks;
 }
 
-// A plain launch: the blocks one after another.
+// A plain launch: the blocks of each row of the (capped) grid at once, row after row, so that
+// blocks race as on a GPU: ThreadSanitizer sees their hand-offs (tickets), and a result that
+// depended on which block finishes last would differ from run to run.
 inline void launch(dim3 grid, dim3 block_size, const std::function<void()>& body) {
   if (grid.x > kGridCap) grid.x = kGridCap;
   gdim = grid;
   bdim = block_size;
   const unsigned n = checked_block_size(block_size);
-  for (const dim3& one : blocks_of(grid)) run_blocks({one}, n, body);
+  const std::vector<dim3> blocks = blocks_of(grid);
+  for (size_t first = 0; first < blocks.size(); first += grid.x) {
+    run_blocks({blocks.begin() + first, blocks.begin() + first + grid.x}, n, body);
+  }
 }
 
-// A launch in clusters of `size` consecutive blocks along x: cluster after cluster, the blocks of
-// each at once.
+// A launch in clusters of `size` consecutive blocks along x, at most kClusterCap of them, all at
+// once (a cluster's blocks share a barrier and each other's shared memory).
 inline void launch_cluster(dim3 grid, dim3 block_size, unsigned size, const std::function<void()>& body) {
   if (grid.y != 1 || grid.z != 1 || grid.x % size != 0) {
     std::fprintf(stderr, "cuda_on_cpu: a cluster launch needs a grid of whole clusters along x\n");
@@ -261,13 +298,7 @@ inline void launch_cluster(dim3 grid, dim3 block_size, unsigned size, const std:
   if (grid.x > kClusterCap * size) grid.x = kClusterCap * size;
   gdim = grid;
   bdim = block_size;
-  const unsigned n = checked_block_size(block_size);
-  for (unsigned first = 0; first < grid.x; first += size) {
-    std::vector<dim3> blocks;
-    for (unsigned x = first; x < first + size; ++x) blocks.emplace_back(x, 0, 0);
-    Cluster one(static_cast<std::ptrdiff_t>(size * n));
-    run_blocks(blocks, n, body, &one);
-  }
+  run_blocks(blocks_of(grid), checked_block_size(block_size), body, size);
 }
 }  // namespace emu
 

@@ -3,7 +3,8 @@
 # cuda_on_cpu.h, then run (1) the self-test's small cases under AddressSanitizer and
 # UndefinedBehaviorSanitizer (compute-sanitizer memcheck's counterpart: out-of-bounds global,
 # shared and local accesses, misaligned vector loads, integer overflow), (2) the same under
-# ThreadSanitizer (racecheck's: shared-memory races), (3) the public API over the emulated ops
+# ThreadSanitizer (racecheck's shared-memory races, and races between a grid's blocks, which the
+# emulator runs at once), (3) the public API over the emulated ops
 # against lightkv_ext.reference. Needs g++ >= 11 and the CUDA headers (no GPU, no nvcc run). On 2
 # cores (1) takes about 10 minutes and (2) about an hour: ONLY=TEXT runs both on the self-test
 # cases whose name contains TEXT (e.g. ONLY="deep column items").
