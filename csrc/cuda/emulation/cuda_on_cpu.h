@@ -68,29 +68,37 @@ struct LaneSlot {
 };
 using WarpSlots = std::array<LaneSlot, 32>;
 
-// A barrier whose waiting threads sleep rather than spin: with several blocks at once there are
-// hundreds of threads on a few cores, and a spinning waiter takes turns from those that would
-// arrive (under ThreadSanitizer, whose every atomic load is slow, many times over).
+// A barrier whose waiting threads yield a few turns and then sleep (std::barrier's keep yielding):
+// with several blocks at once there are hundreds of threads on a few cores, and a waiter that
+// keeps yielding takes turns from those that would arrive (under ThreadSanitizer, whose every
+// atomic load is slow, many times over).
 class SleepingBarrier {
  public:
   explicit SleepingBarrier(unsigned threads) : threads_(threads) {}
   void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const unsigned long long phase = phase_;
-    if (++arrived_ == threads_) {
-      arrived_ = 0;
-      ++phase_;
-      lock.unlock();
+    const unsigned phase = phase_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == threads_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        phase_.store(phase + 1, std::memory_order_release);
+      }
       all_arrived_.notify_all();
       return;
     }
-    all_arrived_.wait(lock, [&] { return phase_ != phase; });
+    for (int turn = 0; turn < kYields; ++turn) {
+      if (phase_.load(std::memory_order_acquire) != phase) return;
+      std::this_thread::yield();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    all_arrived_.wait(lock, [&] { return phase_.load(std::memory_order_acquire) != phase; });
   }
 
  private:
+  static constexpr int kYields = 4;
   const unsigned threads_;
-  unsigned arrived_ = 0;
-  unsigned long long phase_ = 0;
+  std::atomic<unsigned> arrived_{0};
+  std::atomic<unsigned> phase_{0};
   std::mutex mutex_;
   std::condition_variable all_arrived_;
 };
