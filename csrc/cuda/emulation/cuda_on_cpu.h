@@ -20,7 +20,6 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -33,7 +32,6 @@
 #include <new>
 #include <unordered_map>
 #include <numeric>
-#include <optional>
 #include <thread>
 #include <vector>
 #include <cstdio>
@@ -75,7 +73,9 @@ using WarpSlots = std::array<LaneSlot, 32>;
 class SleepingBarrier {
  public:
   explicit SleepingBarrier(unsigned threads) : threads_(threads) {}
-  void arrive_and_wait() {
+  void arrive_and_wait() { wait(arrive()); }
+  // Counts the calling thread in and returns the phase to wait on; the last to arrive opens it.
+  unsigned arrive() {
     const unsigned phase = phase_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == threads_) {
       arrived_.store(0, std::memory_order_relaxed);
@@ -84,8 +84,11 @@ class SleepingBarrier {
         phase_.store(phase + 1, std::memory_order_release);
       }
       all_arrived_.notify_all();
-      return;
     }
+    return phase;
+  }
+  // Returns once every thread has arrived in `phase`.
+  void wait(unsigned phase) {
     for (int turn = 0; turn < kYields; ++turn) {
       if (phase_.load(std::memory_order_acquire) != phase) return;
       std::this_thread::yield();
@@ -145,18 +148,15 @@ std::array<std::array<T, N>, 32> warp_gather(const T (&values)[N]) {
 
 // What the blocks of one cluster share: a barrier over all their threads, and their blocks.
 struct Cluster {
-  explicit Cluster(std::ptrdiff_t threads) : barrier(threads) {}
-  std::barrier<> barrier;
+  explicit Cluster(unsigned threads) : barrier(threads) {}
+  SleepingBarrier barrier;
   std::vector<Block*> blocks;  // by rank
 };
 inline thread_local Cluster* cluster = nullptr;  // cluster launches only
-inline thread_local std::optional<std::barrier<>::arrival_token> cluster_arrival;
+inline thread_local unsigned cluster_phase = 0;  // the phase of the thread's last cluster_arrive
 
-inline void cluster_arrive() { cluster_arrival.emplace(cluster->barrier.arrive()); }
-inline void cluster_wait() {
-  cluster->barrier.wait(std::move(*cluster_arrival));
-  cluster_arrival.reset();
-}
+inline void cluster_arrive() { cluster_phase = cluster->barrier.arrive(); }
+inline void cluster_wait() { cluster->barrier.wait(cluster_phase); }
 
 // cp.async as a GPU may run it: a copy lands at any time between its issue and the copying
 // thread's wait for it. So that kernels see both ends, the emulator fills the destination with
@@ -245,7 +245,7 @@ inline void run_blocks(const std::vector<dim3>& blocks, unsigned threads, const 
   for (size_t b = 0; b < blocks.size(); ++b) {
     contexts.emplace_back(new Block(threads));
     if (cluster_size == 0) continue;
-    if (b % cluster_size == 0) clusters.emplace_back(new Cluster(static_cast<std::ptrdiff_t>(cluster_size * threads)));
+    if (b % cluster_size == 0) clusters.emplace_back(new Cluster(cluster_size * threads));
     clusters.back()->blocks.push_back(contexts.back().get());
   }
   std::vector<std::thread> workers;
