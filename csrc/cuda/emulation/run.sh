@@ -6,7 +6,7 @@
 # ThreadSanitizer (racecheck's shared-memory races, and races between a grid's blocks, which the
 # emulator runs at once), (3) the public API over the emulated ops
 # against lightkv_ext.reference. Needs g++ >= 11 and the CUDA headers (no GPU, no nvcc run). On 2
-# cores (1) takes about 10 minutes and (2) about an hour: ONLY=TEXT runs both on the self-test
+# cores (1) takes about 6 minutes and (2) about 70 minutes: ONLY=TEXT runs both on the self-test
 # cases whose name contains TEXT (e.g. ONLY="deep column items").
 #   [ONLY=TEXT] bash csrc/cuda/emulation/run.sh [BUILD_DIR]
 set -euo pipefail
