@@ -45,7 +45,7 @@ def _extension():
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         sources=sources,
-        extra_compile_args={"cxx": cxx_flags + ["-DLIGHTKV_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         **kwargs,
     )
 

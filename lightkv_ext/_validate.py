@@ -16,40 +16,48 @@ def _shape(x: torch.Tensor) -> str:
     return "(" + ", ".join(str(n) for n in x.shape) + ")"
 
 
+_EXPECTED_DTYPE = {"float": "float32, float16 or bfloat16", "any_float": "a floating dtype",
+                   "int": "an integer dtype", "bool": "torch.bool"}
+
+
+def _dtype_is(kind: str, dtype: torch.dtype) -> bool:
+    if kind == "float":
+        return dtype in FLOAT_DTYPES
+    if kind == "any_float":
+        return dtype.is_floating_point
+    if kind == "int":
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return dtype == torch.bool
+
+
 def tensor(name: str, x, dims: str, *, device: Optional[torch.device] = None, kind: str = "float") -> torch.Tensor:
-    """Check that ``x`` is a non-empty tensor of rank ``len(dims.split(','))`` on ``device``.
+    """Check that ``x`` is a non-empty tensor of rank ``dims.count(',') + 1`` on ``device``.
 
     ``kind``: "float" (float32/float16/bfloat16), "any_float", "int" or "bool".
     """
-    rank = len(dims.split(","))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape ({dims}), got {type(x).__name__}")
+    rank = dims.count(",") + 1
     if x.dim() != rank:
         raise ValueError(f"{name}: expected a {rank}-D tensor of shape ({dims}), got shape {_shape(x)}")
     if x.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty tensor of shape ({dims}), got shape {_shape(x)}")
     if device is not None and x.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of k), got one on {x.device}")
-    ok = {
-        "float": x.dtype in FLOAT_DTYPES,
-        "any_float": x.is_floating_point(),
-        "int": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool,
-        "bool": x.dtype == torch.bool,
-    }[kind]
-    if not ok:
-        expected = {"float": "float32, float16 or bfloat16", "any_float": "a floating dtype",
-                    "int": "an integer dtype", "bool": "torch.bool"}[kind]
-        raise TypeError(f"{name}: expected dtype {expected}, got {x.dtype}")
+    if not _dtype_is(kind, x.dtype):
+        raise TypeError(f"{name}: expected dtype {_EXPECTED_DTYPE[kind]}, got {x.dtype}")
     return x
 
 
-def expect_shape(name: str, x: torch.Tensor, shape: Sequence[int], dims: str) -> None:
-    if tuple(x.shape) != tuple(shape):
+def expect_shape(name: str, x: torch.Tensor, shape: Tuple[int, ...], dims: str) -> None:
+    if x.shape != shape:
         want = "(" + ", ".join(str(n) for n in shape) + ")"
         raise ValueError(f"{name}: expected shape ({dims}) = {want}, got {_shape(x)}")
 
 
 def ratio_arg(ratio) -> float:
+    if type(ratio) is float and 0.0 <= ratio < 1.0:  # the common case, without the ABC check
+        return ratio
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         raise TypeError(f"ratio: expected a float in [0, 1), got {type(ratio).__name__}")
     if not 0.0 <= float(ratio) < 1.0:
@@ -74,9 +82,9 @@ def _is_int(n) -> bool:
 
 def _int_pair(name: str, value, what: str) -> Tuple[int, int]:
     pair = (value, value) if name == "windows" and _is_int(value) else value
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_int(n) for n in pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not (_is_int(pair[0]) and _is_int(pair[1])):
         raise TypeError(f"{name}: expected {what}, got {value!r}")
-    if min(pair) < 1:
+    if pair[0] < 1 or pair[1] < 1:
         raise ValueError(f"{name}: expected positive sizes, got {value!r}")
     return int(pair[0]), int(pair[1])
 

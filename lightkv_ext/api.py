@@ -11,16 +11,21 @@ from .types import Compressed, CompressedVarlen
 from .windows import full_grid_layout, positions_layout, ready_for_any_stream
 
 
+def _is_foreign_array(x) -> bool:
+    return not isinstance(x, torch.Tensor) and hasattr(x, "__dlpack__")
+
+
 def _interop(fn):
     """Accept any DLPack array (e.g. CuPy) in place of a tensor, zero-copy; when k is a CuPy
     array, the tensors of the result come back as CuPy arrays."""
 
+    def to_torch(x):
+        return torch.from_dlpack(x) if _is_foreign_array(x) else x
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        def to_torch(x):
-            is_foreign = not isinstance(x, torch.Tensor) and hasattr(x, "__dlpack__")
-            return torch.from_dlpack(x) if is_foreign else x
-
+        if not any(map(_is_foreign_array, args)) and not any(map(_is_foreign_array, kwargs.values())):
+            return fn(*args, **kwargs)  # nothing to convert: the common case, kept cheap
         first = args[0] if args else kwargs.get("k")
         cupy_in = type(first).__module__.split(".")[0] == "cupy"
         out = fn(*map(to_torch, args), **{name: to_torch(x) for name, x in kwargs.items()})

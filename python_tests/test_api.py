@@ -211,6 +211,9 @@ def test_dlpack_inputs_are_accepted():
 
     wrapped = lightkv_ext.compress(Foreign(k), Foreign(v), Foreign(q), grid=(4, 4))
     assert all(torch.equal(a, b) for a, b in zip(plain, wrapped))
+    # a foreign array among the keyword arguments only is converted too
+    weighted = lightkv_ext.compress(k, v, q, grid=(4, 4), importance=Foreign(plain.importance))
+    assert all(torch.equal(a, b) for a, b in zip(plain, weighted))
 
 
 def test_demo_prints_every_stage(capsys):

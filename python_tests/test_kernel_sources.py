@@ -1,10 +1,13 @@
 """Source rules of the CUDA kernels that only a GPU run could otherwise catch (as a rare race)."""
+import os
 import pathlib
 import re
+import shutil
 import subprocess
 
 import pytest
 from emulation import load_build
+from torch.utils import cpp_extension
 
 CUDA_DIR = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -180,3 +183,35 @@ def test_the_emulator_runs_blocks_at_once_and_sees_their_hand_offs(hand_off_prob
     ordered = subprocess.run([str(hand_off_probe), "ticket"], capture_output=True, text=True)
     assert ordered.returncode == 0, ordered.stderr
     assert ordered.stdout.split() == ["10"]
+
+
+# Headers of the CUDA math libraries that torch's CUDA headers include for their handle and status
+# types. A minimal toolkit (this machine's, CI's) lacks them; the glue uses none of them.
+MATH_LIBRARY_STUBS = {
+    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t;\ntypedef int cublasStatus_t;\n",
+    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;\n",
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\ntypedef int cusparseStatus_t;\n",
+    "cusolver_common.h": "typedef int cusolverStatus_t;\n",
+    "cusolverDn.h": "#include <cusolver_common.h>\ntypedef struct cusolverDnContext* cusolverDnHandle_t;\n",
+}
+
+
+def test_the_torch_glue_of_the_cuda_kernels_compiles(tmp_path):
+    """ops_cuda.cpp is built only where torch has CUDA (setup.py on a GPU machine). A CPU wheel ships
+    torch's CUDA headers too, so here it is compiled against them and the toolkit's (syntax and
+    types only, nothing to link): a glue change that does not compile fails CI, not a GPU session."""
+    cuda_include = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    torch_include = [pathlib.Path(path) for path in cpp_extension.include_paths()]
+    if not (cuda_include / "cuda_runtime_api.h").exists() or shutil.which("g++") is None:
+        pytest.skip("needs a CUDA toolkit and g++")
+    if not (torch_include[0] / "ATen" / "cuda" / "CUDAEvent.h").exists():
+        pytest.skip("this torch ships no CUDA headers")
+    for name, text in MATH_LIBRARY_STUBS.items():
+        if not (cuda_include / name).exists():
+            (tmp_path / name).write_text(text)
+    system_includes = [flag for path in (*torch_include, cuda_include, tmp_path) for flag in ("-isystem", str(path))]
+    command = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+               "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",  # a generated header of torch's own build
+               *system_includes, "-I", str(CUDA_DIR.parent), str(CUDA_DIR / "ops_cuda.cpp")]
+    compiled = subprocess.run(command, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr

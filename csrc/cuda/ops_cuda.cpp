@@ -19,6 +19,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cuda/kernels.h"
 #include "op_checks.h"
@@ -207,6 +208,22 @@ bool overlap_enabled() {
   return !(knob != nullptr && std::strcmp(knob, "0") == 0);
 }
 
+// The fork and join events of compress's second stream, one pair per thread and device, reused by
+// its calls: creating and destroying two events per call costs host time. A stream's wait on an
+// event is bound to the event's latest record when the wait is enqueued, so a later call's record
+// does not move it. Never destroyed (a destroy at exit could come after the CUDA context's).
+struct ForkJoinEvents {
+  at::cuda::CUDAEvent fork, join;
+};
+
+ForkJoinEvents& fork_join_events(c10::DeviceIndex device) {
+  thread_local std::vector<ForkJoinEvents*> per_device;
+  const auto slot = static_cast<size_t>(device);
+  if (per_device.size() <= slot) per_device.resize(slot + 1, nullptr);
+  if (per_device[slot] == nullptr) per_device[slot] = new ForkJoinEvents();
+  return *per_device[slot];
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& text, const at::Tensor& images,
     const std::optional<at::Tensor>& text_mask, const at::Tensor& sizes, double scale, const at::Tensor& metric,
@@ -229,17 +246,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   const bool overlap = merge.workspace_bytes > 0 && overlap_enabled();
   const c10::cuda::CUDAStream side = overlap ? c10::cuda::getStreamFromPool(false, k.device().index()) : stream;
-  at::cuda::CUDAEvent fork, join;
+  ForkJoinEvents& events = fork_join_events(stream.device_index());
   if (overlap) {
-    fork.record(stream);
-    fork.block(side);
+    events.fork.record(stream);
+    events.fork.block(side);
   }
   C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
                                                       side.stream()));
   C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
   if (overlap) {
-    join.record(side);
-    join.block(stream);
+    events.join.record(side);
+    events.join.block(stream);
   }
   C10_CUDA_CHECK(lightkv_cuda::launch_merge_values(merge.args, merge_workspace, merge.workspace_bytes,
                                                    stream.stream()));
