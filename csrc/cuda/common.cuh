@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -508,10 +509,10 @@ class KernelLauncher {
  public:
   template <typename... Params>
   static cudaError_t create(cudaStream_t stream, void (*probe)(Params...), KernelLauncher* out) {
-    cudaFuncAttributes attributes{};
-    LIGHTKV_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, probe));
+    int ptx_version = 0;
+    LIGHTKV_RETURN_IF_ERROR(ptx_version_on_current_device(probe, &ptx_version));
     out->stream_ = stream;
-    out->chained_ = attributes.ptxVersion >= 90 && !knob_is("LIGHTKV_PDL", "0");
+    out->chained_ = ptx_version >= 90 && !knob_is("LIGHTKV_PDL", "0");
     return cudaSuccess;
   }
 
@@ -532,6 +533,24 @@ class KernelLauncher {
   }
 
  private:
+  // The PTX version of the code the current device runs for `probe`, asked once per device: a
+  // cudaFuncGetAttributes per launcher cost host time at every call. Every kernel of the library is
+  // built for the same targets, so one answer per device serves them all.
+  template <typename... Params>
+  static cudaError_t ptx_version_on_current_device(void (*probe)(Params...), int* out) {
+    constexpr int kDevices = 64;
+    static std::atomic<int> known[kDevices];  // 0: not asked yet
+    int device = 0;
+    LIGHTKV_RETURN_IF_ERROR(cudaGetDevice(&device));
+    const bool cached = device >= 0 && device < kDevices;
+    if (cached && (*out = known[device].load(std::memory_order_relaxed)) != 0) return cudaSuccess;
+    cudaFuncAttributes attributes{};
+    LIGHTKV_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, probe));
+    *out = attributes.ptxVersion;
+    if (cached) known[device].store(attributes.ptxVersion, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+
   static cudaLaunchAttribute chained_attribute() {
     cudaLaunchAttribute chained{};
     chained.id = cudaLaunchAttributeProgrammaticStreamSerialization;
