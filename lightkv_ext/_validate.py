@@ -122,18 +122,22 @@ def weights_arg(importance: torch.Tensor) -> torch.Tensor:
 
 
 def sizes_arg(sizes: torch.Tensor) -> torch.Tensor:
-    if bool((sizes < 1).any()) or bool((sizes > torch.iinfo(torch.int32).max).any()):
+    if bool(((sizes < 1) | (sizes > torch.iinfo(torch.int32).max)).any()):
         raise ValueError("sizes: expected token counts >= 1 that fit int32")
     return sizes.to(torch.int32)
 
 
-def positions_arg(positions: torch.Tensor, grid: Tuple[int, int], name: str = "positions") -> None:
-    """``positions`` (..., N): strictly increasing along the last dim, inside the grid."""
-    cells = grid[0] * grid[1]
-    if bool(((positions < 0) | (positions >= cells)).any()):
-        raise ValueError(f"{name}: expected grid cells in [0, {cells}) for grid {tuple(grid)}")
-    if positions.shape[-1] > 1 and bool((positions[..., 1:] <= positions[..., :-1]).any()):
-        raise ValueError(f"{name}: expected strictly increasing cells along each row")
+def positions_arg(parts: Sequence[torch.Tensor], grids: Sequence[Tuple[int, int]], names: Sequence[str]) -> None:
+    """Each ``parts[i]`` (..., N): cells of ``grids[i]``, strictly increasing along the last dim.
+    The flags of all parts are read back in one transfer (one sync on a GPU, not two per part)."""
+    flags = torch.stack([torch.stack([((part < 0) | (part >= grid[0] * grid[1])).any(),
+                                      (part[..., 1:] <= part[..., :-1]).any()])
+                         for part, grid in zip(parts, grids)]).tolist()
+    for (outside, unordered), grid, name in zip(flags, grids, names):
+        if outside:
+            raise ValueError(f"{name}: expected grid cells in [0, {grid[0] * grid[1]}) for grid {tuple(grid)}")
+        if unordered:
+            raise ValueError(f"{name}: expected strictly increasing cells along each row")
 
 
 def same_kept_per_row(kept: Sequence[int]) -> int:
@@ -184,7 +188,7 @@ def compress_args(k, v, text_emb, *, ratio, windows, grid, text_mask, scale, imp
     args.grid = grid_arg(grid, N, positions is not None)
     args.windows = windows_arg(windows, args.grid)
     if positions is not None:
-        positions_arg(positions, args.grid)
+        positions_arg([positions], [args.grid], ["positions"])
     args.positions = None if positions is None else positions.long()  # None: raster order
     if importance is not None:
         tensor("importance", importance, "B, N", device=device, kind="any_float")
@@ -273,8 +277,8 @@ def varlen_args(k, v, text_emb, cu_seqlens, grids, *, cu_seqlens_text, text_rang
     if positions is not None:
         tensor("positions", positions, "total_N", device=device, kind="int")
         expect_shape("positions", positions, (total_n,), "total_N")
-        for i, grid in enumerate(grid_list):
-            positions_arg(positions[starts[i]:starts[i + 1]], grid, name=f"positions (image {i})")
+        positions_arg([positions[a:b] for a, b in zip(starts, starts[1:])], grid_list,
+                      [f"positions (image {i})" for i in range(n_images)])
         positions = positions.long()
     if importance is not None:
         tensor("importance", importance, "total_N", device=device, kind="any_float")

@@ -154,6 +154,10 @@ def test_varlen_second_stage_with_positions_and_shared_prompt():
     (dict(text_ranges=[(0, 9)] * 3), ValueError, ["text_ranges", "total_T = 5"]),
     (dict(windows=2), ValueError, ["windows", "(1, 1)"]),
     (dict(sizes=torch.ones(49, dtype=torch.int32)), ValueError, ["sizes", "(total_N) = (50)"]),
+    (dict(positions=torch.cat([torch.arange(24), torch.arange(1), torch.arange(25) + 1])), ValueError,
+     ["positions (image 2)", "[0, 25)"]),
+    (dict(positions=torch.cat([torch.arange(24).flip(0), torch.arange(1), torch.arange(26)[1:]])), ValueError,
+     ["positions (image 0)", "increasing"]),
 ])
 def test_varlen_bad_input(override, error, words):
     grids, ks, vs, texts = _pack()
