@@ -465,6 +465,9 @@ inline bool knob_is(const char* name, const char* value) {
   return knob != nullptr && std::strcmp(knob, value) == 0;
 }
 
+// Devices for which run-time queries (PTX version, cluster fit) keep their answers.
+constexpr int kCachedDevices = 64;
+
 #ifndef LIGHTKV_CUDA_EMULATION  // the CPU emulation brings its own launcher and cluster check
 inline cudaLaunchAttribute cluster_attribute(unsigned int cluster_blocks) {
   cudaLaunchAttribute cluster{};
@@ -538,11 +541,10 @@ class KernelLauncher {
   // built for the same targets, so one answer per device serves them all.
   template <typename... Params>
   static cudaError_t ptx_version_on_current_device(void (*probe)(Params...), int* out) {
-    constexpr int kDevices = 64;
-    static std::atomic<int> known[kDevices];  // 0: not asked yet
+    static std::atomic<int> known[kCachedDevices];  // 0: not asked yet
     int device = 0;
     LIGHTKV_RETURN_IF_ERROR(cudaGetDevice(&device));
-    const bool cached = device >= 0 && device < kDevices;
+    const bool cached = device >= 0 && device < kCachedDevices;
     if (cached && (*out = known[device].load(std::memory_order_relaxed)) != 0) return cudaSuccess;
     cudaFuncAttributes attributes{};
     LIGHTKV_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, probe));

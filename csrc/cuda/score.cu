@@ -1270,10 +1270,10 @@ int64_t row_tile_bound(const Plan& plan, const ScoreArgs& a) {
 // asked once per device, tiles and size.
 template <typename T>
 bool one_pass_fits(int64_t tiles, int64_t cluster_blocks) {
-  constexpr int kDevices = 64;
-  static std::atomic<int> known[kDevices][kOnePassTiles + 1][kMaxClusterBlocks + 1];  // 0: not asked, 1: no, 2: yes
+  // 0: not asked, 1: no, 2: yes
+  static std::atomic<int> known[detail::kCachedDevices][kOnePassTiles + 1][kMaxClusterBlocks + 1];
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices || tiles < 1 ||
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= detail::kCachedDevices || tiles < 1 ||
       tiles > kOnePassTiles || cluster_blocks < 1 || cluster_blocks > kMaxClusterBlocks) {
     (void)cudaGetLastError();
     return false;
