@@ -214,3 +214,14 @@ def test_the_torch_glue_of_the_cuda_kernels_compiles(tmp_path):
                *system_includes, "-I", str(CUDA_DIR.parent), str(CUDA_DIR / "ops_cuda.cpp")]
     compiled = subprocess.run(command, capture_output=True, text=True)
     assert compiled.returncode == 0, compiled.stderr
+
+
+def test_cmake_compiles_the_kernels_with_the_flags_of_the_extension_build():
+    """CI builds the kernels with CMake, a GPU machine with setup.py (torch.utils.cpp_extension):
+    CMake must pass nvcc what torch's build passes (C++20, no implicit half/bfloat16 conversions),
+    or a kernel could compile in CI and fail in a GPU session's build."""
+    cmake = (CUDA_DIR.parents[1] / "CMakeLists.txt").read_text()
+    cuda_flags = re.search(r"set\(LIGHTKV_CUDA_FLAGS\s+\$<\$<COMPILE_LANGUAGE:CUDA>:([^>]*)>", cmake)
+    assert cuda_flags, "LIGHTKV_CUDA_FLAGS has no CUDA part"
+    assert set(cpp_extension.COMMON_NVCC_FLAGS) <= set(cuda_flags.group(1).split())
+    assert "-std=c++20" in cuda_flags.group(1).split()

@@ -468,6 +468,17 @@ inline bool knob_is(const char* name, const char* value) {
 // Devices for which run-time queries (PTX version, cluster fit) keep their answers.
 constexpr int kCachedDevices = 64;
 
+// Runs `queries` (CUDA runtime calls whose refusal is an answer, not a failure) and returns their
+// answer, leaving no error of theirs for the caller's next cudaGetLastError; an error the caller
+// had left unread before them stays the caller's to read.
+template <typename Queries>
+bool answer_quietly(Queries&& queries) {
+  const bool caller_error_pending = cudaPeekAtLastError() != cudaSuccess;
+  const bool answer = queries();
+  if (!caller_error_pending) (void)cudaGetLastError();
+  return answer;
+}
+
 #ifndef LIGHTKV_CUDA_EMULATION  // the CPU emulation brings its own launcher and cluster check
 inline cudaLaunchAttribute cluster_attribute(unsigned int cluster_blocks) {
   cudaLaunchAttribute cluster{};
@@ -477,6 +488,8 @@ inline cudaLaunchAttribute cluster_attribute(unsigned int cluster_blocks) {
   cluster.val.clusterDim.z = 1;
   return cluster;
 }
+
+constexpr unsigned int kPortableClusterBlocks = 8;  // the cluster size every GPU that runs clusters allows
 
 // Whether the current device runs `kernel` (`threads` per block) in clusters of `cluster_blocks`
 // blocks: code built for compute capability 9.0 on, and at least one such cluster fits on the
@@ -491,17 +504,20 @@ bool clusters_fit(void (*kernel)(Params...), int threads, unsigned int cluster_b
   config.attrs = &cluster;
   config.numAttrs = 1;
   int clusters = 0;
-  // Relaxed capture mode: the queries may run while this thread captures a CUDA graph (the first
-  // call of a shape inside torch.cuda.graph), where a stricter mode could refuse them and end the
-  // capture.
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
-  const bool fits = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90 &&
-                    cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
-                    cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
-  if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);  // the caller's mode again
-  (void)cudaGetLastError();  // a refused query is an answer, not an error for the next call
-  return fits;
+  return answer_quietly([&] {
+    // Relaxed capture mode: the queries may run while this thread captures a CUDA graph (the first
+    // call of a shape inside torch.cuda.graph), where a stricter mode could refuse them and end the
+    // capture.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+    const bool fits =
+        cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90 &&
+        (cluster_blocks <= kPortableClusterBlocks ||
+         cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) &&
+        cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+    if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);  // the caller's mode again
+    return fits;
+  });
 }
 
 // Launches kernels on one stream, chained (see await_previous_kernel) when the code that runs

@@ -5,7 +5,10 @@
 //
 // Value checks that need the data (importance finite and >= 0, sizes >= 1, window tables
 // well formed) are left to the Python API: doing them here would synchronise the stream. The
-// kernels stay memory safe on a malformed image or window table (out-of-range rows are skipped).
+// kernels stay memory safe on a malformed image table (its out-of-range rows are skipped). Window
+// tables are trusted: one that breaks the contract in csrc/lightkv.cpp (a token listed twice or
+// not at all, a window across rows) gives undefined results and may fault, where the CPU backend
+// raises; the Python API passes only the tables it builds (lightkv_ext/windows.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1272,10 +1272,10 @@ template <typename T>
 bool one_pass_fits(int64_t tiles, int64_t cluster_blocks) {
   // 0: not asked, 1: no, 2: yes
   static std::atomic<int> known[detail::kCachedDevices][kOnePassTiles + 1][kMaxClusterBlocks + 1];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= detail::kCachedDevices || tiles < 1 ||
-      tiles > kOnePassTiles || cluster_blocks < 1 || cluster_blocks > kMaxClusterBlocks) {
-    (void)cudaGetLastError();
+  int device = -1;
+  if (!detail::answer_quietly([&] { return cudaGetDevice(&device) == cudaSuccess; }) || device < 0 ||
+      device >= detail::kCachedDevices || tiles < 1 || tiles > kOnePassTiles || cluster_blocks < 1 ||
+      cluster_blocks > kMaxClusterBlocks) {
     return false;
   }
   std::atomic<int>& answer = known[device][tiles][cluster_blocks];
