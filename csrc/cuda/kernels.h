@@ -5,8 +5,11 @@
 //
 // Every launch function is CUB style: ask the workspace size first, hand in a device buffer of
 // at least that many bytes, get back the first CUDA error (launches are asynchronous on
-// `stream`; nothing synchronises). Results are bitwise deterministic for a given input and
-// device: no float atomics, every reduction runs in a fixed order.
+// `stream`; nothing synchronises). The workspace carries partial results and counters from one
+// kernel to the next (the counters zeroed by the launch itself, so it needs no initial contents):
+// it serves one launch sequence at a time (merge decisions and then values share one), reused
+// only in stream order. Results are bitwise deterministic for a given input and device: no
+// float atomics, every reduction runs in a fixed order.
 #pragma once
 
 #include <cuda_runtime.h>
