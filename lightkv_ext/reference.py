@@ -88,6 +88,12 @@ def _match(metric, labels, windows, ratio):
     a, b = vectors[src.clamp(min=0)], vectors[dst.clamp(min=0)]
     norms = a.norm(dim=-1)[:, :, None] * b.norm(dim=-1)[:, None, :]
     sim = (a @ b.transpose(1, 2)) / (norms + 1e-8)
+    # A matrix product can round the dot products of equal vectors differently at different
+    # positions, but SPEC's tie rules need equal vectors to score the same: every src row and dst
+    # column takes the scores of the first equal vector of its window.
+    keys = _vector_keys(vectors)
+    first_src, first_dst = _first_equal(a, src, keys), _first_equal(b, dst, keys)
+    sim = sim.gather(1, first_src[:, :, None].expand_as(sim)).gather(2, first_dst[:, None, :].expand_as(sim))
     sim = sim.masked_fill((dst < 0)[:, None, :], float("-inf"))
     best = sim.argmax(dim=-1)  # first maximum: ties go to the lowest dst position
     best_score = sim.gather(-1, best[:, :, None])[:, :, 0].masked_fill(src < 0, float("-inf"))
@@ -99,6 +105,28 @@ def _match(metric, labels, windows, ratio):
     dest = torch.arange(B * N, device=device)
     dest[src[merged]] = dst.gather(1, best)[merged]
     return (dest.reshape(B, N) - N * torch.arange(B, device=device)[:, None])
+
+
+def _vector_keys(vectors):
+    """A number per row that equal rows share wherever they are and unequal rows almost never do: a
+    sum of the row times random weights. Unlike a matrix product, a row sum rounds alike for rows
+    laid out alike, so the products go to rows padded with zeros to 64 bytes (one alignment)."""
+    n, width = vectors.shape
+    weights = torch.rand(width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    products = vectors.new_zeros(n, -(-width // 8) * 8)
+    torch.mul(vectors, weights.to(vectors.device), out=products[:, :width])
+    return products.sum(dim=-1)
+
+
+def _first_equal(rows, members, keys):
+    """rows[w, p] = vector of members[w, p] -> position of the first member of window w with an
+    equal vector (p itself when none comes before it, or when the first one with its key differs)."""
+    key = keys[members.clamp(min=0)]
+    first = (key[:, :, None] == key[:, None, :]).byte().argmax(dim=-1)
+    window, position = (first != torch.arange(members.shape[1], device=members.device)).nonzero(as_tuple=True)
+    unequal = (rows[window, first[window, position]] != rows[window, position]).any(dim=-1)  # equal keys only
+    first[window[unequal], position[unequal]] = position[unequal]
+    return first
 
 
 def _merge(x, importance, assignment, index):

@@ -365,6 +365,16 @@ def test_ties_go_to_lowest_dst_and_lowest_src():
     assert torch.equal(sizes, torch.tensor([[3, 1, 1]], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copied_keys_tie_like_the_reference_in_large_windows(dtype):
+    # Every third key a copy of the first, in windows of 70 and 77 tokens: exact ties all over,
+    # where a matrix product rounds the copies' dot products by position (SPEC's ties need them equal).
+    k, v, text = make_inputs(B=2, H_kv=2, group=1, N=7 * 21, T=5, D=64, dtype=dtype, seed=3)
+    k[:, :, 1::3] = k[:, :, :1]
+    kwargs = dict(ratio=0.5, windows=(1, 2), grid=(7, 21))
+    assert_same_result(native_compress(k, v, text, **kwargs), reference_compress(k, v, text, **kwargs), dtype)
+
+
 def big_case(dtype):
     k, v, text = make_inputs(B=2, H_kv=4, group=2, N=24 * 20, T=16, D=32, dtype=dtype, seed=9)
     mask = torch.rand(2, 16, generator=torch.Generator().manual_seed(1)) > 0.3

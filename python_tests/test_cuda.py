@@ -222,6 +222,17 @@ def merge_mode(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copied_keys_tie_like_the_reference_in_large_windows(dtype, merge_mode):
+    """Every third key a copy of the first, in windows of 70 and 77 tokens: exact ties all over, which
+    the reference keeps exact where its matrix product rounds the copies' dot products by position."""
+    k, v, text = make_inputs(2, 2, 2, 7 * 21, 5, 64, dtype, seed=3)
+    k[:, :, 1::3] = k[:, :, :1]
+    kwargs = dict(ratio=0.5, windows=(1, 2), grid=(7, 21))
+    assert_same_compression(lightkv_ext.compress(k, v, text, **kwargs),
+                            reference.compress(k, v, text, **kwargs), dtype)
+
+
 # On a 12 x 12 grid: one window of 144 tokens (tiled exact mode) or four of 36 (one tile pair each).
 WINDOWS_144_OR_36 = [pytest.param(1, id="144-token-windows"), pytest.param(2, id="36-token-windows")]
 

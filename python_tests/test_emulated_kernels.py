@@ -2,8 +2,9 @@
 a sample of the self-test's cases (csrc/cuda/selftest) under AddressSanitizer and
 UndefinedBehaviorSanitizer, each checking the kernels' outputs against the self-test's host oracle
 (a missing cp.async wait reads NaN; an out-of-bounds or misaligned access stops the run), and the
-public API over the emulated ops against lightkv_ext.reference. `bash csrc/cuda/emulation/run.sh`
-runs all the self-test's cases, and ThreadSanitizer over them."""
+public API over the emulated ops against lightkv_ext.reference, on a shape matrix and on random
+cases. `bash csrc/cuda/emulation/run.sh` runs all the self-test's cases, ThreadSanitizer over them
+and random cases for as long as it is given."""
 import os
 import subprocess
 import sys
@@ -53,12 +54,29 @@ def test_the_emulated_kernels_pass_the_self_test(selftest, case):
     assert any(case in line for line in lines[:-1])
 
 
-def test_the_emulated_ops_match_the_reference(build, tmp_path):
-    """check_reference.py: compress through the public API, its ops swapped for the emulated
-    kernels (emulated_ops.py, the twin of ops_cuda.cpp), on the CUDA tests' shape matrix."""
-    library = build.build_library(tmp_path)
-    run = subprocess.run([sys.executable, str(EMULATION / "check_reference.py")], capture_output=True, text=True,
-                         cwd=EMULATION.parents[2], env=dict(os.environ, LIGHTKV_EMULATED_LIB=str(library)))
+@pytest.fixture(scope="module")
+def library(build, tmp_path_factory):
+    return build.build_library(tmp_path_factory.mktemp("emulated_ops"))
+
+
+def run_over_emulated_ops(library, script, *args):
+    """A script of emulation/ with the public API's ops swapped for the emulated kernels
+    (emulated_ops.py, the twin of ops_cuda.cpp)."""
+    return subprocess.run([sys.executable, str(EMULATION / script), *args], capture_output=True, text=True,
+                          cwd=EMULATION.parents[2], env=dict(os.environ, LIGHTKV_EMULATED_LIB=str(library)))
+
+
+def test_the_emulated_ops_match_the_reference(library):
+    """check_reference.py: compress through the public API on the CUDA tests' shape matrix."""
+    run = run_over_emulated_ops(library, "check_reference.py")
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.splitlines()[-1] == "failures: 0"
     assert "FAIL" not in run.stdout
+
+
+def test_random_cases_over_the_emulated_ops_match_the_reference(library):
+    """random_cases.py: the same on 24 random cases (fixed seed): shapes, dtypes, knobs and
+    arguments the matrix does not name, determinism and untouched inputs."""
+    run = run_over_emulated_ops(library, "random_cases.py", "--seed", "0", "--cases", "24")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines()[-1] == "cases: 24 failures: 0"

@@ -56,6 +56,36 @@ def test_src_rank_ties_go_to_the_lower_src():
     assert out.assignment.tolist() == [[0, 0, 1, 2]]
 
 
+@pytest.mark.parametrize("n, width, every", [(20, 8, 2), (37, 40, 3), (70, 128, 3), (77, 256, 2), (301, 1000, 5)])
+def test_equal_vectors_tie_exactly_wherever_they_are(n, width, every):
+    # Copies of token 0's random vector at positions 1, 1 + every, ...: every src copy's best dst is
+    # the first dst copy, and the src copies tie on that score, so r = copies - 1 leaves the last
+    # one. A matrix product alone rounds the copies' dot products differently by position (these
+    # shapes did on MKL), which broke both ties.
+    metric = torch.randn(2, n, width, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    metric[:, 1::every] = metric[:, :1]
+    copies = [0] + list(range(1, n, every))
+    src_copies = [i for i in copies if i % 2 == 0]
+    first_dst = min(i for i in copies if i % 2 == 1)
+    x = torch.zeros(2, 1, n, 1)
+    out = reference.compress(x, x, torch.ones(2, 1, 1, 1), ratio=(len(src_copies) - 1) / n, grid=(1, n),
+                             importance=torch.ones(2, n), metric=metric)
+    for row in out.assignment:
+        assert [int(row[i]) for i in src_copies[:-1]] == [int(row[first_dst])] * (len(src_copies) - 1)
+        assert int(row[src_copies[-1]]) != int(row[first_dst])
+
+
+def test_equal_keys_alone_do_not_make_vectors_equal():
+    # Keys that all collide (random weights make that all but impossible): a vector takes the
+    # position of the first one with its key only when the two are equal.
+    x, y, z = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    rows = torch.stack([x, y, x, y, z])[None]
+    first = reference._first_equal(rows, torch.arange(5)[None], torch.zeros(5, dtype=torch.float64))
+    assert first.tolist() == [[0, 1, 0, 3, 4]]
+    distinct_keys = torch.tensor([1.0, 2.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    assert reference._first_equal(rows, torch.arange(5)[None], distinct_keys).tolist() == [[0, 1, 0, 1, 4]]
+
+
 def test_highest_scoring_src_is_merged_first():
     metric = torch.tensor([[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     out = _line(metric, torch.ones(4), ratio=0.25)

@@ -1,7 +1,8 @@
 """lightkv::score / merge / compress over the CPU-emulated CUDA kernels, for CPU tensors.
 
 The Python twin of csrc/cuda/ops_cuda.cpp (same output allocation, token_major included) over
-libemulated.so built by run.sh. check_reference.py swaps these in for lightkv_ext.ops.
+libemulated.so built by run.sh. install() swaps them in for lightkv_ext.ops (check_reference.py,
+random_cases.py).
 """
 import ctypes
 import os
@@ -63,3 +64,9 @@ def compress(k, v, text, images, text_mask, sizes, scale, metric, window_tokens,
     merged = merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
                    token_major)
     return (*merged, importance)
+
+
+def install():
+    """Route the public API's ops (lightkv_ext.ops) to these."""
+    from lightkv_ext import ops
+    ops.score, ops.merge, ops.compress = score, merge, compress
