@@ -6,12 +6,18 @@ check_reference.py runs a fixed shape matrix; this draws shapes the matrix does 
 batch, GQA group and head dim up to 256, grids from 1x1 to 72x72 (past the one pass's 2048-token
 rows and the selection's 4096-token grouping), uneven windows, masked and empty prompts, a second
 stage (sizes, positions), exactly tied keys, token-major strides, explicit importance / metric /
-sizes / scale, varlen packs of up to 12 images with disjoint, shared or empty text spans, and the
-kernels' A/B knobs (LIGHTKV_SCORE_PASSES=1, LIGHTKV_EXACT_GROUP, LIGHTKV_FUSED_GROUPS=0). Each case
-checks that index, assignment and sizes equal the reference's, importance and values are within
-tolerance, ratio 0 returns k and v bitwise, a second call gives the same bits and the inputs are
-unchanged. Every case has its own seed: a failure prints it, and --case SEED reruns that case alone.
-Exits non-zero on any failure.
+sizes / scale, varlen packs of up to 12 images with disjoint, shared or empty text spans (a second
+stage too), and the kernels' A/B knobs (LIGHTKV_SCORE_PASSES=1, LIGHTKV_EXACT_GROUP,
+LIGHTKV_FUSED_GROUPS=0). Each case checks that index, assignment and sizes equal the reference's,
+importance and values are within tolerance, ratio 0 returns k and v bitwise, a second call gives
+the same bits and the inputs are unchanged. Every case has its own seed: a failure prints it, and
+--case SEED reruns that case alone. Exits non-zero on any failure.
+
+Under the sanitizers, with a library built by `build.py DIR library --sanitize ...` and preloaded:
+  address,undefined: LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+                     ASAN_OPTIONS=detect_leaks=0 (about 5x slower)
+  thread:            LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" OMP_NUM_THREADS=1 (torch's OpenMP
+                     threads are not instrumented; about 15x slower)
 """
 import argparse
 import os
@@ -177,20 +183,27 @@ def check_varlen(rng, g):
     text = torch.randn(total_text, H_q, D, generator=g).to(dtype)
     call = dict(cu_seqlens=torch.tensor(cu, dtype=torch.int32), grids=grids, text_ranges=spans, ratio=ratio,
                 windows=windows)
+    second_stage = rng.random() < 0.2
+    if second_stage:  # on the survivors of a first stage, windowed on the original grids
+        first = lightkv_ext.compress_varlen(k, v, text, **dict(call, ratio=0.5))
+        k, v, cu = first.k, first.v, first.cu_seqlens.tolist()
+        call.update(cu_seqlens=first.cu_seqlens, sizes=first.sizes, positions=first.index,
+                    windows=(max(1, windows[0] // 2), max(1, windows[1] // 2)))
     out = lightkv_ext.compress_varlen(k, v, text, **call)
     found = same_bits(out, lightkv_ext.compress_varlen(k, v, text, **call))
     for i, grid in enumerate(grids):
         rows, kept = slice(cu[i], cu[i + 1]), slice(int(out.cu_seqlens[i]), int(out.cu_seqlens[i + 1]))
         start, end = spans[i]
         image_text, mask = (text[start:end], None) if end > start else (text[:1], torch.zeros(1, 1, dtype=torch.bool))
+        earlier = {name: call[name][rows][None] for name in ("sizes", "positions") if name in call}
         want = reference.compress(k[rows].permute(1, 0, 2)[None], v[rows].permute(1, 0, 2)[None],
-                                  image_text.permute(1, 0, 2)[None], ratio=ratio, windows=windows, grid=grid,
-                                  text_mask=mask)
+                                  image_text.permute(1, 0, 2)[None], ratio=ratio, windows=call["windows"], grid=grid,
+                                  text_mask=mask, **earlier)
         got = want._replace(k=out.k[kept], v=out.v[kept], sizes=out.sizes[kept][None], index=out.index[kept][None],
                             assignment=out.assignment[rows][None], importance=out.importance[rows][None])
         found += [f"image {i}: {m}" for m in mismatches(got, want, dtype, layout=lambda x: x[0].transpose(0, 1))]
-    described = dict(dtype=str(dtype), grids=grids, H_kv=H_kv, H_q=H_q, D=D, windows=windows, ratio=ratio,
-                     text_spans=spans)
+    described = dict(dtype=str(dtype), grids=grids, H_kv=H_kv, H_q=H_q, D=D, windows=call["windows"], ratio=ratio,
+                     text_spans=spans, second_stage=second_stage)
     return described, found
 
 
@@ -226,7 +239,8 @@ def main():
             description, found = "(raised)", [repr(error)]
         count += 1
         failures += bool(found)
-        print(f"{'FAIL' if found else 'ok  '} case {case_seed} ({time.time() - start:.1f} s): {description}", flush=True)
+        status = "FAIL" if found else "ok  "
+        print(f"{status} case {case_seed} ({time.time() - start:.1f} s): {description}", flush=True)
         for line in found:
             print("     ", line, flush=True)
         if args.case is not None:
