@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import emulated_ops  # noqa: E402
 import lightkv_ext  # noqa: E402
 from lightkv_ext import reference  # noqa: E402
-from random_cases import mismatches  # noqa: E402
+from random_cases import mismatches, varlen_mismatches  # noqa: E402
 
 emulated_ops.install()
 failures = 0
@@ -86,23 +86,13 @@ tp = torch.randn(9, 4, 32, generator=g)
 cu = [0]
 for n in counts: cu.append(cu[-1] + n)
 cut = [0, 3, 3, 5, 9]
-out = lightkv_ext.compress_varlen(kp, vp, tp, torch.tensor(cu, dtype=torch.int32), grids,
-                                  cu_seqlens_text=torch.tensor(cut, dtype=torch.int32), ratio=0.5, windows=2)
-ok = True
-for i, grid in enumerate(grids):
-    rows = slice(cu[i], cu[i + 1]); orows = slice(int(out.cu_seqlens[i]), int(out.cu_seqlens[i + 1]))
-    if cut[i + 1] > cut[i]:
-        t, m = tp[cut[i]:cut[i + 1]], None
-    else:
-        t, m = tp[:1], torch.zeros(1, 1, dtype=torch.bool)
-    t = t.permute(1, 0, 2)[None]
-    want = reference.compress(kp[rows].permute(1, 0, 2)[None], vp[rows].permute(1, 0, 2)[None], t, ratio=0.5,
-                              windows=2, grid=grid, text_mask=m)
-    ok &= torch.equal(out.index[orows], want.index[0]) and torch.equal(out.assignment[rows], want.assignment[0])
-    ok &= torch.allclose(out.importance[rows], want.importance[0], rtol=1e-4, atol=1e-6)
-    ok &= torch.allclose(out.k[orows], want.k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
-print("ok  " if ok else "FAIL", "varlen")
-failures += not ok
+call = dict(cu_seqlens=torch.tensor(cu, dtype=torch.int32), grids=grids, ratio=0.5, windows=2)
+out = lightkv_ext.compress_varlen(kp, vp, tp, cu_seqlens_text=torch.tensor(cut, dtype=torch.int32), **call)
+found = varlen_mismatches(out, (kp, vp, tp), list(zip(cut[:-1], cut[1:])), torch.float32, call)
+for line in found:
+    print("     ", line)
+print("FAIL" if found else "ok  ", "varlen")
+failures += bool(found)
 # strided (token-major) == contiguous, bitwise
 ktm = torch.randn(2, 100, 4, 64).half(); vtm = torch.randn(2, 100, 4, 64).half(); tt = torch.randn(2, 4, 7, 64).half()
 a = lightkv_ext.compress(ktm.transpose(1, 2), vtm.transpose(1, 2), tt, ratio=0.5, windows=2)

@@ -159,6 +159,25 @@ def check_dense(maker, rng, g):
     return described, found
 
 
+def varlen_mismatches(out, inputs, spans, dtype, call):
+    """What differs between compress_varlen(*inputs, **call) = out and reference.compress on each
+    image alone, image i scored against the text rows spans[i] = (start, end)."""
+    k, v, text = inputs
+    cu, found = call["cu_seqlens"].tolist(), []
+    for i, grid in enumerate(call["grids"]):
+        rows, kept = slice(cu[i], cu[i + 1]), slice(int(out.cu_seqlens[i]), int(out.cu_seqlens[i + 1]))
+        start, end = spans[i]
+        image_text, mask = (text[start:end], None) if end > start else (text[:1], torch.zeros(1, 1, dtype=torch.bool))
+        earlier = {name: call[name][rows][None] for name in ("sizes", "positions") if name in call}
+        want = reference.compress(k[rows].permute(1, 0, 2)[None], v[rows].permute(1, 0, 2)[None],
+                                  image_text.permute(1, 0, 2)[None], ratio=call["ratio"], windows=call["windows"],
+                                  grid=grid, text_mask=mask, **earlier)
+        got = want._replace(k=out.k[kept], v=out.v[kept], sizes=out.sizes[kept][None], index=out.index[kept][None],
+                            assignment=out.assignment[rows][None], importance=out.importance[rows][None])
+        found += [f"image {i}: {m}" for m in mismatches(got, want, dtype, layout=lambda x: x[0].transpose(0, 1))]
+    return found
+
+
 def check_varlen(rng, g):
     """compress_varlen on a pack equals reference.compress on each image alone."""
     dtype = rng.choice(DTYPES)
@@ -186,22 +205,12 @@ def check_varlen(rng, g):
     second_stage = rng.random() < 0.2
     if second_stage:  # on the survivors of a first stage, windowed on the original grids
         first = lightkv_ext.compress_varlen(k, v, text, **dict(call, ratio=0.5))
-        k, v, cu = first.k, first.v, first.cu_seqlens.tolist()
+        k, v = first.k, first.v
         call.update(cu_seqlens=first.cu_seqlens, sizes=first.sizes, positions=first.index,
                     windows=(max(1, windows[0] // 2), max(1, windows[1] // 2)))
     out = lightkv_ext.compress_varlen(k, v, text, **call)
     found = same_bits(out, lightkv_ext.compress_varlen(k, v, text, **call))
-    for i, grid in enumerate(grids):
-        rows, kept = slice(cu[i], cu[i + 1]), slice(int(out.cu_seqlens[i]), int(out.cu_seqlens[i + 1]))
-        start, end = spans[i]
-        image_text, mask = (text[start:end], None) if end > start else (text[:1], torch.zeros(1, 1, dtype=torch.bool))
-        earlier = {name: call[name][rows][None] for name in ("sizes", "positions") if name in call}
-        want = reference.compress(k[rows].permute(1, 0, 2)[None], v[rows].permute(1, 0, 2)[None],
-                                  image_text.permute(1, 0, 2)[None], ratio=ratio, windows=call["windows"], grid=grid,
-                                  text_mask=mask, **earlier)
-        got = want._replace(k=out.k[kept], v=out.v[kept], sizes=out.sizes[kept][None], index=out.index[kept][None],
-                            assignment=out.assignment[rows][None], importance=out.importance[rows][None])
-        found += [f"image {i}: {m}" for m in mismatches(got, want, dtype, layout=lambda x: x[0].transpose(0, 1))]
+    found += varlen_mismatches(out, (k, v, text), spans, dtype, call)
     described = dict(dtype=str(dtype), grids=grids, H_kv=H_kv, H_q=H_q, D=D, windows=call["windows"], ratio=ratio,
                      text_spans=spans, second_stage=second_stage)
     return described, found
