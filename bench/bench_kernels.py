@@ -8,8 +8,11 @@ p20/p80 over many runs: wall time on CPU, CUDA events with L2 flushed between ru
 Achieved bandwidth counts the bytes the op must move: K and V read, compressed K and V written,
 text queries read. On CUDA `copy_roofline` is a device copy of the K/V bytes (read K and V,
 write the compressed K and V), the floor any implementation of the op pays, and
-`lightkv_ext_graph` replays the dense `compress` call captured in a CUDA graph: its GPU time
-without the Python and launch overhead that `lightkv_ext` (an eager call) includes;
+`lightkv_ext_graph` replays the same call captured in a CUDA graph: its GPU time without the
+Python and launch overhead that `lightkv_ext` (an eager call) includes. The packed presets call
+`compress_varlen` with host offsets (lists), its sync-free form: CUDA tensors as `cu_seqlens`
+cost a host sync each, and a call that syncs cannot be captured (such a backend is reported as
+skipped, with the reason);
 `lightkv_ext_graph_unchained` is the same with kernel chaining (programmatic dependent launch)
 turned off (LIGHTKV_PDL=0), which shows what chaining saves, and `lightkv_ext_graph_one_stream`
 with the merge decisions on the current stream instead of overlapping the scoring on a second one
@@ -75,10 +78,6 @@ DEFAULT_PRESETS = ("llava15", "llava_next", "qwen25vl", "video")
 # Batch sizes of a full CPU run: batch 32 only where one eager reference call stays near a second
 # on a small CPU (the packed presets at batch 32 are 160 and 512 images).
 CPU_FULL_BATCHES = {"llava15": (1, 32), "llava_next": (1,), "qwen25vl": (1, 32), "video": (1,)}
-# Graph replays of the dense compress: as is, with kernel chaining off, with one stream, with
-# one scoring pass, with the row grouping in its own kernel.
-GRAPH_BACKENDS = ("lightkv_ext_graph", "lightkv_ext_graph_unchained", "lightkv_ext_graph_one_stream",
-                  "lightkv_ext_graph_one_pass", "lightkv_ext_graph_unfused_groups")
 
 
 @dataclasses.dataclass
@@ -90,8 +89,8 @@ class Case:
     k: torch.Tensor
     v: torch.Tensor
     text: torch.Tensor
-    cu_seqlens: Optional[torch.Tensor] = None
-    cu_seqlens_text: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[List[int]] = None  # host offsets: the sync-free form of compress_varlen
+    cu_seqlens_text: Optional[List[int]] = None
     grids: Optional[List[Tuple[int, int]]] = None
 
     @property
@@ -111,11 +110,11 @@ def make_case(preset: Preset, batch: int, dtype: torch.dtype, device: torch.devi
         return Case(p, batch, randn(batch, p.kv_heads, h * w, p.head_dim), randn(batch, p.kv_heads, h * w, p.head_dim),
                     randn(batch, p.query_heads, p.text_tokens, p.head_dim))
     grids = list(p.grids) * batch
-    lengths = torch.tensor([h * w for h, w in grids])
-    zero = torch.zeros(1, dtype=torch.int64)
-    cu_seqlens = torch.cat([zero, lengths.cumsum(0)]).to(device)
-    cu_seqlens_text = (torch.arange(len(grids) + 1, dtype=torch.int64) * p.text_tokens).to(device)
-    total = int(lengths.sum())
+    cu_seqlens = [0]
+    for h, w in grids:
+        cu_seqlens.append(cu_seqlens[-1] + h * w)
+    cu_seqlens_text = [image * p.text_tokens for image in range(len(grids) + 1)]
+    total = cu_seqlens[-1]
     return Case(p, batch, randn(total, p.kv_heads, p.head_dim), randn(total, p.kv_heads, p.head_dim),
                 randn(len(grids) * p.text_tokens, p.query_heads, p.head_dim), cu_seqlens, cu_seqlens_text, grids)
 
@@ -133,8 +132,7 @@ def dense_call(compress: Callable, case: Case) -> Callable[[], Tuple[torch.Tenso
 
 def per_image_call(compress: Callable, case: Case) -> Callable[[], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The packed case as a Python loop of dense calls, one per image; outputs packed token-major."""
-    vision_offsets = case.cu_seqlens.tolist()
-    text_offsets = case.cu_seqlens_text.tolist()
+    vision_offsets, text_offsets = case.cu_seqlens, case.cu_seqlens_text
 
     def image(packed, offsets, index):  # (total, H, D) -> (1, H, n, D) view
         return packed[offsets[index]:offsets[index + 1]].permute(1, 0, 2).unsqueeze(0)
@@ -207,15 +205,11 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
     extension_fn = varlen_call(case) if p.varlen else dense_call(lightkv_ext.compress, case)
     candidates.append(("lightkv_ext", extension_fn, ""))
     if device.type == "cuda":
-        if p.varlen:  # compress_varlen reads its offsets on the host: not capturable
-            reason = "compress_varlen cannot be captured in a CUDA graph"
-            candidates += [(name, None, reason) for name in GRAPH_BACKENDS]
-        else:
-            candidates += [("lightkv_ext_graph", graph_call(extension_fn, device), ""),
-                           ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""),
-                           ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), ""),
-                           ("lightkv_ext_graph_one_pass", graph_call(one_pass(extension_fn), device), ""),
-                           ("lightkv_ext_graph_unfused_groups", graph_call(unfused_groups(extension_fn), device), "")]
+        candidates += [("lightkv_ext_graph", graph_call(extension_fn, device), ""),
+                       ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""),
+                       ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), ""),
+                       ("lightkv_ext_graph_one_pass", graph_call(one_pass(extension_fn), device), ""),
+                       ("lightkv_ext_graph_unfused_groups", graph_call(unfused_groups(extension_fn), device), "")]
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
     rows = []
@@ -252,15 +246,17 @@ def compiled_reference(case: Case) -> Tuple[str, Optional[Callable], str]:
 def graph_call(fn: Callable, device: torch.device) -> Callable:
     """fn captured in a CUDA graph at the first call (after warm-up calls on a side stream, so a
     capture failure is reported like any backend failure); each call replays the graph and returns
-    the captured outputs, which the replay overwrites."""
+    the captured outputs, which the replay overwrites. A call that still synchronizes with the
+    host after its warm-up raises before the capture starts (a failed capture could leave the
+    capturing stream current)."""
     captured = {}
 
     def capture():
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
+            fn()  # builds what the call caches (window layouts, tables), which may sync
+            assert_no_host_sync(fn)
         torch.cuda.current_stream(device).wait_stream(side)
         captured["graph"] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(captured["graph"]):
@@ -273,6 +269,20 @@ def graph_call(fn: Callable, device: torch.device) -> Callable:
         return captured["outputs"]
 
     return replay
+
+
+def assert_no_host_sync(fn: Callable) -> None:
+    """Calls fn once with torch's sync debug mode raising on any host synchronization."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as error:
+        if "synchronizing CUDA operation" not in str(error):  # torch's message in this mode
+            raise
+        raise RuntimeError("the call synchronizes with the host, so it cannot be captured") from error
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def with_environment(fn: Callable, **variables: str) -> Callable:

@@ -81,8 +81,8 @@ step bench_targets 80 "$BENCH --presets llava15 qwen25vl --batches 1 32 --json '
 step bench_large 40 "$BENCH --presets video16k llava_next video --json '$OUT/bench_gpu_large.json' | tee -a '$OUT/bench_gpu.md'"
 step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
 # When each kernel of a graph replay runs on which stream: how much the scoring and decision
-# chains overlap at batch 1, and the gaps between chained kernels (markdown only).
-step timeline 20 "{ echo; echo '## Timeline of a CUDA-graph replay (chaining and second stream on)'; } >> '$OUT/kernel_breakdown.md'; $PYTHON bench/kernel_breakdown.py --timeline --cases llava15:1 qwen25vl:1 llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
+# chains overlap at batch 1, and the gaps between chained kernels, dense and packed (markdown only).
+step timeline 25 "{ echo; echo '## Timeline of a CUDA-graph replay (chaining and second stream on)'; } >> '$OUT/kernel_breakdown.md'; $PYTHON bench/kernel_breakdown.py --timeline --cases llava15:1 qwen25vl:1 llava15:32 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 if [ -n "$BASELINE" ]; then
   step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
   # The same inputs through both builds: bitwise the same outputs, where the change meant no other
@@ -97,8 +97,9 @@ step profile_host 40 "$PYTHON bench/profile_host.py"
 step kernel_breakdown_one_pass 25 "{ echo; echo '## One scoring pass (LIGHTKV_SCORE_PASSES=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=1 $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 qwen25vl:32 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of exact_dots_kernel's items where the shape picks block groups: block pairs instead (markdown only).
 step kernel_breakdown_exact_pairs 15 "{ echo; echo '## Exact mode by block pairs (LIGHTKV_EXACT_GROUP=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_GROUP=1 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
-# A/B of the merge modes where exact mode runs: the same cases in screened mode (markdown only).
-step kernel_breakdown_screened 20 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
+# A/B of the merge modes where exact mode runs: the same cases in screened mode, batch 32 included
+# (markdown only).
+step kernel_breakdown_screened 25 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 llava15:32 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 # Hardware counters of one call per target case (Nsight Compute at the GPU's own clocks): what
 # limits each kernel (speed of light, occupancy, the instructions issued and the cycles a warp
 # spends stalled per issue, by reason), appended to kernel_breakdown.md.

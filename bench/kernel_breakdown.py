@@ -18,11 +18,12 @@ profiler range, for Nsight Compute's hardware counters (gpu_check.sh's `ncu` ste
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \
         python bench/kernel_breakdown.py --ncu-range --cases llava15:32
 
-`--timeline` (CUDA, dense presets) shows instead when each kernel of a call runs: the compress
-captured in a CUDA graph as bench_kernels.py's lightkv_ext_graph (chaining and second stream
-on), replayed `--calls` times under the profiler; for the last replay, per kernel its stream,
-start and end (µs after the replay's first kernel starts) and the idle time on its stream before
-it, then the span against the summed kernel times (how much the two streams overlap).
+`--timeline` (CUDA) shows instead when each kernel of a call runs: the compress (or
+compress_varlen, with host offsets) captured in a CUDA graph as bench_kernels.py's
+lightkv_ext_graph (chaining and second stream on), replayed `--calls` times under the profiler;
+for the last replay, per kernel its stream, start and end (µs after the replay's first kernel
+starts) and the idle time on its stream before it, then the span against the summed kernel times
+(how much the two streams overlap).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="CUDA: instead of profiling, run each case's compress once (after a warm-up call) "
                              "between cudaProfilerStart and cudaProfilerStop, for `ncu --profile-from-start off`")
     parser.add_argument("--timeline", action="store_true",
-                        help="CUDA, dense presets: when each kernel of a CUDA-graph replay runs, per stream")
+                        help="CUDA: when each kernel of a CUDA-graph replay runs, per stream")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error("--calls must be at least 1")
@@ -217,9 +218,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print_header(metadata, f"{dtype}, the last of {args.calls} replays of a CUDA graph of the call")
         cases = []
         for name, batch in args.cases:
-            if PRESETS[name].varlen:
-                print(f"### {name}: skipped (compress_varlen cannot be captured in a CUDA graph)\n")
-                continue
             case, call = case_call(name, batch, dtype, device)
             rows = timeline(call, device, args.calls)
             print_timeline(name, batch, rows)

@@ -384,24 +384,73 @@ def test_cached_tables_are_ready_for_other_streams():
     assert_bitwise_equal(got, lightkv_ext.compress(k, v, text, **kwargs))
 
 
-def test_compress_replays_from_a_cuda_graph():
-    """No host synchronisation inside compress: it can be captured once (its second stream forked
-    and joined inside the capture) and replayed on new inputs."""
-    static = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=22)
-    kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
+def assert_replays_like_calls(call, static, fresh):
+    """call(*static) captured in a CUDA graph (after a warm-up call on a side stream, which builds
+    what the call caches and loads the kernels), replayed with the values of fresh copied into
+    static, gives bitwise what call(*fresh) gives."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: builds the window layout, loads the kernels
-        lightkv_ext.compress(*static, **kwargs)
+    with torch.cuda.stream(side):
+        call(*static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = lightkv_ext.compress(*static, **kwargs)
-    fresh = make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=23)
+        captured = call(*static)
     for buffer, value in zip(static, fresh):
         buffer.copy_(value)
     graph.replay()
-    assert_bitwise_equal(captured, lightkv_ext.compress(*fresh, **kwargs))
+    assert_bitwise_equal(captured, call(*fresh))
+
+
+def test_compress_replays_from_a_cuda_graph():
+    """No host synchronisation inside compress: it can be captured once (its second stream forked
+    and joined inside the capture) and replayed on new inputs."""
+    assert_replays_like_calls(lambda *inputs: lightkv_ext.compress(*inputs, ratio=0.5, windows=4, grid=(24, 24)),
+                              make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=22),
+                              make_inputs(1, 32, 32, 24 * 24, 64, 128, torch.bfloat16, seed=23))
+
+
+def make_varlen_inputs(grids, text_tokens, H_kv, H_q, D, dtype, seed):
+    """A packed pack of images with their own text spans, and its offsets as host lists."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cu_seqlens, cu_seqlens_text = [0], [0]
+    for (h, w), t in zip(grids, text_tokens):
+        cu_seqlens.append(cu_seqlens[-1] + h * w)
+        cu_seqlens_text.append(cu_seqlens_text[-1] + t)
+    k = torch.randn(cu_seqlens[-1], H_kv, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(cu_seqlens[-1], H_kv, D, device="cuda", generator=gen).to(dtype)
+    text = torch.randn(cu_seqlens_text[-1], H_q, D, device="cuda", generator=gen).to(dtype)
+    return (k, v, text), cu_seqlens, cu_seqlens_text
+
+
+def test_compress_varlen_with_host_offsets_replays_from_a_cuda_graph():
+    """With its offsets as host lists, compress_varlen reads nothing back: it can be captured and
+    replayed on new inputs of the same pack."""
+    grids, text_tokens = [(24, 24), (12, 20), (5, 7)], [64, 0, 9]  # the second image has no text
+    static, cu, cu_text = make_varlen_inputs(grids, text_tokens, 4, 8, 128, torch.bfloat16, seed=24)
+    fresh, _, _ = make_varlen_inputs(grids, text_tokens, 4, 8, 128, torch.bfloat16, seed=25)
+    assert_replays_like_calls(lambda *inputs: lightkv_ext.compress_varlen(*inputs, cu, grids, cu_seqlens_text=cu_text,
+                                                                          ratio=0.5, windows=2), static, fresh)
+
+
+def test_compress_calls_do_not_sync_with_the_host():
+    """After a first call of the same shapes, a dense compress and a compress_varlen with host
+    offsets never wait for the GPU (torch's sync debug mode raises on any synchronizing call)."""
+    dense = make_inputs(2, 4, 8, 12 * 12, 16, 64, torch.float16, seed=26)
+    packed, cu, cu_text = make_varlen_inputs([(6, 6), (4, 9)], [5, 7], 4, 8, 64, torch.float16, seed=27)
+    calls = [lambda: lightkv_ext.compress(*dense, ratio=0.5, windows=4, grid=(12, 12)),
+             lambda: lightkv_ext.compress_varlen(*packed, cu, [(6, 6), (4, 9)], cu_seqlens_text=cu_text,
+                                                 ratio=0.5, windows=2)]
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def test_llava_compress_launches_five_kernels():
