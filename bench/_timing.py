@@ -175,11 +175,14 @@ def format_number(value: Optional[float], digits: int = 1) -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
+    """payload as JSON at path, replaced in one step (a run killed meanwhile leaves the old file)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as handle:
+    partial = f"{path}.partial"
+    with open(partial, "w") as handle:
         json.dump(payload, handle, indent=2)
         handle.write("\n")
+    os.replace(partial, path)
 
 
 def load_pyplot():

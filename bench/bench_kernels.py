@@ -416,7 +416,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 only, short repetition budgets, no torch.compile (under a minute)")
-    parser.add_argument("--json", metavar="PATH", help="write the rows and run metadata as JSON")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write the rows and run metadata as JSON (after each case, with complete=false "
+                             "until the run ends)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of time vs tokens per backend")
     parser.add_argument("--replot", nargs="+", metavar="JSON",
                         help="measure nothing: plot the rows of these --json files to --plot")
@@ -447,6 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     metadata = run_metadata(device)
 
+    mode = "quick" if args.quick else "full"
     rows: List[dict] = []
     for name in args.presets:
         preset = PRESETS[name]
@@ -455,6 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             rows += benchmark_case(case, device, dtype, args.quick)
             del case
             print(f"done: {name} batch {batch}", file=sys.stderr, flush=True)
+            if args.json:  # the rows so far, in case the run is cut short (a device call's time limit)
+                write_json(args.json, dict(metadata, mode=mode, complete=False, rows=rows))
 
     metadata["load_average_1min_end"] = os.getloadavg()[0]
     print(f"- device: {metadata['device']}\n- torch {metadata['torch']}, python {metadata['python']}\n"
@@ -466,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           "medians are GPU time (the GPU is held busy while the host issues the call), host µs is "
           "the host time to issue one call\n")
     print(render_table(rows))
-    result = dict(metadata, mode="quick" if args.quick else "full", rows=rows)
+    result = dict(metadata, mode=mode, complete=True, rows=rows)
     if args.json:
         write_json(args.json, result)
     if args.plot and plot(rows, args.plot, metadata["device"]):

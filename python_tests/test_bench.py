@@ -42,10 +42,32 @@ def run_kernel_bench(bench_modules, tmp_path, device):
         ["--quick", "--presets", "tiny", "tiny_varlen", "--batches", "1", "2", "--device", device,
          "--json", str(json_path), "--plot", str(plot_path)])
     written = json.loads(json_path.read_text())
-    assert written == json.loads(json.dumps(result))
+    assert written == json.loads(json.dumps(result)) and written["complete"] is True
+    assert [path.name for path in tmp_path.iterdir() if path.suffix == ".partial"] == []
     if importlib.util.find_spec("matplotlib") is not None:
         assert is_png(plot_path)
     return written
+
+
+def test_kernel_bench_keeps_the_rows_of_a_cut_run(bench_modules, tmp_path, monkeypatch):
+    """A run stopped after its first case (a device call's time limit) leaves that case's rows."""
+    bench = bench_modules["bench_kernels"]
+    measure = bench.benchmark_case
+    calls = []
+
+    def stop_at_the_second_case(*args, **kwargs):
+        calls.append(args[0].preset.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "benchmark_case", stop_at_the_second_case)
+    json_path = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--presets", "tiny", "tiny_varlen", "--device", "cpu", "--json", str(json_path)])
+    written = json.loads(json_path.read_text())
+    assert written["complete"] is False
+    assert {(row["preset"], row["batch"]) for row in written["rows"]} == {("tiny", 1)}
 
 
 def check_kernel_rows(data, expected_backends):
