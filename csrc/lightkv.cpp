@@ -8,7 +8,7 @@
 //     i.e. B = 1, L = total_N, without a copy.
 //   * a token is addressed by its flat id g = b * L + l (b = g / L, l = g % L).
 //
-// score(k, text, images, text_mask, sizes, scale) -> importance (B, L) float32
+// score(k, text, images, text_mask, sizes, scale, text_rows=-1) -> importance (B, L) float32
 //   k:         (B, H_kv, L, D) float32/float16/bfloat16.
 //   text:      (B, H_q, S, D) same dtype, H_q % H_kv == 0, query head h reads KV head h / (H_q/H_kv).
 //   images:    (I, 5) int64 on k's device, one row per image:
@@ -19,6 +19,12 @@
 //              device table without a sync, so it stays in bounds but its result is then undefined.
 //   text_mask: optional (B, S) bool; a text token counts only where it is True.
 //   sizes:     optional (B, L) int32; when given, log(sizes) is added to every logit.
+//   text_rows: the text rows all images score together, sum of text_len (any larger bound will
+//              do, like flash-attn's max_seqlen), or -1 when unknown. It sizes the softmax
+//              statistics: the CUDA backend takes it as given, without reading the table back
+//              (with -1 it bounds it by I * S and, where that bound is large, reads the table back
+//              once); the CPU backend raises when it is smaller than the table's sum. A CUDA call
+//              given too small a value stays in bounds, but its result is then undefined.
 //   For every image, query head h and counted text token t:
 //     p = softmax over the image's vision tokens i of (scale * <text[b,h,t], k[b,h/g,i]> + log size_i)
 //   importance_i = sum_h sum_t p / (H_q * T_img), T_img the counted text tokens of the image;
@@ -62,9 +68,9 @@
 //     assignment  (B, L) int64: output slot m of the group each input token ended in.
 //
 // compress(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets,
-//          ratio, kept, max_window, token_major)
+//          ratio, kept, max_window, token_major, text_rows=-1)
 //   -> (k_out, v_out, sizes_out, index, assignment, importance)
-//   importance = score(k, text, images, text_mask, sizes, scale), then
+//   importance = score(k, text, images, text_mask, sizes, scale, text_rows), then
 //   merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
 //   token_major): one call for the common case (the API's compress without a given importance).
 //   `sizes` is required and always biases the logits; unit sizes add log 1 = 0, exactly as no
@@ -83,11 +89,12 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(lightkv, m) {
   m.def("score(Tensor k, Tensor text, Tensor images, Tensor? text_mask, Tensor? sizes, "
-        "float scale) -> Tensor");
+        "float scale, SymInt text_rows=-1) -> Tensor");
   m.def("merge(Tensor k, Tensor v, Tensor metric, Tensor importance, Tensor sizes, "
         "Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, int max_window, "
         "bool token_major) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("compress(Tensor k, Tensor v, Tensor text, Tensor images, Tensor? text_mask, Tensor sizes, "
         "float scale, Tensor metric, Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, "
-        "int max_window, bool token_major) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int max_window, bool token_major, SymInt text_rows=-1) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

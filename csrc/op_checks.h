@@ -71,7 +71,7 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
 // lightkv::score (contract in csrc/lightkv.cpp).
 inline void check_score_args(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                              const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
-                             double scale) {
+                             double scale, int64_t text_rows) {
   constexpr const char* op = "score";
   check_same_device(text, k, op, "text");
   check_same_device(images, k, op, "images");
@@ -99,6 +99,7 @@ inline void check_score_args(const at::Tensor& k, const at::Tensor& text, const 
     check_shape(*sizes, {batch, tokens}, op, "sizes");
   }
   LIGHTKV_CHECK(std::isfinite(scale), "lightkv::score: scale must be finite, got ", scale);
+  LIGHTKV_CHECK(text_rows >= -1, "lightkv::score: text_rows must be >= 0, or -1 when unknown, got ", text_rows);
 }
 
 // lightkv::merge (contract in csrc/lightkv.cpp).

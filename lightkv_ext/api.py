@@ -81,7 +81,7 @@ def score(k, text_emb, *, text_mask=None, scale=None, sizes=None) -> torch.Tenso
     """
     args = score_args(k, text_emb, text_mask=text_mask, scale=scale, sizes=sizes)
     images = _dense_images(k.shape[0], k.shape[2], text_emb.shape[2], k.device)
-    return ops.score(k, text_emb, images, text_mask, args.sizes, args.scale)
+    return ops.score(k, text_emb, images, text_mask, args.sizes, args.scale, k.shape[0] * text_emb.shape[2])
 
 
 @_interop
@@ -108,7 +108,7 @@ def compress(k, v, text_emb, *, ratio=0.5, windows=1, grid=None, text_mask=None,
     if args.importance is None:  # one op: scoring and the merge decisions may overlap (CUDA)
         images = _dense_images(B, N, text_emb.shape[2], k.device)
         return Compressed(*ops.compress(k, v, text_emb, images, text_mask, token_sizes, args.scale, metric,
-                                        *merge_args))
+                                        *merge_args, B * text_emb.shape[2]))
     return Compressed(*ops.merge(k, v, metric, args.importance, token_sizes, *merge_args), args.importance)
 
 
@@ -140,8 +140,11 @@ def compress_varlen(k, v, text_emb, cu_seqlens, grids, *, cu_seqlens_text=None, 
     images, cu_out, slot_base, token_base = _varlen_tables(
         tuple(args.starts), tuple((int(t0), int(t1)) for t0, t1 in args.text_ranges), tuple(layout.kept), device)
     if args.importance is None:
+        # The text rows the images score, summed on the host: the CUDA op sizes its softmax
+        # statistics by them without reading the image table back.
+        text_rows = sum(t1 - t0 for t0, t1 in args.text_ranges)
         *merged, importance = ops.compress(keys, values, text_emb.permute(1, 0, 2)[None], images, None,
-                                           token_sizes, args.scale, metric, *merge_args)
+                                           token_sizes, args.scale, metric, *merge_args, text_rows)
         importance = importance[0]
     else:
         importance = args.importance

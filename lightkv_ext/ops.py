@@ -14,7 +14,7 @@ compress = torch.ops.lightkv.compress.default
 
 
 @torch.library.register_fake("lightkv::score")
-def _score_fake(k, text, images, text_mask, sizes, scale):
+def _score_fake(k, text, images, text_mask, sizes, scale, text_rows=-1):
     return k.new_empty((k.shape[0], k.shape[2]), dtype=torch.float32)
 
 
@@ -35,7 +35,7 @@ def _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, 
 
 @torch.library.register_fake("lightkv::compress")
 def _compress_fake(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets, ratio,
-                   kept, max_window, token_major):
+                   kept, max_window, token_major, text_rows=-1):
     importance = _score_fake(k, text, images, text_mask, sizes, scale)
     merged = _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
                          token_major)

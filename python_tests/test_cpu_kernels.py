@@ -561,6 +561,20 @@ def test_score_rejects_bad_arguments():
         score_op(k, text, images, None, torch.zeros(1, 4, dtype=torch.int32), 1.0)
 
 
+def test_score_checks_its_text_rows_bound():
+    """text_rows bounds the images' total text_len (the CUDA op sizes its softmax statistics by it,
+    unchecked): the CPU op takes that sum or more, as if not given, and names the argument below it."""
+    k, _, text = make_inputs(B=2, N=6, T=3)
+    images = torch.tensor([[0, 0, 6, 0, 3], [1, 0, 4, 1, 2], [1, 4, 2, 0, 0]])  # 5 text rows
+    unbounded = score_op(k, text, images, None, None, 0.5)
+    for text_rows in (5, 6, 100):
+        assert torch.equal(score_op(k, text, images, None, None, 0.5, text_rows), unbounded)
+    with pytest.raises(RuntimeError, match=r"text_rows \(4\) must be at least the images' total text_len \(5\)"):
+        score_op(k, text, images, None, None, 0.5, 4)
+    with pytest.raises(RuntimeError, match="text_rows must be >= 0, or -1"):
+        score_op(k, text, images, None, None, 0.5, -2)
+
+
 # ----------------------------------------------------------------------------- opcheck
 def test_opcheck():
     ops = pytest.importorskip("lightkv_ext.ops", reason="fake kernels (lightkv_ext/ops.py) not written yet")
@@ -569,13 +583,14 @@ def test_opcheck():
     mask = torch.tensor([[True, False, True], [True, True, True]])
     sizes = torch.randint(1, 3, (2, 12), dtype=torch.int32)
     torch.library.opcheck(score_op.default, (k, text, dense_images(2, 12, 3), mask, sizes, 0.5))
+    torch.library.opcheck(score_op.default, (k, text, dense_images(2, 12, 3), mask, sizes, 0.5, 6))
     tokens, offsets, kept, max_window = window_csr(torch.arange(12).expand(2, 12), (3, 4), (1, 2), 0.5)
     for token_major in (False, True):
         torch.library.opcheck(merge_op.default, (k, v, k.permute(0, 2, 1, 3), torch.rand(2, 12), sizes,
                                                  tokens, offsets, 0.5, kept[0], max_window, token_major))
         torch.library.opcheck(compress_op.default, (k, v, text, dense_images(2, 12, 3), mask, sizes, 0.5,
                                                     k.permute(0, 2, 1, 3), tokens, offsets, 0.5, kept[0],
-                                                    max_window, token_major))
+                                                    max_window, token_major, 6))
 
 
 @pytest.mark.parametrize("unit_sizes", [True, False], ids=["unit-sizes", "sizes"])

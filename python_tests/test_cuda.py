@@ -435,11 +435,17 @@ def test_compress_varlen_with_host_offsets_replays_from_a_cuda_graph():
 
 def test_compress_calls_do_not_sync_with_the_host():
     """After a first call of the same shapes, a dense compress and a compress_varlen with host
-    offsets never wait for the GPU (torch's sync debug mode raises on any synchronizing call)."""
+    offsets never wait for the GPU (torch's sync debug mode raises on any synchronizing call), also
+    for a pack of 256 prompts of one image each, whose softmax statistics the bound images x text
+    rows would size at 268 MB (the API passes the exact 16384 rows)."""
     dense = make_inputs(2, 4, 8, 12 * 12, 16, 64, torch.float16, seed=26)
     packed, cu, cu_text = make_varlen_inputs([(6, 6), (4, 9)], [5, 7], 4, 8, 64, torch.float16, seed=27)
+    many_grids = [(4, 4)] * 256
+    many, many_cu, many_cu_text = make_varlen_inputs(many_grids, [64] * 256, 2, 8, 32, torch.bfloat16, seed=28)
     calls = [lambda: lightkv_ext.compress(*dense, ratio=0.5, windows=4, grid=(12, 12)),
              lambda: lightkv_ext.compress_varlen(*packed, cu, [(6, 6), (4, 9)], cu_seqlens_text=cu_text,
+                                                 ratio=0.5, windows=2),
+             lambda: lightkv_ext.compress_varlen(*many, many_cu, many_grids, cu_seqlens_text=many_cu_text,
                                                  ratio=0.5, windows=2)]
     for call in calls:
         call()
@@ -605,6 +611,18 @@ def test_score_with_overlapping_images_stays_in_bounds():
     assert torch.isfinite(importance).all() and (importance >= 0).all()
 
 
+def test_score_with_too_small_text_rows_stays_in_bounds():
+    """text_rows below the images' text rows (the CPU op raises) leaves the CUDA result undefined,
+    but no kernel may index past the statistics it sized (compute-sanitizer checks the accesses)."""
+    N, T, D = 520, 64, 32
+    k, _, text = make_inputs(2, 1, 17, N, T, D, torch.bfloat16, seed=17)
+    images = torch.tensor([[0, 0, N, 0, T], [1, 0, N, 0, T]], device="cuda")
+    sizes = torch.ones(2, N, dtype=torch.int32, device="cuda")
+    importance = torch.ops.lightkv.score(k, text, images, None, sizes, 1.0 / math.sqrt(D), 30)
+    torch.cuda.synchronize()
+    assert importance.shape == (2, N)
+
+
 def _op_samples():
     B, H_kv, H_q, N, T, D = 2, 2, 4, 16, 5, 32
     k, v, text = make_inputs(B, H_kv, H_q, N, T, D, torch.float32, seed=15)
@@ -628,3 +646,6 @@ def test_opcheck():
     k, text, images, mask, sizes, scale = score_args
     compress_args = (k, merge_args[1], text, images, mask, sizes, scale, *merge_args[2:3], *merge_args[5:])
     torch.library.opcheck(torch.ops.lightkv.compress.default, compress_args)
+    text_rows = images[:, 4].sum().item()  # the exact bound, which the API passes
+    torch.library.opcheck(torch.ops.lightkv.score.default, score_args + (text_rows,))
+    torch.library.opcheck(torch.ops.lightkv.compress.default, compress_args + (text_rows,))

@@ -19,6 +19,7 @@ from emulation import EMULATION, load_build
 CASES = [
     "gqa masked sizes",
     "ten images",
+    "text rows past the bound",
     "D=160",
     "runs of column items",
     "one pass, 18 column tiles",

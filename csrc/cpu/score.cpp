@@ -203,9 +203,9 @@ void score_kernel(const at::Tensor& k, const at::Tensor& text, const ImageSet& i
 
 at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                      const std::optional<at::Tensor>& text_mask,
-                     const std::optional<at::Tensor>& sizes, double scale) {
+                     const std::optional<at::Tensor>& sizes, double scale, int64_t text_rows) {
   LIGHTKV_CHECK(k.device().is_cpu(), "lightkv::score: k must be a CPU tensor, got ", k.device());
-  lightkv::check_score_args(k, text, images, text_mask, sizes, scale);
+  lightkv::check_score_args(k, text, images, text_mask, sizes, scale, text_rows);
   const int64_t batch = k.size(0), kv_heads = k.size(1), tokens = k.size(2);
   const int64_t text_tokens = text.size(2);
   if (sizes.has_value()) {
@@ -220,6 +220,11 @@ at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tens
 
   const ImageSet image_set =
       read_images(images, text_mask, batch, tokens, text_tokens, kv_heads);
+  if (text_rows >= 0) {  // the bound the CUDA backend would trust
+    const int64_t total = images.select(1, 4).sum().item<int64_t>();
+    LIGHTKV_CHECK(text_rows >= total, "lightkv::score: text_rows (", text_rows,
+                  ") must be at least the images' total text_len (", total, ")");
+  }
   at::Tensor importance = at::zeros({batch, tokens}, k.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
                                   "lightkv_score_cpu", [&] {

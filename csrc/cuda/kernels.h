@@ -46,7 +46,9 @@ struct ScoreArgs {
   const int32_t* sizes = nullptr;  // optional (B, L): log(size) is added to every logit
   int64_t sizes_stride[2] = {0, 0};
   float scale = 1.0f;
-  // Upper bound on sum over images of text_len (sizes the softmax statistics buffer).
+  // Rows of the softmax statistics buffer: the sum over images of text_len, or more. A smaller
+  // value keeps every kernel in bounds (the rows past it get no statistics) but leaves the result
+  // undefined.
   int64_t text_capacity = 0;
   float* importance = nullptr;  // (B, L) contiguous float32 output; tokens of no image get 0
 };

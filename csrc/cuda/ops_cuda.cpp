@@ -79,9 +79,9 @@ struct ScoreCall {
 
 ScoreCall prepare_score(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                         const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
-                        double scale) {
+                        double scale, int64_t text_rows) {
   LIGHTKV_CHECK(k.is_cuda(), "lightkv::score: k must be a CUDA tensor, got device ", k.device());
-  lightkv::check_score_args(k, text, images, text_mask, sizes, scale);
+  lightkv::check_score_args(k, text, images, text_mask, sizes, scale, text_rows);
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "score", "k");
   const int64_t batch = k.size(0), tokens = k.size(2), text_tokens = text.size(2);
 
@@ -105,11 +105,12 @@ ScoreCall prepare_score(const at::Tensor& k, const at::Tensor& text, const at::T
   }
   args.scale = static_cast<float>(scale);
   args.importance = call.importance.data_ptr<float>();
-  // Softmax statistics are kept per (image, text token): I * S rows bound them without reading
-  // the table; only when that bound is large is the exact total read back (one sync).
-  args.text_capacity = args.num_images * text_tokens;
+  // Softmax statistics are kept per (image, text token): the caller's text_rows, or else I * S
+  // rows bound them without reading the table; only when that bound is large is the exact total
+  // read back (one sync).
+  args.text_capacity = text_rows >= 0 ? text_rows : args.num_images * text_tokens;
   call.workspace_bytes = lightkv_cuda::score_workspace_size(args);
-  if (call.workspace_bytes > kScoreWorkspaceNoSyncLimit) {
+  if (text_rows < 0 && call.workspace_bytes > kScoreWorkspaceNoSyncLimit) {
     args.text_capacity = call.image_table.select(1, 4).clamp_min(0).sum().item<int64_t>();
     call.workspace_bytes = lightkv_cuda::score_workspace_size(args);
   }
@@ -181,9 +182,9 @@ MergeCall prepare_merge(const at::Tensor& k, const at::Tensor& v, const at::Tens
 
 at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Tensor& images,
                       const std::optional<at::Tensor>& text_mask, const std::optional<at::Tensor>& sizes,
-                      double scale) {
+                      double scale, int64_t text_rows) {
   const c10::cuda::CUDAGuard device_guard(k.device());
-  ScoreCall call = prepare_score(k, text, images, text_mask, sizes, scale);
+  ScoreCall call = prepare_score(k, text, images, text_mask, sizes, scale, text_rows);
   at::Tensor scratch = workspace(call.workspace_bytes, k);
   C10_CUDA_CHECK(lightkv_cuda::launch_score(call.args, scratch.data_ptr(), call.workspace_bytes,
                                             c10::cuda::getCurrentCUDAStream().stream()));
@@ -231,9 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& text, const at::Tensor& images,
     const std::optional<at::Tensor>& text_mask, const at::Tensor& sizes, double scale, const at::Tensor& metric,
     const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio, int64_t kept,
-    int64_t max_window, bool token_major) {
+    int64_t max_window, bool token_major, int64_t text_rows) {
   const c10::cuda::CUDAGuard device_guard(k.device());
-  ScoreCall score = prepare_score(k, text, images, text_mask, sizes, scale);
+  ScoreCall score = prepare_score(k, text, images, text_mask, sizes, scale, text_rows);
   MergeCall merge = prepare_merge(k, v, metric, score.importance, sizes, window_tokens, window_offsets, ratio, kept,
                                   max_window, token_major);
   const size_t score_bytes = (score.workspace_bytes + 255) & ~size_t{255};

@@ -108,6 +108,7 @@ struct Params {
   int64_t* text_counted;       // counted (mask True) text tokens per image
   float2* stats;               // (text row, H_q, nsplit) -> (max, sum of 2^(l - max)), base-2 logits, (-inf, 0) for a
                                // masked text token
+  int64_t text_capacity;       // text rows of stats and finals; rows past it (a caller's too small bound) get none
   int64_t nsplit;
   float2* finals;              // (text row, H_q) -> (max, 1 / sum) over all column ranges (row_finals_kernel), or null
   float* partial;              // (H_kv * rsplit, B * L); one pass: (H_kv * an image's row tiles, B * L)
@@ -771,8 +772,9 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kPassB
         const int local_row = L::row(i);
         const int64_t r = row_tile * kTileRows + local_row;
         if (r >= p.group * tl) continue;
-        const int64_t hq = hk * p.group + r / tl, t = r % tl;
-        p.stats[((text_off[image] + t) * p.H_q + hq) * p.nsplit + split] =
+        const int64_t hq = hk * p.group + r / tl, text_row = text_off[image] + r % tl;
+        if (text_row >= p.text_capacity) continue;
+        p.stats[(text_row * p.H_q + hq) * p.nsplit + split] =
             sm.row_ok[0][local_row] ? make_float2(run_max[i], run_sum[i]) : make_float2(-INFINITY, 0.f);
       }
     }
@@ -786,7 +788,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kPassB
 // items load one pair per row.
 __global__ void __launch_bounds__(kFinalThreads) row_finals_kernel(const Params p) {
   detail::await_previous_kernel();
-  const int64_t rows = offsets_of(p, kTextRows)[p.num_images] * p.H_q;
+  const int64_t rows = min(offsets_of(p, kTextRows)[p.num_images], p.text_capacity) * p.H_q;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kFinalThreads;
   for (int64_t row = blockIdx.x * int64_t{kFinalThreads} + threadIdx.x; row < rows; row += stride) {
     float2 pair[kSplitsInFlight];
@@ -870,11 +872,15 @@ __device__ __forceinline__ void setup_mass_tile(const Params& p, TileSmem& sm, c
   if (local >= kTileRows) return;
   const int64_t tl = it.img[kTextLen];
   const int64_t r = row_tile * kTileRows + local;
-  const bool combines = rows && r < p.group * tl;
+  bool combines = rows && r < p.group * tl;
   const bool from_finals = p.finals != nullptr;
   const int64_t per_row = from_finals ? 1 : p.nsplit;
   const float2* st = from_finals ? p.finals : p.stats;
-  if (combines) st += ((tables.text_off[it.image] + r % tl) * p.H_q + it.hk * p.group + r / tl) * per_row;
+  if (combines) {
+    const int64_t text_row = tables.text_off[it.image] + r % tl;
+    combines = text_row < p.text_capacity;  // else the statistics of no split: (-inf, 0)
+    st += combines ? (text_row * p.H_q + it.hk * p.group + r / tl) * per_row : 0;
+  }
   const TileSetup setup = load_tile_setup(p, it.img, it.hk, row_tile, rows, it.col_tile, cols);
   float2 pair[kSplitsInFlight];
   load_row_pairs(st, combines ? static_cast<int>(per_row) : 0, pair);  // at most kSplitsInFlight
@@ -1463,6 +1469,7 @@ cudaError_t launch_score(const ScoreArgs& a, void* workspace, size_t workspace_b
   p.offsets = ws.offsets;
   p.text_counted = ws.text_counted;
   p.stats = ws.stats;
+  p.text_capacity = a.text_capacity;
   p.nsplit = plan.nsplit;
   p.finals = plan.finals ? ws.finals : nullptr;
   p.partial = ws.partial;

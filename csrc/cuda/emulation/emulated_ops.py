@@ -22,10 +22,10 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
 
-def score(k, text, images, text_mask, sizes, scale):
+def score(k, text, images, text_mask, sizes, scale, text_rows=-1):
     out = torch.empty(k.shape[0], k.shape[2], dtype=torch.float32)
     images = images.contiguous()
-    cap = images.shape[0] * text.shape[2]
+    cap = text_rows if text_rows >= 0 else images.shape[0] * text.shape[2]
     rc = lib.emu_score(ptr(k), DT[k.dtype], arr(k.shape), arr(k.stride()), ptr(text), arr(text.shape),
                        arr(text.stride()), ptr(images), ctypes.c_int64(images.shape[0]), ptr(text_mask),
                        arr(text_mask.stride()) if text_mask is not None else None, ptr(sizes),
@@ -59,8 +59,8 @@ def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio,
 
 
 def compress(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets, ratio, kept,
-             max_window, token_major):
-    importance = score(k, text, images, text_mask, sizes, scale)
+             max_window, token_major, text_rows=-1):
+    importance = score(k, text, images, text_mask, sizes, scale, text_rows)
     merged = merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
                    token_major)
     return (*merged, importance)

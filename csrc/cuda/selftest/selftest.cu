@@ -180,11 +180,16 @@ std::vector<float> host_score(const ScoreCase& c, const HostTensor<T>& k, const 
   return importance;
 }
 
-// overlapping: the case's images overlap, which the contract forbids; the result is then undefined,
-// so only the launch is checked (and, under compute-sanitizer, that no access leaves its buffers).
+// text_rows: the caller's bound on the images' text rows (ScoreArgs::text_capacity), or -1 for the
+// I * S bound. Where the images overlap (`overlapping`) or text_rows is below their text rows, which
+// the contract forbids, the result is undefined, so only the launch is checked (and, under
+// compute-sanitizer or the emulator's AddressSanitizer, that no access leaves its buffers).
 template <typename T>
-void run_score_case(const ScoreCase& c, uint64_t seed, bool overlapping = false) {
+void run_score_case(const ScoreCase& c, uint64_t seed, bool overlapping = false, int64_t text_rows = -1) {
   if (!selected(c.name)) return;
+  int64_t needed_rows = 0;
+  for (const auto& img : c.images) needed_rows += img[4];
+  const bool undefined = overlapping || (text_rows >= 0 && text_rows < needed_rows);
   std::mt19937_64 rng(seed);
   HostTensor<T> k({c.B, c.H_kv, c.L, c.D}, c.k_order);
   HostTensor<T> text({c.B, c.H_q, c.S, c.D}, {0, 1, 2, 3});
@@ -226,9 +231,9 @@ void run_score_case(const ScoreCase& c, uint64_t seed, bool overlapping = false)
     args.sizes_stride[1] = 1;
   }
   args.scale = scale;
-  args.text_capacity = args.num_images * c.S;
+  args.text_capacity = text_rows >= 0 ? text_rows : args.num_images * c.S;
   args.importance = out.ptr;
-  const std::vector<float> want = overlapping ? std::vector<float>() : host_score(c, k, text, mask, sizes, scale);
+  const std::vector<float> want = undefined ? std::vector<float>() : host_score(c, k, text, mask, sizes, scale);
   // The two passes by default, and with LIGHTKV_SCORE_PASSES=1 one_pass_kernel where it applies
   // (rows of at most 2048 tokens; elsewhere both runs take the two passes).
   for (const bool one_pass : {false, true}) {
@@ -239,7 +244,7 @@ void run_score_case(const ScoreCase& c, uint64_t seed, bool overlapping = false)
     SELFTEST_CUDA(cudaDeviceSynchronize());
     const std::vector<float> got = out.download();
     const std::string name = c.name + (one_pass ? " (1 pass)" : "");
-    if (overlapping) {
+    if (undefined) {
       std::printf("score %-40s launched\n", name.c_str());
     } else {
       SELFTEST_CUDA(lightkv_cuda::launch_score(args, workspace.ptr, bytes, nullptr));
@@ -545,12 +550,18 @@ int main(int argc, char** argv) {
                           {{0, 0, 49, 0, 5}, {1, 0, 49, 0, 5}, {2, 0, 49, 0, 5}}, false, false, {0, 1, 2, 3}},
                          2);
   // More images than row_stats_kernel tables itself (8): image_offsets_kernel builds the tables.
-  run_score_case<__nv_bfloat16>({"bf16 ten images", 2, 2, 4, 100, 12, 32,
-                                 {{0, 0, 20, 0, 12}, {0, 20, 20, 3, 5}, {0, 40, 20, 0, 0}, {0, 60, 20, 11, 1},
-                                  {0, 80, 20, 2, 7}, {1, 0, 17, 0, 12}, {1, 17, 23, 4, 4}, {1, 40, 1, 6, 6},
-                                  {1, 41, 50, 0, 3}, {1, 91, 9, 9, 3}},
-                                 true, false, {0, 1, 2, 3}},
-                                6);
+  // Then the statistics sized by the caller's text_rows (the API's exact count, 53 rows, where
+  // I * S is 120), and by a bound below it, which must keep every access in bounds.
+  ScoreCase ten_images{"bf16 ten images", 2, 2, 4, 100, 12, 32,
+                       {{0, 0, 20, 0, 12}, {0, 20, 20, 3, 5}, {0, 40, 20, 0, 0}, {0, 60, 20, 11, 1},
+                        {0, 80, 20, 2, 7}, {1, 0, 17, 0, 12}, {1, 17, 23, 4, 4}, {1, 40, 1, 6, 6},
+                        {1, 41, 50, 0, 3}, {1, 91, 9, 9, 3}},
+                       true, false, {0, 1, 2, 3}};
+  run_score_case<__nv_bfloat16>(ten_images, 6);
+  ten_images.name = "bf16 ten images, exact text rows";
+  run_score_case<__nv_bfloat16>(ten_images, 6, false, 53);
+  ten_images.name = "bf16 ten images, text rows past the bound";
+  run_score_case<__nv_bfloat16>(ten_images, 6, false, 20);
   // Four images over the same 256 tokens: 16 column tiles, more than disjoint images could have.
   run_score_case<__nv_bfloat16>({"bf16 overlapping images", 1, 2, 4, 256, 5, 32,
                                  {{0, 0, 256, 0, 5}, {0, 0, 256, 0, 5}, {0, 0, 256, 0, 5}, {0, 0, 256, 0, 5}},
@@ -578,9 +589,11 @@ int main(int argc, char** argv) {
                                 26);
   // 17 row tiles in at most 16 row ranges (some of 2 row tiles) over 9 column ranges: the rows'
   // statistics are combined once, between the passes (row_finals_kernel).
-  run_score_case<__nv_bfloat16>({"bf16 rows combined between passes", 1, 1, 17, 520, 64, 32, {{0, 0, 520, 0, 64}},
-                                 true, true, {0, 1, 2, 3}},
-                                27);
+  ScoreCase rows_combined{"bf16 rows combined between passes", 1, 1, 17, 520, 64, 32, {{0, 0, 520, 0, 64}},
+                          true, true, {0, 1, 2, 3}};
+  run_score_case<__nv_bfloat16>(rows_combined, 27);
+  rows_combined.name = "bf16 rows combined, text rows past the bound";
+  run_score_case<__nv_bfloat16>(rows_combined, 27, false, 30);
   // column_mass_kernel items of up to 4 row tiles on the pipelined walk (16-bit, D <= 128), which
   // sets up row tile s + 2 and stages s + 1's queries while it multiplies s: 51 row tiles in 16
   // ranges (the last 3 empty), the rows' column-range pairs combined inline, a head-dim tail, an
