@@ -346,6 +346,20 @@ def test_exact_block_groups_match_block_pairs(B, monkeypatch):
     assert_same_compression(by_shape, reference.compress(k, v, text, **kwargs), torch.bfloat16)
 
 
+def test_exact_stacked_src_blocks_decide_as_the_reference(monkeypatch):
+    """LIGHTKV_EXACT_MMA=16 (opt-in) multiplies a block group's src blocks in pairs, one float64
+    mma.m16n8k4 per pair and dst block (sm_90 on): the same products, whose last bits may round
+    otherwise; the decisions are the reference's, and where they are the same the whole result is
+    the default's bitwise (the values depend on the decisions only)."""
+    k, v, text = make_inputs(32, 4, 8, 576, 8, 64, torch.bfloat16, seed=29)
+    kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
+    default = lightkv_ext.compress(k, v, text, **kwargs)
+    monkeypatch.setenv("LIGHTKV_EXACT_MMA", "16")
+    stacked = lightkv_ext.compress(k, v, text, **kwargs)
+    assert_same_compression(stacked, reference.compress(k, v, text, **kwargs), torch.bfloat16)
+    assert_bitwise_equal(stacked, default)
+
+
 @pytest.mark.parametrize("grid", [(24, 24), (65, 64)], ids=["row-groups", "general-groups"])
 def test_overlapped_decisions_match_one_stream(grid, monkeypatch):
     """lightkv::compress runs the merge decisions on a second stream while it scores; with

@@ -263,6 +263,24 @@ __device__ __forceinline__ void mma_m8n8k4(double (&d)[2], double a, double b) {
 #endif
 }
 
+// Two such tiles that share B, stacked along the rows of A (16 x 4: rows 0-7 `top`'s, 8-15
+// `bottom`'s), in one float64 mma.m16n8k4 (compute capability 9.0 on; the PTX ISA's "Matrix
+// Fragments for mma.m16n8k4 with .f64"): a_top = A[group][quad], a_bottom = A[group + 8][quad],
+// b as above, and each half's d as above. Elsewhere the two mma_m8n8k4. The same products and
+// sums; the order in which a tensor core adds an instruction's 4 products may differ between the
+// two shapes, and so may the last bits.
+__device__ __forceinline__ void mma_m16n8k4(double (&top)[2], double (&bottom)[2], double a_top, double a_bottom,
+                                            double b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+               : "+d"(top[0]), "+d"(top[1]), "+d"(bottom[0]), "+d"(bottom[1])
+               : "d"(a_top), "d"(a_bottom), "d"(b));
+#else
+  mma_m8n8k4(top, a_top, b);
+  mma_m8n8k4(bottom, a_bottom, b);
+#endif
+}
+
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Rows of a strided 4-D tensor can be read 16 bytes (`per_vector` elements) at a time: aligned

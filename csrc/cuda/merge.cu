@@ -845,8 +845,12 @@ __host__ __device__ constexpr int64_t exact_step_features() {
 // depends on neither the layout, nor a token's position, nor kGroup: equal tokens get equal sums,
 // and both variants the same sums for the same split. kGroup = 3 (a LLaVA-1.5 window's 3 x 3 block pairs in one item)
 // converts each value to float64 once per item where a block pair's item (kGroup = 1) converts it
-// once per partner block, and the conversions run at a quarter of the float64 rate.
-template <typename M, int kGroup>
+// once per partner block, and the conversions run at a quarter of the float64 rate. kStackedSrcs
+// (opt-in, LIGHTKV_EXACT_MMA=16) multiplies src blocks 2 i and 2 i + 1 of a group by each dst block
+// in one mma.m16n8k4 (sm_90 on) instead of two mma.m8n8k4: 6 float64 tensor-core instructions per
+// k-step of a 3 x 3 group instead of 9, the same lanes holding the same values (CUTLASS's Hopper
+// float64 atoms are these 16 x 8 shapes: the 8 x 8 x 4 one may not reach the float64 peak there).
+template <typename M, int kGroup, bool kStackedSrcs = false>
 __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm : kExactGroupBlocksPerSm)
     exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
@@ -915,10 +919,24 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
           if constexpr (decltype(with_src_norms)::value) src_norm[g] = fma(x[g], x[g], src_norm[g]);
           if constexpr (decltype(with_dst_norms)::value) dst_norm[g] = fma(y[g], y[g], dst_norm[g]);
         }
+        if constexpr (kStackedSrcs) {
 #pragma unroll
-        for (int sb = 0; sb < kGroup; ++sb)
+          for (int sb = 0; sb + 1 < kGroup; sb += 2) {
 #pragma unroll
-          for (int db = 0; db < kGroup; ++db) detail::mma_m8n8k4(acc[sb][db], x[sb], y[db]);
+            for (int db = 0; db < kGroup; ++db) {
+              detail::mma_m16n8k4(acc[sb][db], acc[sb + 1][db], x[sb], x[sb + 1], y[db]);
+            }
+          }
+          if constexpr (kGroup % 2 == 1) {
+#pragma unroll
+            for (int db = 0; db < kGroup; ++db) detail::mma_m8n8k4(acc[kGroup - 1][db], x[kGroup - 1], y[db]);
+          }
+        } else {
+#pragma unroll
+          for (int sb = 0; sb < kGroup; ++sb)
+#pragma unroll
+            for (int db = 0; db < kGroup; ++db) detail::mma_m8n8k4(acc[sb][db], x[sb], y[db]);
+        }
       };
       if (p.vector_stage) {  // zeros past the split or the window
         const int64_t batches = ceil_div(max(f_end - f_begin, int64_t{0}), kStep) * (kExactVectors / kBatch);
@@ -1546,6 +1564,7 @@ struct Plan {
   int64_t exact_steps;       // exact mode: exact_dots_kernel's steps over the whole metric
   int64_t exact_split;       // exact mode: feature splits per item (shape-only)
   int exact_group;           // exact mode: blocks per side of an exact_dots_kernel item, 1 or kExactGroup
+  bool exact_stacked;        // exact mode, groups: src blocks stacked in mma.m16n8k4 (LIGHTKV_EXACT_MMA=16)
   int64_t select_groups;     // exact mode: exact_select_kernel's blocks per window, at most
   bool row_groups;           // rows short enough for group_row (row_groups_kernel)
   bool fused_row_groups;     // exact mode with such rows: exact_select_kernel groups them
@@ -1620,6 +1639,7 @@ Plan make_plan(const MergeArgs& a) {
   if (plan.exact_group == 0) {
     plan.exact_group = plan.exact_blocks <= kExactGroup && block_pairs >= kExactGroupMinPairs ? kExactGroup : 1;
   }
+  plan.exact_stacked = plan.exact_group == kExactGroup && detail::knob_is("LIGHTKV_EXACT_MMA", "16");
   const int64_t items = std::max<int64_t>(plan.windows, 1) * exact_group_pairs(plan);
   const int64_t most_splits = std::max<int64_t>(
       1, std::min({ceil_div(plan.exact_group == 1 ? kExactTargetWarps : kExactGroupTargetWarps, items),
@@ -1803,6 +1823,7 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
   const int64_t items = plan.windows * plan.exact_split * exact_group_pairs(plan);
   const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
   LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
+                          : plan.exact_stacked  ? launch(exact_dots_kernel<M, kExactGroup, true>, grid, kExactThreads, p)
                                                 : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
   const int group_row_items = plan.fused_row_groups ? row_items(plan) : 2;  // 2: the least shared memory
   const auto exact_select = group_row_items == 2   ? exact_select_kernel<2>
