@@ -97,9 +97,9 @@ step profile_host 40 "$PYTHON bench/profile_host.py"
 step kernel_breakdown_one_pass 25 "{ echo; echo '## One scoring pass (LIGHTKV_SCORE_PASSES=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=1 $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 qwen25vl:32 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of exact_dots_kernel's items where the shape picks block groups: block pairs instead (markdown only).
 step kernel_breakdown_exact_pairs 15 "{ echo; echo '## Exact mode by block pairs (LIGHTKV_EXACT_GROUP=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_GROUP=1 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
-# A/B of exact_dots_kernel's tensor-core instruction for block groups (LLaVA-1.5 at batch 32): src
-# blocks stacked in float64 mma.m16n8k4 instead of one mma.m8n8k4 each (markdown only).
-step kernel_breakdown_exact_mma 15 "{ echo; echo '## Exact mode with stacked src blocks (LIGHTKV_EXACT_MMA=16)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_MMA=16 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
+# A/B of exact_dots_kernel's tensor-core instruction for block groups (LLaVA-1.5 at batch 32): one
+# mma.m8n8k4 per src block instead of two blocks stacked in a float64 mma.m16n8k4 (markdown only).
+step kernel_breakdown_exact_mma 15 "{ echo; echo '## Exact mode with src blocks one by one (LIGHTKV_EXACT_MMA=8)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_MMA=8 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of the merge modes where exact mode runs: the same cases in screened mode, batch 32 included
 # (markdown only).
 step kernel_breakdown_screened 25 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 llava15:32 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"

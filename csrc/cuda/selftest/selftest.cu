@@ -637,11 +637,14 @@ int main(int argc, char** argv) {
   run_merge_case<__nv_bfloat16>({"bf16 dst ranges", 1, 1, 300, 32, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 17);
   run_merge_case<__nv_bfloat16>({"bf16 feature splits", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6},
                                 18);
-  // The same windows as 3 x 3 block groups, src blocks stacked in mma.m16n8k4 (opt-in knobs).
+  // The same windows as 3 x 3 block groups (forced: too few windows to pick them), src blocks
+  // stacked in mma.m16n8k4, and one by one (LIGHTKV_EXACT_MMA=8).
   setenv("LIGHTKV_EXACT_GROUP", "3", 1);
-  setenv("LIGHTKV_EXACT_MMA", "16", 1);
   run_merge_case<__nv_bfloat16>(
       {"bf16 stacked src blocks", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  setenv("LIGHTKV_EXACT_MMA", "8", 1);
+  run_merge_case<__nv_bfloat16>(
+      {"bf16 src blocks one by one", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
   unsetenv("LIGHTKV_EXACT_GROUP");
   unsetenv("LIGHTKV_EXACT_MMA");
   run_merge_case<__half>({"fp16 tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3}, 4000}, 19);
