@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -274,7 +275,9 @@ def graph_call(fn: Callable, device: torch.device) -> Callable:
 def assert_no_host_sync(fn: Callable) -> None:
     """Calls fn once with torch's sync debug mode raising on any host synchronization."""
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+    with warnings.catch_warnings():  # torch warns that the mode is a prototype
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
     except RuntimeError as error:

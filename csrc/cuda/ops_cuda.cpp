@@ -206,10 +206,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
   return {call.k_out, call.v_out, call.sizes_out, call.index, call.assignment};
 }
 
-// LIGHTKV_OVERLAP=0 turns the second stream of compress off (for A/B timing and debugging).
-bool overlap_enabled() {
-  const char* knob = std::getenv("LIGHTKV_OVERLAP");
-  return !(knob != nullptr && std::strcmp(knob, "0") == 0);
+// Whether the environment variable `name` is `value` (the A/B knobs, read at every call).
+bool knob_is(const char* name, const char* value) {
+  const char* knob = std::getenv(name);
+  return knob != nullptr && std::strcmp(knob, value) == 0;
 }
 
 // The fork and join events of compress's second stream, one pair per thread and device, reused by
@@ -242,22 +242,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   char* score_workspace = static_cast<char*>(scratch.data_ptr());
   char* merge_workspace = score_workspace + score_bytes;
 
-  // The merge decisions go first, on a second stream when overlapping: the importance only
+  // The merge decisions run on a second stream when overlapping: the importance only
   // enters the values. The memory the side stream reads or writes (inputs, outputs, workspace)
   // can only be released after the join is enqueued on the current stream, so any reuse of it
   // there comes after the side stream's work: no record_stream is needed. The fork and the join
   // are event waits, which CUDA graph capture records as edges.
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  const bool overlap = merge.workspace_bytes > 0 && overlap_enabled();
+  // LIGHTKV_OVERLAP=0 turns the second stream off (for A/B timing and debugging).
+  const bool overlap = merge.workspace_bytes > 0 && !knob_is("LIGHTKV_OVERLAP", "0");
   const c10::cuda::CUDAStream side = overlap ? c10::cuda::getStreamFromPool(false, k.device().index()) : stream;
   ForkJoinEvents& events = fork_join_events(stream.device_index());
   if (overlap) {
     events.fork.record(stream);
     events.fork.block(side);
   }
+  // LIGHTKV_SCORE_FIRST=1 enqueues the scoring first, so that its kernels, not the decisions',
+  // take the SMs first (A/B: at LLaVA-1.5 batch 1 the scoring chain is the longer one).
+  const bool score_first = knob_is("LIGHTKV_SCORE_FIRST", "1");
+  if (score_first) {
+    C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+  }
   C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
                                                       side.stream()));
-  C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+  if (!score_first) {
+    C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
+  }
   if (overlap) {
     events.join.record(side);
     events.join.block(stream);
