@@ -26,6 +26,7 @@ struct Image {
 struct ImageSet {
   std::vector<Image> images;
   int64_t partial_len = 0;  // total size of the partial sums of all images
+  int64_t text_rows = 0;    // sum of the images' text_len (the bound the CUDA backend trusts)
 };
 
 ImageSet read_images(const at::Tensor& images, const std::optional<at::Tensor>& text_mask,
@@ -50,6 +51,7 @@ ImageSet read_images(const at::Tensor& images, const std::optional<at::Tensor>& 
     LIGHTKV_CHECK(text_start >= 0 && text_len >= 0 && text_len <= text_tokens - text_start,
                   "lightkv::score: images[", i, "] text tokens [", text_start, ", ", text_start,
                   " + ", text_len, ") are outside [0, ", text_tokens, ")");
+    result.text_rows += text_len;
     for (int64_t l = image.vis_start; l < image.vis_start + image.vis_len; ++l) {
       auto& flag = covered[static_cast<size_t>(image.batch_row * tokens + l)];
       LIGHTKV_CHECK(flag == 0, "lightkv::score: images overlap at batch row ", image.batch_row,
@@ -220,11 +222,8 @@ at::Tensor score_cpu(const at::Tensor& k, const at::Tensor& text, const at::Tens
 
   const ImageSet image_set =
       read_images(images, text_mask, batch, tokens, text_tokens, kv_heads);
-  if (text_rows >= 0) {  // the bound the CUDA backend would trust
-    const int64_t total = images.select(1, 4).sum().item<int64_t>();
-    LIGHTKV_CHECK(text_rows >= total, "lightkv::score: text_rows (", text_rows,
-                  ") must be at least the images' total text_len (", total, ")");
-  }
+  LIGHTKV_CHECK(text_rows < 0 || text_rows >= image_set.text_rows, "lightkv::score: text_rows (", text_rows,
+                ") must be at least the images' total text_len (", image_set.text_rows, ")");
   at::Tensor importance = at::zeros({batch, tokens}, k.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(),
                                   "lightkv_score_cpu", [&] {

@@ -259,14 +259,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // LIGHTKV_SCORE_FIRST=1 enqueues the scoring first, so that its kernels, not the decisions',
   // take the SMs first (A/B: at LLaVA-1.5 batch 1 the scoring chain is the longer one).
   const bool score_first = knob_is("LIGHTKV_SCORE_FIRST", "1");
-  if (score_first) {
+  const auto launch_scoring = [&] {
     C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
-  }
+  };
+  if (score_first) launch_scoring();
   C10_CUDA_CHECK(lightkv_cuda::launch_merge_decisions(merge.args, merge_workspace, merge.workspace_bytes,
                                                       side.stream()));
-  if (!score_first) {
-    C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
-  }
+  if (!score_first) launch_scoring();
   if (overlap) {
     events.join.record(side);
     events.join.block(stream);
