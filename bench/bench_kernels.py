@@ -16,9 +16,10 @@ skipped, with the reason);
 `lightkv_ext_graph_unchained` is the same with kernel chaining (programmatic dependent launch)
 turned off (LIGHTKV_PDL=0), which shows what chaining saves, and `lightkv_ext_graph_one_stream`
 with the merge decisions on the current stream instead of overlapping the scoring on a second one
-(LIGHTKV_OVERLAP=0), which shows what the overlap saves, `lightkv_ext_graph_one_pass` with
-the opt-in one-pass scoring kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1),
-and `lightkv_ext_graph_unfused_groups` with exact mode's rows grouped by their own kernel after the
+(LIGHTKV_OVERLAP=0), which shows what the overlap saves, `lightkv_ext_graph_one_pass` and
+`lightkv_ext_graph_two_passes` with the scoring forced to the one-pass kernel (thread block
+clusters) where it applies (LIGHTKV_SCORE_PASSES=1) or to the two passes (=2; by default the shape
+picks), and `lightkv_ext_graph_unfused_groups` with exact mode's rows grouped by their own kernel after the
 selection instead of inside it (LIGHTKV_FUSED_GROUPS=0).
 """
 from __future__ import annotations
@@ -209,7 +210,8 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
         candidates += [("lightkv_ext_graph", graph_call(extension_fn, device), ""),
                        ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""),
                        ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), ""),
-                       ("lightkv_ext_graph_one_pass", graph_call(one_pass(extension_fn), device), ""),
+                       ("lightkv_ext_graph_one_pass", graph_call(score_passes(extension_fn, 1), device), ""),
+                       ("lightkv_ext_graph_two_passes", graph_call(score_passes(extension_fn, 2), device), ""),
                        ("lightkv_ext_graph_unfused_groups", graph_call(unfused_groups(extension_fn), device), "")]
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
@@ -317,9 +319,10 @@ def one_stream(fn: Callable) -> Callable:
     return with_environment(fn, LIGHTKV_OVERLAP="0")
 
 
-def one_pass(fn: Callable) -> Callable:
-    """fn with the one-pass scoring kernel where it applies (LIGHTKV_SCORE_PASSES=1)."""
-    return with_environment(fn, LIGHTKV_SCORE_PASSES="1")
+def score_passes(fn: Callable, passes: int) -> Callable:
+    """fn with the scoring forced to the one-pass kernel where it applies (passes=1) or to the two
+    passes (passes=2): LIGHTKV_SCORE_PASSES."""
+    return with_environment(fn, LIGHTKV_SCORE_PASSES=str(passes))
 
 
 def unfused_groups(fn: Callable) -> Callable:

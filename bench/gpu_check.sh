@@ -92,9 +92,10 @@ if [ -n "$BASELINE" ]; then
 fi
 # Where the host time of an eager call goes (varlen and dense): syncs, Python, launches (log only).
 step profile_host 40 "$PYTHON bench/profile_host.py"
-# A/B of the scoring: the opt-in one-pass cluster kernel instead of the two passes, on the presets
-# it applies to (markdown only).
-step kernel_breakdown_one_pass 25 "{ echo; echo '## One scoring pass (LIGHTKV_SCORE_PASSES=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=1 $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 qwen25vl:32 | tee -a '$OUT/kernel_breakdown.md'"
+# A/Bs of the scoring: the one-pass cluster kernel forced where the shape picks the two passes, and
+# the two passes forced where it picks the one pass (markdown only).
+step kernel_breakdown_one_pass 25 "{ echo; echo '## One scoring pass (LIGHTKV_SCORE_PASSES=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=1 $PYTHON bench/kernel_breakdown.py --cases llava15:32 qwen25vl:1 qwen25vl:32 | tee -a '$OUT/kernel_breakdown.md'"
+step kernel_breakdown_two_passes 15 "{ echo; echo '## Two scoring passes (LIGHTKV_SCORE_PASSES=2)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_SCORE_PASSES=2 $PYTHON bench/kernel_breakdown.py --cases llava15:1 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of exact_dots_kernel's items where the shape picks block groups: block pairs instead (markdown only).
 step kernel_breakdown_exact_pairs 15 "{ echo; echo '## Exact mode by block pairs (LIGHTKV_EXACT_GROUP=1)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_GROUP=1 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of exact_dots_kernel's tensor-core instruction for block groups (LLaVA-1.5 at batch 32): one

@@ -96,11 +96,11 @@ SHAPES = [
 @pytest.mark.parametrize("with_sizes", [False, True])
 # Up to 8 images the scoring kernels build the image tables, beyond image_offsets_kernel does.
 @pytest.mark.parametrize("B", [3, 10], ids=["3-images", "10-images"])
-# Two passes by default; these shapes take one_pass_kernel with LIGHTKV_SCORE_PASSES=1.
-@pytest.mark.parametrize("passes", ["two-passes", "one-pass"])
+# Both scorings forced (LIGHTKV_SCORE_PASSES), and the one the shape picks.
+@pytest.mark.parametrize("passes", ["by-shape", "1", "2"])
 def test_score_matches_reference(dtype, masked, with_sizes, B, passes, monkeypatch):
-    if passes == "one-pass":
-        monkeypatch.setenv("LIGHTKV_SCORE_PASSES", "1")
+    if passes != "by-shape":
+        monkeypatch.setenv("LIGHTKV_SCORE_PASSES", passes)
     H_kv, H_q, N, T, D = 2, 8, 150, 37, 64
     k, _, text = make_inputs(B, H_kv, H_q, N, T, D, dtype, seed=1)
     mask = random_mask(B, T, seed=2, empty_row=1) if masked else None
@@ -129,6 +129,23 @@ def test_one_pass_matches_reference_and_repeats(N, H_kv, H_q, monkeypatch):
     assert_bitwise_equal(got, lightkv_ext.score(k, text, text_mask=mask))
     torch.testing.assert_close(got, reference.score(k, text, text_mask=mask), **SCORE_TOL)
     torch.testing.assert_close(got.sum(-1), torch.ones(2, device="cuda"), rtol=1e-5, atol=1e-5)
+
+
+# By default the one pass runs where its clusters are blocks of one column tile of a 16-bit type
+# and fit one wave (LLaVA-1.5 at batch 1: 576 blocks); the two passes where blocks take two tiles
+# (rows of 1300 tokens), the grid is larger (batch 2: 1152 blocks) or the type is float32.
+@pytest.mark.parametrize("B,N,H_kv,H_q,dtype,one_pass", [
+    (1, 576, 32, 32, torch.bfloat16, True), (1, 576, 32, 32, torch.float16, True),
+    (2, 576, 32, 32, torch.bfloat16, False), (1, 1300, 4, 28, torch.bfloat16, False),
+    (1, 576, 32, 32, torch.float32, False)])
+def test_scoring_picked_by_shape(B, N, H_kv, H_q, dtype, one_pass, monkeypatch):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("one_pass_kernel runs in thread block clusters (compute capability 9.0 on)")
+    monkeypatch.delenv("LIGHTKV_SCORE_PASSES", raising=False)
+    k, _, text = make_inputs(B, H_kv, H_q, N, 64, 128, dtype, seed=25)
+    kernels = launched_kernels(lambda: lightkv_ext.score(k, text))
+    assert any("one_pass_kernel" in name for name in kernels) == one_pass, kernels
+    assert any("row_stats_kernel" in name for name in kernels) == (not one_pass), kernels
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

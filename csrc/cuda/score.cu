@@ -25,13 +25,13 @@
 // (pass 1: of the same rows; pass 2: of the block's next item) are in flight to the other slot,
 // so a tile's load is no longer a round trip its warps wait for (row_stats_pipelined,
 // column_mass_pipelined).
-// With LIGHTKV_SCORE_PASSES=1, where the rows are at most 2048 tokens long, the text makes at most
-// kOnePassRowTiles row tiles per image and the GPU runs thread block clusters (compute
-// capability 9.0 on), one_pass_kernel does both passes in one launch instead: a cluster of
+// Where the rows are at most 2048 tokens long, the text makes at most kOnePassRowTiles row tiles
+// per image and the GPU runs thread block clusters (compute capability 9.0 on), one_pass_kernel
+// can do both passes in one launch instead (by shape, or forced: score_passes_knob): a cluster of
 // blocks covers all column tiles of an image's rows, each 64 x 64 tile's logits are computed once
 // and kept in registers while the cluster combines its row stats through distributed shared
 // memory, and then summed into column masses (half the tensor-core work and exponentials, one
-// read of k). Opt-in until measured on a GPU (README); the two ways round differently (last bits).
+// read of k). The two ways round differently (last bits).
 // Work items are enumerated from per-image tile counts built on the device (no host sync), by
 // image_offsets_kernel, or for at most kFusedImages images by the scoring kernels themselves;
 // every block walks items in a grid-stride loop. Every sum has a fixed order, so the result is
@@ -1307,9 +1307,21 @@ bool one_pass_fits(DType dtype, int64_t tiles, int64_t cluster_blocks) {  // the
   }
 }
 
-// LIGHTKV_SCORE_PASSES=1 runs one_pass_kernel where it applies. Opt-in until timed on a GPU
-// against the two passes (README).
-bool one_pass_requested() { return detail::knob_is("LIGHTKV_SCORE_PASSES", "1"); }
+// Which scoring runs where one_pass_kernel applies: LIGHTKV_SCORE_PASSES=1 forces the one pass,
+// =2 the two passes; by default the one pass runs where its clusters are blocks of one column tile
+// of a 16-bit type that all fit one wave (kOnePassWaveBlocks). Timed on an H200 from a CUDA graph
+// (README): LLaVA-1.5 batch 1 (576 blocks) 50.4 -> 41.8 us; slower for blocks of 2 tiles
+// (Qwen2.5-VL batch 1: 64.1 -> 70.1 us) and for grids of several waves (the 16-frame video pack,
+// 2048 blocks: 85 -> 114 us), no faster at LLaVA-1.5 batch 32.
+enum class ScorePasses { kByShape, kOne, kTwo };
+// One wave of one_pass_kernel's 16-bit blocks of one column tile on a GPU of detail::kWaveSms SMs:
+// the largest grid that takes the one pass by default.
+constexpr int64_t kOnePassWaveBlocks = detail::kWaveSms * TileLayout<__nv_bfloat16>::kOnePassBlocksPerSm[0];
+ScorePasses score_passes_knob() {
+  if (detail::knob_is("LIGHTKV_SCORE_PASSES", "1")) return ScorePasses::kOne;
+  if (detail::knob_is("LIGHTKV_SCORE_PASSES", "2")) return ScorePasses::kTwo;
+  return ScorePasses::kByShape;
+}
 
 Plan make_plan(const ScoreArgs& a) {
   Plan plan{};
@@ -1344,14 +1356,18 @@ Plan make_plan(const ScoreArgs& a) {
   plan.row_tile_capacity = std::max<int64_t>(1, ceil_div(plan.group * plan.S, kTileRows));
   const int64_t row_col_tiles = std::max<int64_t>(1, ceil_div(plan.L, kTileCols));
   const int64_t tiles_per_block = ceil_div(row_col_tiles, kMaxClusterBlocks);
-  if (one_pass_requested() && plan.row_tile_capacity <= kOnePassRowTiles && tiles_per_block <= kOnePassTiles) {
+  const ScorePasses passes = score_passes_knob();
+  if (passes != ScorePasses::kTwo && plan.row_tile_capacity <= kOnePassRowTiles && tiles_per_block <= kOnePassTiles) {
     const int64_t cluster = ceil_div(row_col_tiles, tiles_per_block);
-    if (one_pass_fits(a.k.dtype, tiles_per_block, cluster)) {
+    // Groups: KV heads times at most one row tile more per image than the row tiles.
+    const int64_t groups = plan.H_kv * (row_tile_bound(plan, a) + plan.num_images);
+    const int64_t grid = cluster * std::max<int64_t>(1, std::min(groups, kMaxGrid / cluster));
+    const bool sixteen_bit = a.k.dtype == DType::Float16 || a.k.dtype == DType::BFloat16;
+    const bool by_shape = sixteen_bit && tiles_per_block == 1 && grid <= kOnePassWaveBlocks;
+    if ((passes == ScorePasses::kOne || by_shape) && one_pass_fits(a.k.dtype, tiles_per_block, cluster)) {
       plan.tiles_per_block = tiles_per_block;
       plan.cluster_blocks = cluster;
-      // Groups: KV heads times at most one row tile more per image than the row tiles.
-      const int64_t groups = plan.H_kv * (row_tile_bound(plan, a) + plan.num_images);
-      plan.one_pass_grid = cluster * std::max<int64_t>(1, std::min(groups, kMaxGrid / cluster));
+      plan.one_pass_grid = grid;
     }
   }
   // Two passes whose column ranges make many pairs per row, and whose row ranges can hold several

@@ -7,7 +7,7 @@ batch, GQA group and head dim up to 256, grids from 1x1 to 72x72 (past the one p
 rows and the selection's 4096-token grouping), uneven windows, masked and empty prompts, a second
 stage (sizes, positions), exactly tied keys, token-major strides, explicit importance / metric /
 sizes / scale, varlen packs of up to 12 images with disjoint, shared or empty text spans (a second
-stage too), and the kernels' A/B knobs (LIGHTKV_SCORE_PASSES=1, LIGHTKV_EXACT_GROUP,
+stage too), and the kernels' A/B knobs (LIGHTKV_SCORE_PASSES=1|2, LIGHTKV_EXACT_GROUP,
 LIGHTKV_EXACT_MMA=8, LIGHTKV_FUSED_GROUPS=0). Each case checks that index, assignment and sizes
 equal the reference's, importance and values are within tolerance, ratio 0 returns k and v
 bitwise, a second call gives the same bits and the inputs are unchanged. Every case has its own
@@ -63,8 +63,9 @@ def same_bits(a, b):
 def set_knobs(rng):
     for knob in KNOBS:
         os.environ.pop(knob, None)
-    if rng.random() < 0.5:
-        os.environ["LIGHTKV_SCORE_PASSES"] = "1"
+    passes = rng.choice([None, "1", "2"])  # by shape, or forced
+    if passes:
+        os.environ["LIGHTKV_SCORE_PASSES"] = passes
     if rng.random() < 0.3:
         os.environ["LIGHTKV_EXACT_GROUP"] = rng.choice(["1", "3"])
     if rng.random() < 0.3:
