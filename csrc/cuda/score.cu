@@ -540,11 +540,9 @@ __device__ __forceinline__ void setup_tile(const Params& p, TileSmem& sm, const 
   if (threadIdx.x < kTileRows) store_tile_setup(sm, load_tile_setup(p, img, hk, row_tile, rows, col_tile, cols));
 }
 
-// 2^x, x <= 0, for a term of a sum that reaches at least 1 (a softmax denominator, which holds
-// 2^0 for its maximum): one special-function instruction, with results below 2^-126 flushed to
-// 0. Such a result cannot change a float sum of at least 1, so the sum is exactly exp2f's, minus
-// exp2f's subnormal range fix-up (three instructions more per call).
-__device__ __forceinline__ float exp2_into_sum(float x) {
+// 2^x in one special-function instruction, results below 2^-126 flushed to 0: exp2f without its
+// subnormal range fix-up (three instructions more per call). Callers say why the flush is harmless.
+__device__ __forceinline__ float exp2_ftz(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -567,26 +565,41 @@ __device__ __forceinline__ float sum_over_row_lanes(float v) {
   for (int offset = L::kRowLanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
-// Sum over the lanes of a warp that share a column of L.
-template <typename L>
-__device__ __forceinline__ float sum_over_column_lanes(float v) {
+// One step of column_total's reduce-scatter, then the next ones: the lane keeps the half of its
+// 2 kHalf values that `offset` (its lane bit) picks, adds its partner's of that half into
+// values[0, kHalf), and `first` follows the columns it keeps. (A template per step, so the loops
+// unroll and the values stay in registers.)
+template <int kHalf, int kOffset>
+__device__ __forceinline__ void keep_column_half(float* values, int& first) {
+  const bool upper = (threadIdx.x & kOffset) != 0;  // keeps the upper half, its partner the lower
 #pragma unroll
-  for (int offset = L::kRowLanes; offset < 32; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
+  for (int j = 0; j < kHalf; ++j) {
+    const float lower_value = values[j], upper_value = values[j + kHalf];
+    const float sent = upper ? lower_value : upper_value;
+    const float kept = upper ? upper_value : lower_value;
+    values[j] = kept + __shfl_xor_sync(0xffffffffu, sent, kOffset);
+  }
+  first += upper ? kHalf : 0;
+  if constexpr (kOffset < 16) keep_column_half<kHalf / 2, kOffset * 2>(values, first);
 }
 
 // The tile's column sums: each thread's column_sum (over its rows of L) summed over the lanes of
 // its warp that share the column, then over the warps in order (through `column_part`); thread
 // c < kTileCols gets column c's. Ends with the block's threads done writing `column_part`.
+// The lanes' sums are a reduce-scatter: at each xor step a lane keeps half of its values and adds
+// its partner's of that half, so the values halve with each step (tensor cores: 8 + 4 + 2
+// shuffles where summing all 16 everywhere took 48) and every lane ends with kCols >> steps
+// columns. Each kept sum is the one the all-lane butterfly forms (the same pairs in the same
+// order): the same bits.
 template <typename L>
 __device__ __forceinline__ float column_total(float (&column_sum)[L::kCols],
                                               float (&column_part)[L::kThreads / 32][kTileCols]) {
+  constexpr int kKept = L::kCols * L::kRowLanes / 32;
+  static_assert(kKept >= 1, "every lane keeps a column");
+  int first = 0;  // the lane's values are those of columns col(first), col(first + 1), ...
+  keep_column_half<L::kCols / 2, L::kRowLanes>(column_sum, first);
 #pragma unroll
-  for (int j = 0; j < L::kCols; ++j) column_sum[j] = sum_over_column_lanes<L>(column_sum[j]);
-  if (threadIdx.x % 32 < L::kRowLanes) {  // the lanes holding the warp's column sums
-#pragma unroll
-    for (int j = 0; j < L::kCols; ++j) column_part[threadIdx.x / 32][L::col(j)] = column_sum[j];
-  }
+  for (int j = 0; j < kKept; ++j) column_part[threadIdx.x / 32][L::col(first + j)] = column_sum[j];
   __syncthreads();
   float total = 0.f;
   if (threadIdx.x < kTileCols) {
@@ -648,7 +661,9 @@ __device__ __forceinline__ void add_tile_to_row_stats(float scale_log2, const fl
     float local = 0.f;
     if (new_max != -INFINITY) {  // uniform over the lanes of the row
 #pragma unroll
-      for (int j = 0; j < L::kCols; ++j) local += exp2_into_sum(logit[j] - new_max);
+      // A softmax denominator holds 2^0 (its maximum): a term below 2^-126 cannot change it, so
+      // the sum is exactly that of exp2f's terms.
+      for (int j = 0; j < L::kCols; ++j) local += exp2_ftz(logit[j] - new_max);
     }
     local = sum_over_row_lanes<L>(local);
     if (new_max != -INFINITY) {
@@ -893,7 +908,12 @@ __device__ __forceinline__ void setup_mass_tile(const Params& p, TileSmem& sm, c
 }
 
 // column_sum += a tile's probabilities (acc: dot products, before scale and bias), summed over the
-// thread's rows: 2^(l - max) / sum.
+// thread's rows: 2^(l - max) / sum, computed as 2^(l - max + 24) * (2^-24 / sum). exp2_ftz keeps
+// its results from 2^-126 on, so shifted by 24 the terms keep exp2f's range down to 2^-150 (the
+// float subnormals: a column whose every term is tiny keeps its mass), and the 2^-24 folds into
+// the row's factor: four instructions per term where seven took exp2f, a product and a sum. The
+// shifted exponent of a large term rounds to 2^-20, so terms are within about 1e-6 (relative) of
+// exp2f's, where the float32 logits themselves are within 2^-24 of their own magnitude.
 template <typename L>
 __device__ __forceinline__ void add_tile_to_column_sums(float scale_log2, const float (&acc)[L::kRows][L::kCols],
                                                         const float* bias, const float* row_max,
@@ -903,10 +923,11 @@ __device__ __forceinline__ void add_tile_to_column_sums(float scale_log2, const 
     // A row that counts nothing (inverse sum 0) adds 2^(l - inf) * 0 = +0, as does a column past
     // the image (l = -inf): every column's sum stays exactly that of the counted terms.
     const float inv_sum = row_inv_sum[L::row(i)];
-    const float shift = inv_sum == 0.f ? INFINITY : row_max[L::row(i)];
+    const float shift = inv_sum == 0.f ? INFINITY : row_max[L::row(i)] - 24.f;
+    const float factor = inv_sum * 0x1p-24f;  // normal: a sum of at most 2^31 terms of at most 1
 #pragma unroll
     for (int j = 0; j < L::kCols; ++j) {
-      column_sum[j] += exp2f(fmaf(scale_log2, acc[i][j], bias[L::col(j)]) - shift) * inv_sum;
+      column_sum[j] = fmaf(exp2_ftz(fmaf(scale_log2, acc[i][j], bias[L::col(j)]) - shift), factor, column_sum[j]);
     }
   }
 }
