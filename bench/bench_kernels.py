@@ -13,14 +13,15 @@ Python and launch overhead that `lightkv_ext` (an eager call) includes. The pack
 `compress_varlen` with host offsets (lists), its sync-free form: CUDA tensors as `cu_seqlens`
 cost a host sync each, and a call that syncs cannot be captured (such a backend is reported as
 skipped, with the reason);
-`lightkv_ext_graph_unchained` is the same with kernel chaining (programmatic dependent launch)
-turned off (LIGHTKV_PDL=0), which shows what chaining saves, and `lightkv_ext_graph_one_stream`
-with the merge decisions on the current stream instead of overlapping the scoring on a second one
-(LIGHTKV_OVERLAP=0), which shows what the overlap saves, `lightkv_ext_graph_one_pass` and
-`lightkv_ext_graph_two_passes` with the scoring forced to the one-pass kernel (thread block
-clusters) where it applies (LIGHTKV_SCORE_PASSES=1) or to the two passes (=2; by default the shape
-picks), and `lightkv_ext_graph_unfused_groups` with exact mode's rows grouped by their own kernel after the
-selection instead of inside it (LIGHTKV_FUSED_GROUPS=0).
+`lightkv_ext_unchained` and `lightkv_ext_graph_unchained` are the eager call and the graph with
+kernel chaining (programmatic dependent launch) turned off (LIGHTKV_PDL=0), which shows what
+chaining saves, `lightkv_ext_graph_one_stream` the graph with the merge decisions on the current
+stream instead of overlapping the scoring on a second one (LIGHTKV_OVERLAP=0), which shows what
+the overlap saves, `lightkv_ext_graph_one_pass` and `lightkv_ext_graph_two_passes` with the scoring
+forced to the one-pass kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1) or
+to the two passes (=2; by default the shape picks), and `lightkv_ext_graph_unfused_groups` with
+exact mode's rows grouped by their own kernel after the selection instead of inside it
+(LIGHTKV_FUSED_GROUPS=0).
 """
 from __future__ import annotations
 
@@ -207,7 +208,8 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
     extension_fn = varlen_call(case) if p.varlen else dense_call(lightkv_ext.compress, case)
     candidates.append(("lightkv_ext", extension_fn, ""))
     if device.type == "cuda":
-        candidates += [("lightkv_ext_graph", graph_call(extension_fn, device), ""),
+        candidates += [("lightkv_ext_unchained", unchained(extension_fn), ""),
+                       ("lightkv_ext_graph", graph_call(extension_fn, device), ""),
                        ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""),
                        ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), ""),
                        ("lightkv_ext_graph_one_pass", graph_call(score_passes(extension_fn, 1), device), ""),

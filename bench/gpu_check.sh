@@ -106,9 +106,10 @@ step kernel_breakdown_exact_mma 15 "{ echo; echo '## Exact mode with src blocks 
 step kernel_breakdown_screened 25 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 llava15:32 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 # Hardware counters of one call per target case (Nsight Compute at the GPU's own clocks): what
 # limits each kernel (speed of light, occupancy, the instructions issued and the cycles a warp
-# spends stalled per issue, by reason), appended to kernel_breakdown.md.
+# spends stalled per issue, by reason; the compute workload's busiest pipes: which one a "math pipe
+# throttle" stall waits on), appended to kernel_breakdown.md.
 STALLS="regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio',smsp__inst_executed.sum"
-step ncu 90 "for c in llava15:1 llava15:32 video16k:1; do echo \"### Nsight Compute: \$c\"; '$NCU' --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --metrics $STALLS $PYTHON bench/kernel_breakdown.py --ncu-range --cases \$c; done >> '$OUT/kernel_breakdown.md'"
+step ncu 90 "for c in llava15:1 llava15:32 video16k:1; do echo \"### Nsight Compute: \$c\"; '$NCU' --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis --metrics $STALLS $PYTHON bench/kernel_breakdown.py --ncu-range --cases \$c; done >> '$OUT/kernel_breakdown.md'"
 # --quick skips torch.compile of the reference (a compile per shape); one full case brings it in.
 step bench_compiled 90 "$PYTHON bench/bench_kernels.py --dtype bfloat16 --presets llava15 --batches 1 --json '$OUT/bench_gpu_compiled.json' | tee -a '$OUT/bench_gpu.md'"
 
