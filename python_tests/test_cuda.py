@@ -148,6 +148,24 @@ def test_scoring_picked_by_shape(B, N, H_kv, H_q, dtype, one_pass, monkeypatch):
     assert any("row_stats_kernel" in name for name in kernels) == (not one_pass), kernels
 
 
+@pytest.mark.parametrize("passes", ["1", "2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_keeps_subnormal_masses(dtype, passes, monkeypatch):
+    """Tokens 95-102 nats below the best one get masses of 1e-41 to 6e-45 (float subnormals), as the
+    reference does: the kernels' exponentials flush only below 2^-150 relative to a row's maximum."""
+    monkeypatch.setenv("LIGHTKV_SCORE_PASSES", passes)
+    D = 64
+    k = torch.zeros(1, 1, 4, D, device="cuda")
+    k[0, 0, 1:, 0] = -torch.tensor([95.0, 100.0, 102.0], device="cuda") * D ** 0.5
+    text = torch.zeros(1, 1, 1, D, device="cuda")
+    text[..., 0] = 1.0
+    got = lightkv_ext.score(k.to(dtype), text.to(dtype))
+    want = reference.score(k.to(dtype).cpu(), text.to(dtype).cpu()).cuda()
+    assert (want[0, 1:] > 0).all() and (want[0, 1:] < 2.0 ** -126).all()
+    # A subnormal carries few bits (6e-45 is 4 x 2^-149): within 2^-149 of the reference's.
+    torch.testing.assert_close(got, want, rtol=0, atol=2.0 ** -149)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_score_rows_combined_between_passes(dtype):
     """17 row tiles in at most 16 row ranges, over 9 column ranges: row_finals_kernel combines each

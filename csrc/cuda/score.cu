@@ -548,7 +548,8 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 #else
-  return exp2f(x);
+  const float y = exp2f(x);
+  return y < 0x1p-126f ? 0.f : y;  // the flush, on the CPU emulation
 #endif
 }
 
@@ -1124,7 +1125,7 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kPassB
 // Both passes in one, in thread block clusters: a cluster per group (image, KV head, row tile),
 // its blocks the image's column tiles (block `rank` of C takes tiles rank, rank + C, at most
 // kTiles of them). A block computes the logits of its tiles once and keeps them in
-// registers as 2^(l - m), m the tile's row maximum; it combines its tiles' (m, sum) per row and
+// registers as 2^(l - m) (times 2^24), m the tile's row maximum; it combines its tiles' (m, sum) per row and
 // leaves them in its shared memory. After a cluster barrier every block combines the cluster's
 // pairs of each row, in rank order (so all blocks get the same bits), from the other blocks'
 // shared memory; its column masses are then its values times 2^(m - max) / sum, summed over its
@@ -1194,10 +1195,14 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePa
           row_max = fmaxf(row_max, value[t][i][j]);
         }
         tile_max[t][i] = max_over_row_lanes<L>(row_max);
+        // Values and sums 2^24 times 2^(l - m), as in add_tile_to_column_sums: exp2_ftz keeps
+        // them down to 2^(-150) relative to m; the scale cancels in the column masses (the row's
+        // 1 / sum carries 2^-24). A row of no finite logit: 2^-inf = 0.
+        const float shift = tile_max[t][i] == -INFINITY ? INFINITY : tile_max[t][i] - 24.f;
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < L::kCols; ++j) {
-          value[t][i][j] = tile_max[t][i] != -INFINITY ? exp2f(value[t][i][j] - tile_max[t][i]) : 0.f;
+          value[t][i][j] = exp2_ftz(value[t][i][j] - shift);
           sum += value[t][i][j];
         }
         sum = sum_over_row_lanes<L>(sum);
