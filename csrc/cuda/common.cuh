@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -475,12 +474,6 @@ __device__ __forceinline__ void grid_fill(T* a, int64_t n, T value) {
 inline unsigned int grid_for(int64_t items, int64_t cap) {
   const int64_t g = items < 1 ? 1 : (items < cap ? items : cap);
   return static_cast<unsigned int>(g);
-}
-
-// Whether the environment sets the run-time knob `name` to `value` (read at every call).
-inline bool knob_is(const char* name, const char* value) {
-  const char* knob = std::getenv(name);
-  return knob != nullptr && std::strcmp(knob, value) == 0;
 }
 
 // Devices for which run-time queries (PTX version, cluster fit) keep their answers.

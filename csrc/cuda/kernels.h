@@ -16,8 +16,17 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace lightkv_cuda {
+
+// Whether the environment sets the run-time knob `name` to `value` (the A/B knobs of the kernels
+// and of the torch glue, read at every call).
+inline bool knob_is(const char* name, const char* value) {
+  const char* knob = std::getenv(name);
+  return knob != nullptr && std::strcmp(knob, value) == 0;
+}
 
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 

@@ -1582,8 +1582,8 @@ int bit_width(uint64_t x) {
 // kExactGroup blocks whatever the shape (an A/B of the two: for the same feature split they give
 // the same sums); otherwise 0, the shape decides.
 int exact_group_knob() {
-  if (detail::knob_is("LIGHTKV_EXACT_GROUP", "1")) return 1;
-  if (detail::knob_is("LIGHTKV_EXACT_GROUP", "3")) return kExactGroup;
+  if (knob_is("LIGHTKV_EXACT_GROUP", "1")) return 1;
+  if (knob_is("LIGHTKV_EXACT_GROUP", "3")) return kExactGroup;
   return 0;
 }
 
@@ -1639,7 +1639,7 @@ Plan make_plan(const MergeArgs& a) {
   if (plan.exact_group == 0) {
     plan.exact_group = plan.exact_blocks <= kExactGroup && block_pairs >= kExactGroupMinPairs ? kExactGroup : 1;
   }
-  plan.exact_stacked = plan.exact_group == kExactGroup && !detail::knob_is("LIGHTKV_EXACT_MMA", "8");
+  plan.exact_stacked = plan.exact_group == kExactGroup && !knob_is("LIGHTKV_EXACT_MMA", "8");
   const int64_t items = std::max<int64_t>(plan.windows, 1) * exact_group_pairs(plan);
   const int64_t most_splits = std::max<int64_t>(
       1, std::min({ceil_div(plan.exact_group == 1 ? kExactTargetWarps : kExactGroupTargetWarps, items),
@@ -1667,7 +1667,7 @@ Plan make_plan(const MergeArgs& a) {
                               ? kPartialItems * kTile * kTile
                               : 0;
   plan.row_groups = plan.L <= kRowTokens;
-  plan.fused_row_groups = plan.exact && plan.row_groups && !detail::knob_is("LIGHTKV_FUSED_GROUPS", "0");
+  plan.fused_row_groups = plan.exact && plan.row_groups && !knob_is("LIGHTKV_FUSED_GROUPS", "0");
   plan.end_bit = bit_width(static_cast<uint64_t>(plan.slots));
   plan.row_key_bits = bit_width(static_cast<uint64_t>(a.kept));
   return plan;

@@ -18,8 +18,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -206,12 +204,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
   return {call.k_out, call.v_out, call.sizes_out, call.index, call.assignment};
 }
 
-// Whether the environment variable `name` is `value` (the A/B knobs, read at every call).
-bool knob_is(const char* name, const char* value) {
-  const char* knob = std::getenv(name);
-  return knob != nullptr && std::strcmp(knob, value) == 0;
-}
-
 // The fork and join events of compress's second stream, one pair per thread and device, reused by
 // its calls: creating and destroying two events per call costs host time. A stream's wait on an
 // event is bound to the event's latest record when the wait is enqueued, so a later call's record
@@ -249,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // are event waits, which CUDA graph capture records as edges.
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   // LIGHTKV_OVERLAP=0 turns the second stream off (for A/B timing and debugging).
-  const bool overlap = merge.workspace_bytes > 0 && !knob_is("LIGHTKV_OVERLAP", "0");
+  const bool overlap = merge.workspace_bytes > 0 && !lightkv_cuda::knob_is("LIGHTKV_OVERLAP", "0");
   const c10::cuda::CUDAStream side = overlap ? c10::cuda::getStreamFromPool(false, k.device().index()) : stream;
   ForkJoinEvents& events = fork_join_events(stream.device_index());
   if (overlap) {
@@ -258,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   // LIGHTKV_SCORE_FIRST=1 enqueues the scoring first, so that its kernels, not the decisions',
   // take the SMs first (A/B: at LLaVA-1.5 batch 1 the scoring chain is the longer one).
-  const bool score_first = knob_is("LIGHTKV_SCORE_FIRST", "1");
+  const bool score_first = lightkv_cuda::knob_is("LIGHTKV_SCORE_FIRST", "1");
   const auto launch_scoring = [&] {
     C10_CUDA_CHECK(lightkv_cuda::launch_score(score.args, score_workspace, score.workspace_bytes, stream.stream()));
   };

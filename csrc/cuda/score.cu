@@ -553,6 +553,12 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 #endif
 }
 
+// The column masses' exponentials are taken kMassShift above the row maximum, so that exp2_ftz
+// flushes only below 2^-150 relative to it (add_tile_to_column_sums, one_pass_kernel); the row's
+// factor takes the 2^kMassShift back (kMassUnshift).
+constexpr float kMassShift = 24.f;
+constexpr float kMassUnshift = 0x1p-24f;
+
 // Max / sum over the lanes that share a row of L (the xor butterfly leaves it in all of them).
 template <typename L>
 __device__ __forceinline__ float max_over_row_lanes(float v) {
@@ -924,8 +930,8 @@ __device__ __forceinline__ void add_tile_to_column_sums(float scale_log2, const 
     // A row that counts nothing (inverse sum 0) adds 2^(l - inf) * 0 = +0, as does a column past
     // the image (l = -inf): every column's sum stays exactly that of the counted terms.
     const float inv_sum = row_inv_sum[L::row(i)];
-    const float shift = inv_sum == 0.f ? INFINITY : row_max[L::row(i)] - 24.f;
-    const float factor = inv_sum * 0x1p-24f;  // normal: a sum of at most 2^31 terms of at most 1
+    const float shift = inv_sum == 0.f ? INFINITY : row_max[L::row(i)] - kMassShift;
+    const float factor = inv_sum * kMassUnshift;  // normal: a sum of at most 2^31 terms of at most 1
 #pragma unroll
     for (int j = 0; j < L::kCols; ++j) {
       column_sum[j] = fmaf(exp2_ftz(fmaf(scale_log2, acc[i][j], bias[L::col(j)]) - shift), factor, column_sum[j]);
@@ -1125,8 +1131,8 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kPassB
 // Both passes in one, in thread block clusters: a cluster per group (image, KV head, row tile),
 // its blocks the image's column tiles (block `rank` of C takes tiles rank, rank + C, at most
 // kTiles of them). A block computes the logits of its tiles once and keeps them in
-// registers as 2^(l - m) (times 2^24), m the tile's row maximum; it combines its tiles' (m, sum) per row and
-// leaves them in its shared memory. After a cluster barrier every block combines the cluster's
+// registers as 2^(l - m) (times 2^kMassShift), m the tile's row maximum; it combines its tiles'
+// (m, sum) per row and leaves them in its shared memory. After a cluster barrier every block combines the cluster's
 // pairs of each row, in rank order (so all blocks get the same bits), from the other blocks'
 // shared memory; its column masses are then its values times 2^(m - max) / sum, summed over its
 // rows as in column_mass_kernel, and the last of a column tile's H_kv * row tiles items sums
@@ -1195,10 +1201,10 @@ __global__ void __launch_bounds__(TileLayout<T>::kThreads, TileLayout<T>::kOnePa
           row_max = fmaxf(row_max, value[t][i][j]);
         }
         tile_max[t][i] = max_over_row_lanes<L>(row_max);
-        // Values and sums 2^24 times 2^(l - m), as in add_tile_to_column_sums: exp2_ftz keeps
-        // them down to 2^(-150) relative to m; the scale cancels in the column masses (the row's
-        // 1 / sum carries 2^-24). A row of no finite logit: 2^-inf = 0.
-        const float shift = tile_max[t][i] == -INFINITY ? INFINITY : tile_max[t][i] - 24.f;
+        // Values and sums 2^kMassShift times 2^(l - m), as in add_tile_to_column_sums: exp2_ftz
+        // keeps them down to 2^-150 relative to m; the scale cancels in the column masses (the
+        // row's 1 / sum carries 2^-kMassShift). A row of no finite logit: 2^-inf = 0.
+        const float shift = tile_max[t][i] == -INFINITY ? INFINITY : tile_max[t][i] - kMassShift;
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < L::kCols; ++j) {
@@ -1275,11 +1281,12 @@ struct Plan {
   bool finals;  // row_finals_kernel runs between the passes
 };
 
+bool sixteen_bit(DType dtype) { return dtype == DType::Float16 || dtype == DType::BFloat16; }
+
 // 16-byte staging loads (16-bit types only) need contiguous head dims, a multiple of 8 of them,
 // with every row of k and text starting 16-byte aligned.
 bool vector_staging(const ScoreArgs& a) {
-  const bool sixteen_bit = a.k.dtype == DType::Float16 || a.k.dtype == DType::BFloat16;
-  return sixteen_bit && a.k.size[3] % 8 == 0 && detail::rows_16_byte_aligned(a.k.data, a.k.stride, 8) &&
+  return sixteen_bit(a.k.dtype) && a.k.size[3] % 8 == 0 && detail::rows_16_byte_aligned(a.k.data, a.k.stride, 8) &&
          detail::rows_16_byte_aligned(a.text.data, a.text.stride, 8);
 }
 
@@ -1344,8 +1351,8 @@ enum class ScorePasses { kByShape, kOne, kTwo };
 // the largest grid that takes the one pass by default.
 constexpr int64_t kOnePassWaveBlocks = detail::kWaveSms * TileLayout<__nv_bfloat16>::kOnePassBlocksPerSm[0];
 ScorePasses score_passes_knob() {
-  if (detail::knob_is("LIGHTKV_SCORE_PASSES", "1")) return ScorePasses::kOne;
-  if (detail::knob_is("LIGHTKV_SCORE_PASSES", "2")) return ScorePasses::kTwo;
+  if (knob_is("LIGHTKV_SCORE_PASSES", "1")) return ScorePasses::kOne;
+  if (knob_is("LIGHTKV_SCORE_PASSES", "2")) return ScorePasses::kTwo;
   return ScorePasses::kByShape;
 }
 
@@ -1388,8 +1395,7 @@ Plan make_plan(const ScoreArgs& a) {
     // Groups: KV heads times at most one row tile more per image than the row tiles.
     const int64_t groups = plan.H_kv * (row_tile_bound(plan, a) + plan.num_images);
     const int64_t grid = cluster * std::max<int64_t>(1, std::min(groups, kMaxGrid / cluster));
-    const bool sixteen_bit = a.k.dtype == DType::Float16 || a.k.dtype == DType::BFloat16;
-    const bool by_shape = sixteen_bit && tiles_per_block == 1 && grid <= kOnePassWaveBlocks;
+    const bool by_shape = sixteen_bit(a.k.dtype) && tiles_per_block == 1 && grid <= kOnePassWaveBlocks;
     if ((passes == ScorePasses::kOne || by_shape) && one_pass_fits(a.k.dtype, tiles_per_block, cluster)) {
       plan.tiles_per_block = tiles_per_block;
       plan.cluster_blocks = cluster;
