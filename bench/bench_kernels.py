@@ -13,9 +13,9 @@ Python and launch overhead that `lightkv_ext` (an eager call) includes. The pack
 `compress_varlen` with host offsets (lists), its sync-free form: CUDA tensors as `cu_seqlens`
 cost a host sync each, and a call that syncs cannot be captured (such a backend is reported as
 skipped, with the reason);
-`lightkv_ext_unchained` and `lightkv_ext_graph_unchained` are the eager call and the graph with
-kernel chaining (programmatic dependent launch) turned off (LIGHTKV_PDL=0), which shows what
-chaining saves, `lightkv_ext_graph_one_stream` the graph with the merge decisions on the current
+`lightkv_ext_chained` and `lightkv_ext_graph_chained` are the eager call and the graph with
+kernel chaining (programmatic dependent launch, opt-in) turned on (LIGHTKV_PDL=1), which shows
+what chaining saves or costs, `lightkv_ext_graph_one_stream` the graph with the merge decisions on the current
 stream instead of overlapping the scoring on a second one (LIGHTKV_OVERLAP=0), which shows what
 the overlap saves, `lightkv_ext_graph_one_pass` and `lightkv_ext_graph_two_passes` with the scoring
 forced to the one-pass kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1) or
@@ -208,9 +208,9 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
     extension_fn = varlen_call(case) if p.varlen else dense_call(lightkv_ext.compress, case)
     candidates.append(("lightkv_ext", extension_fn, ""))
     if device.type == "cuda":
-        candidates += [("lightkv_ext_unchained", unchained(extension_fn), ""),
+        candidates += [("lightkv_ext_chained", chained(extension_fn), ""),
                        ("lightkv_ext_graph", graph_call(extension_fn, device), ""),
-                       ("lightkv_ext_graph_unchained", graph_call(unchained(extension_fn), device), ""),
+                       ("lightkv_ext_graph_chained", graph_call(chained(extension_fn), device), ""),
                        ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), ""),
                        ("lightkv_ext_graph_one_pass", graph_call(score_passes(extension_fn, 1), device), ""),
                        ("lightkv_ext_graph_two_passes", graph_call(score_passes(extension_fn, 2), device), ""),
@@ -311,9 +311,9 @@ def with_environment(fn: Callable, **variables: str) -> Callable:
     return call
 
 
-def unchained(fn: Callable) -> Callable:
-    """fn with the extension's kernel chaining turned off (LIGHTKV_PDL=0)."""
-    return with_environment(fn, LIGHTKV_PDL="0")
+def chained(fn: Callable) -> Callable:
+    """fn with the extension's kernel chaining turned on (LIGHTKV_PDL=1)."""
+    return with_environment(fn, LIGHTKV_PDL="1")
 
 
 def one_stream(fn: Callable) -> Callable:

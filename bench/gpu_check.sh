@@ -82,7 +82,7 @@ step bench_large 50 "$BENCH --presets video16k llava_next video --json '$OUT/ben
 step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
 # When each kernel of a graph replay runs on which stream: how much the scoring and decision
 # chains overlap at batch 1, and the gaps between chained kernels, dense and packed (markdown only).
-step timeline 25 "{ echo; echo '## Timeline of a CUDA-graph replay (chaining and second stream on)'; } >> '$OUT/kernel_breakdown.md'; $PYTHON bench/kernel_breakdown.py --timeline --cases llava15:1 qwen25vl:1 llava15:32 video:1 | tee -a '$OUT/kernel_breakdown.md'"
+step timeline 25 "{ echo; echo '## Timeline of a CUDA-graph replay (second stream on, chaining off)'; } >> '$OUT/kernel_breakdown.md'; $PYTHON bench/kernel_breakdown.py --timeline --cases llava15:1 qwen25vl:1 llava15:32 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 if [ -n "$BASELINE" ]; then
   step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
   # The same inputs through both builds: bitwise the same outputs, where the change meant no other

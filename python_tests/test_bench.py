@@ -129,8 +129,8 @@ def test_replot_draws_saved_rows_without_measuring(bench_modules, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernel_bench_cuda(bench_modules, tmp_path):
     data = run_kernel_bench(bench_modules, tmp_path, "cuda")
-    check_kernel_rows(data, ["reference", "reference_compiled", "lightkv_ext", "lightkv_ext_unchained", "lightkv_ext_graph",
-                             "lightkv_ext_graph_unchained", "lightkv_ext_graph_one_stream",
+    check_kernel_rows(data, ["reference", "reference_compiled", "lightkv_ext", "lightkv_ext_chained", "lightkv_ext_graph",
+                             "lightkv_ext_graph_chained", "lightkv_ext_graph_one_stream",
                              "lightkv_ext_graph_one_pass", "lightkv_ext_graph_two_passes",
                              "lightkv_ext_graph_unfused_groups", "copy_roofline"])
     for row in data["rows"]:

@@ -349,9 +349,11 @@ __device__ __forceinline__ int64_t find_segment(const int64_t* offsets, int64_t 
 
 // Kernel chaining (programmatic dependent launch, compute capability 9.0 and later). A compress
 // is two chains of small dependent kernels (5 kernels for a LLaVA-1.5 image), so the gap between
-// one kernel's end and the next one's start weighs as much as the work. KernelLauncher lets each
-// kernel launch while the previous one in the stream still runs; the new kernel's blocks wait
-// here, already resident, until that kernel has finished and its writes are visible. Every
+// one kernel's end and the next one's start weighs as much as the work. KernelLauncher (with
+// LIGHTKV_PDL=1) lets each kernel launch while the previous one in the stream still runs; the new
+// kernel's blocks wait here, already resident (holding registers and shared memory that the
+// running kernels and the other stream's cannot use), until that kernel has finished and its
+// writes are visible. Every
 // kernel of this library calls this first, unconditionally, before it touches global memory:
 // it then sees what plain stream order would show it, and since no kernel can finish before its
 // predecessor, the order holds along the whole chain (and for kernels launched without chaining,
@@ -531,18 +533,22 @@ bool clusters_fit(void (*kernel)(Params...), int threads, unsigned int cluster_b
   });
 }
 
-// Launches kernels on one stream, chained (see await_previous_kernel) when the code that runs
-// was compiled for compute capability 9.0 or later (PTX of an older target, compiled just in
-// time for a newer GPU, lacks the wait), unless the environment sets LIGHTKV_PDL=0 (for A/B
-// timing and debugging). `probe`: any kernel of the calling file (all share its build targets).
+// Launches kernels on one stream, in plain stream order by default. With LIGHTKV_PDL=1 in the
+// environment they are chained (see await_previous_kernel) where the code that runs was compiled
+// for compute capability 9.0 or later (PTX of an older target, compiled just in time for a newer
+// GPU, lacks the wait). Chaining is opt-in because on H100 and H200 it measured slower or no
+// faster in every case timed (csrc/cuda/README.md). `probe`: any kernel of the calling file (all
+// share its build targets).
 class KernelLauncher {
  public:
   template <typename... Params>
   static cudaError_t create(cudaStream_t stream, void (*probe)(Params...), KernelLauncher* out) {
+    out->stream_ = stream;
+    out->chained_ = false;
+    if (!knob_is("LIGHTKV_PDL", "1")) return cudaSuccess;
     int ptx_version = 0;
     LIGHTKV_RETURN_IF_ERROR(ptx_version_on_current_device(probe, &ptx_version));
-    out->stream_ = stream;
-    out->chained_ = ptx_version >= 90 && !knob_is("LIGHTKV_PDL", "0");
+    out->chained_ = ptx_version >= 90;
     return cudaSuccess;
   }
 
