@@ -20,8 +20,8 @@ stream instead of overlapping the scoring on a second one (LIGHTKV_OVERLAP=0), w
 the overlap saves, `lightkv_ext_graph_one_pass` and `lightkv_ext_graph_two_passes` with the scoring
 forced to the one-pass kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1) or
 to the two passes (=2; by default the shape picks), and `lightkv_ext_graph_unfused_groups` with
-exact mode's rows grouped by their own kernel after the selection instead of inside it
-(LIGHTKV_FUSED_GROUPS=0).
+exact mode's rows grouped by their own kernel (a block radix sort per row) after the selection
+instead of window by window inside it (LIGHTKV_FUSED_GROUPS=0).
 """
 from __future__ import annotations
 

@@ -352,15 +352,20 @@ def test_chained_launches_match_plain_launches(grid, monkeypatch):
     assert_bitwise_equal(chained, plain)
 
 
-# Rows of 576, 1300 and 3072 tokens: group_row with 2, 4 and 8 tokens per thread; windows of 36
-# (one exact_select_kernel block each), 325 and 192 tokens (blocks of 16 srcs, the last one ranking).
+# Rows of 576, 1300 and 3072 tokens: number_row and group_row with 2, 4 and 8 tokens per thread;
+# windows of 36 (one exact_select_kernel block each), 325 and 192 tokens (blocks of 16 srcs, the
+# last one ranking). Tied keys put all of a window's merged srcs in one group (up to 162 members).
+@pytest.mark.parametrize("keys", ["random", "tied"])
 @pytest.mark.parametrize("grid,windows", [((24, 24), 4), ((26, 50), 2), ((48, 64), 4)],
                          ids=["rows-of-576", "rows-of-1300", "rows-of-3072"])
-def test_exact_select_groups_rows_like_row_groups_kernel(grid, windows, monkeypatch):
-    """In exact mode the block that completes a row's windows groups the row inside
-    exact_select_kernel; LIGHTKV_FUSED_GROUPS=0 launches row_groups_kernel after it instead. The
-    same computation: bitwise the same results, and the reference's decisions."""
+def test_exact_select_groups_rows_like_row_groups_kernel(grid, windows, keys, monkeypatch):
+    """In exact mode exact_select_kernel lays out each window's groups and the block that
+    completes a row's windows numbers the row's kept tokens; LIGHTKV_FUSED_GROUPS=0 groups the rows
+    in row_groups_kernel after it instead (a block radix sort per row). The same groups in the same
+    member order: bitwise the same results, and the reference's decisions."""
     k, v, text = make_inputs(3, 2, 4, grid[0] * grid[1], 8, 64, torch.bfloat16, seed=28)
+    if keys == "tied":
+        k = k[:, :, :1].expand_as(k).contiguous()
     kwargs = dict(ratio=0.5, windows=windows, grid=grid)
     fused = lightkv_ext.compress(k, v, text, **kwargs)
     monkeypatch.setenv("LIGHTKV_FUSED_GROUPS", "0")

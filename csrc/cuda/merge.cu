@@ -11,8 +11,9 @@
 //      ahead of the products into a ring of shared memory per lane.
 //   exact_select_kernel: per window (a block per 16 srcs for windows over 64 tokens, the last to
 //      finish ranking), the splits summed in order, each src's best dst, the srcs ranked, the
-//      first r merged; then step 4 for rows of at most kRowTokens, each by the block that
-//      finishes the row's last window.
+//      first r merged; then step 4 for rows of at most kRowTokens: the window's block lays out
+//      its groups' members (a window's tokens are all of its groups' members), and the block
+//      that finishes a row's last window numbers the row's kept tokens.
 // Screened mode (larger windows, or many mid-sized ones):
 //   1. prepare_kernel: per window that merges anything, exclusive offsets of its 64-src tiles
 //      and of its (64-src tile, 64-dst tile) pairs; |metric| per token in float64 (one warp per
@@ -34,10 +35,12 @@
 //      position) by counting the srcs that beat it; the first r are merged: merged_into[src] = dst.
 // Then, in both modes:
 //   4. Output slot of every kept token in its row, index, assignment, and the members of every
-//      group contiguous in token order: group_row (a block scan and a block radix sort per row)
-//      for rows of at most kRowTokens tokens, in exact_select_kernel or else row_groups_kernel;
-//      longer rows: kept flags -> cub::DeviceScan -> slots_kernel -> cub::DeviceRadixSort on
-//      (slot, token) -> group_bounds_kernel.
+//      group contiguous in token order: for rows of at most kRowTokens tokens, in exact mode
+//      exact_select_kernel (the groups window by window, then number_row: a block scan per row),
+//      in screened mode row_groups_kernel (group_row: a block scan and a block radix sort per
+//      row); longer rows:
+//      kept flags -> cub::DeviceScan -> slots_kernel -> cub::DeviceRadixSort on (slot, token) ->
+//      group_bounds_kernel.
 //   5. merge_values_kernel: one block per (output slot, element chunk) of both k and v (the
 //      group's record and weights read once for both): float32 weighted sum of the members in
 //      that fixed order; single-member groups are copied bitwise. The values of up to 3 members
@@ -197,6 +200,7 @@ struct Params {
   int64_t* assignment;
   int64_t* members;
   Group* groups;
+  Group* token_groups;  // fused_row_groups: per kept token, its group's record, for number_row
 };
 
 // Merged srcs of a window of n tokens: min(floor(ratio * n + 1e-6), n / 2) in float64. The
@@ -1102,17 +1106,46 @@ __global__ void group_bounds_kernel(const uint64_t* __restrict__ sorted_slot, co
   }
 }
 
+using RowScan = cub::BlockScan<int32_t, kRowThreads>;
+
 // Shared memory of group_row.
 template <int kRowItems>
 struct RowGroupsSmem {
-  using Scan = cub::BlockScan<int32_t, kRowThreads>;
   using Sort = cub::BlockRadixSort<uint32_t, kRowThreads, kRowItems, uint32_t>;
   union {
-    typename Scan::TempStorage scan;
+    typename RowScan::TempStorage scan;
     typename Sort::TempStorage sort;
   } storage;
   uint32_t slot_of[kRowThreads * kRowItems];  // slot of each kept token by l, then the sorted slots
 };
+
+// The first steps of group_row and number_row for row `row` (its first flat id) of L tokens, by a
+// block of kRowThreads threads, thread t holding tokens l = kRowItems t + i (CUB's blocked
+// arrangement): anchor[i], the l of the kept token that token l ends in (merged_into read with
+// __ldcg: other blocks of the calling kernel may have written it), and slot_of[l] of every kept
+// token, numbered in token order by a block scan (read it after a barrier). Returns the row's
+// kept tokens.
+template <int kRowItems>
+__device__ int32_t number_kept_tokens(const int64_t* __restrict__ merged_into, int64_t row, int64_t L,
+                                      typename RowScan::TempStorage& scan, uint32_t* slot_of,
+                                      int32_t (&anchor)[kRowItems]) {
+  int32_t kept_here = 0;
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int64_t l = kRowItems * static_cast<int64_t>(threadIdx.x) + i;
+    const int64_t into = l < L ? __ldcg(merged_into + row + l) : -1;
+    anchor[i] = static_cast<int32_t>(into < 0 ? l : into - row);
+    kept_here += l < L && anchor[i] == l ? 1 : 0;
+  }
+  int32_t next_slot = 0, row_kept = 0;
+  RowScan(scan).ExclusiveSum(kept_here, next_slot, row_kept);
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
+    if (l < L && anchor[i] == l) slot_of[l] = static_cast<uint32_t>(next_slot++);
+  }
+  return row_kept;
+}
 
 // Row b of at most kRowThreads * kRowItems tokens, by a block of kRowThreads threads: what the
 // general path gets from the kept-flag scan, slots_kernel, the radix sort and group_bounds_kernel.
@@ -1130,22 +1163,8 @@ __device__ void group_row(const int64_t* __restrict__ merged_into, int64_t b, in
   for (int64_t m = threadIdx.x; m < kept; m += kRowThreads) {  // empty unless a member says otherwise
     groups[b * kept + m] = Group{};
   }
-  int32_t anchor[kRowItems];  // l of the kept token each token ends in
-  int32_t kept_here = 0;
-#pragma unroll
-  for (int i = 0; i < kRowItems; ++i) {
-    const int64_t l = kRowItems * static_cast<int64_t>(threadIdx.x) + i;
-    const int64_t into = l < L ? __ldcg(merged_into + row + l) : -1;
-    anchor[i] = static_cast<int32_t>(into < 0 ? l : into - row);
-    kept_here += l < L && anchor[i] == l ? 1 : 0;
-  }
-  int32_t next_slot = 0;
-  typename Smem::Scan(smem.storage.scan).ExclusiveSum(kept_here, next_slot);
-#pragma unroll
-  for (int i = 0; i < kRowItems; ++i) {
-    const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
-    if (l < L && anchor[i] == l) smem.slot_of[l] = static_cast<uint32_t>(next_slot++);
-  }
+  int32_t anchor[kRowItems];
+  number_kept_tokens<kRowItems>(merged_into, row, L, smem.storage.scan, smem.slot_of, anchor);
   __syncthreads();
   uint32_t key[kRowItems], token[kRowItems];
 #pragma unroll
@@ -1193,6 +1212,51 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// A group written by another block of the running kernel, read from L2 (__ldcg).
+__device__ __forceinline__ Group load_group(const Group* from) {
+  Group group;
+  group.begin = __ldcg(&from->begin);
+  group.end = __ldcg(&from->end);
+#pragma unroll
+  for (int i = 0; i < kStagedMembers; ++i) group.first[i] = __ldcg(&from->first[i]);
+  return group;
+}
+
+// Shared memory of number_row.
+template <int kRowItems>
+struct RowSlotsSmem {
+  typename RowScan::TempStorage scan;
+  uint32_t slot_of[kRowThreads * kRowItems];  // slot of each kept token, by l
+};
+
+// group_row's results for row b of at most kRowThreads * kRowItems tokens, by a block of
+// kRowThreads threads, where exact_select_kernel has already laid out every group's members and
+// left the group's record at its kept token (token_groups): what is left is a block scan that
+// numbers the kept tokens, no sort. Reads merged_into and token_groups with __ldcg (other blocks
+// of the calling kernel wrote them); ends with the block done with `smem`.
+template <int kRowItems>
+__device__ void number_row(const int64_t* __restrict__ merged_into, const Group* __restrict__ token_groups, int64_t b,
+                           int64_t L, int64_t kept, int64_t* __restrict__ index, int64_t* __restrict__ assignment,
+                           Group* __restrict__ groups, RowSlotsSmem<kRowItems>& smem) {
+  const int64_t row = b * L;
+  int32_t anchor[kRowItems];
+  const int32_t row_kept = number_kept_tokens<kRowItems>(merged_into, row, L, smem.scan, smem.slot_of, anchor);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kRowItems; ++i) {
+    const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
+    if (l >= L) continue;
+    const uint32_t m = smem.slot_of[anchor[i]];
+    assignment[row + l] = m;
+    if (anchor[i] == l && m < kept) {  // slots past `kept` (only a wrong one) are dropped
+      index[b * kept + m] = l;
+      groups[b * kept + m] = load_group(token_groups + row + l);
+    }
+  }
+  for (int64_t m = row_kept + threadIdx.x; m < kept; m += kRowThreads) groups[b * kept + m] = Group{};  // a wrong `kept`
+  __syncthreads();  // slot_of and the scan storage are free for the next row
+}
+
 // Exact mode: what choose_kernel and rank_select_kernel do for screened windows, from the float64
 // sums of exact_dots_kernel, each added over the feature splits in split order. Each src's best
 // dst (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by that
@@ -1203,31 +1267,60 @@ __global__ void __launch_bounds__(kRowThreads)
 // dst to keys / best_dst; the last of the window's blocks to finish (a ticket per window) ranks
 // it. Writes merged_into of every token of every window (-1: kept; all of a window larger than
 // exact_window, which only a wrong max_window lets through). With p.fused_row_groups, the block
+// that ranks a window also lays out its groups (group members and records, below), and the block
 // whose window completes a row's merged_into (a ticket per row: its windows' tokens, L in all,
-// as every token of a row is in one window) then groups the row (group_row<kRowItems>), instead
-// of row_groups_kernel after this kernel.
+// as every token of a row is in one window) then numbers the row's kept tokens
+// (number_row<kRowItems>): row_groups_kernel's work after this kernel, without its sort.
+//
+// A window's groups: every group lies in one window (a dst and the srcs merged into it, or a
+// token alone), so the window's n tokens are exactly its groups' members. They go to
+// members[start, start + n) (start: the window's offset in window_tokens, a range no other window
+// uses), the groups in position order, each group's members in position order, which is token
+// order. A src merged into dst j sets its bit in merged_srcs[j]; a group's size and a member's
+// place in its group are bit counts, and a block scan over the group sizes gives where each
+// group starts. The slot of each group is left to number_row: each record goes to token_groups
+// at its kept token, and number_row copies it to the slot.
 template <int kRowItems>
 __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
-  constexpr int kDstsPerLane = kMaxSrcs / 32;
-  static_assert(kSelectThreads == kRowThreads, "a block groups a row as row_groups_kernel's do");
+  constexpr int kDstsPerLane = kMaxSrcs / 32, kSrcWords = kMaxSrcs / 32;
+  static_assert(kSelectThreads == kRowThreads, "a block numbers a row's kept tokens as row_groups_kernel's do");
+  static_assert(kExactMaxWindow <= kSelectThreads, "a thread per position of a merging window");
+  using PositionScan = cub::BlockScan<int32_t, kSelectThreads>;
   struct Window {
     double staged[kExactSmallPairs];  // the pair sums of a window of at most 64 tokens
     double norm[kExactMaxWindow];     // by window position
     double key[kMaxSrcs];
     int best_dst[kMaxSrcs];  // window position, -1 if none
+    // From the ranking on, by window position (group_begin and the scan: fused_row_groups only):
+    int64_t token[kExactMaxWindow];
+    int16_t anchor[kExactMaxWindow];       // the kept position the token ends in (itself if kept)
+    int16_t group_begin[kExactMaxWindow];  // of a kept position: where its group's members start
+    int16_t member[kExactMaxWindow];       // the members in order, as positions
+    uint32_t merged_srcs[kMaxSrcs][kSrcWords];  // per dst j: bit i set if src i merges into it
+    typename PositionScan::TempStorage scan;
   };
-  union Smem {  // a window's arrays, then a row's grouping
+  union Smem {  // a window's arrays, then a row's numbering
     Window window;
-    RowGroupsSmem<kRowItems> row;
+    RowSlotsSmem<kRowItems> row;
   };
   __shared__ Smem smem;
-  double(&staged)[kExactSmallPairs] = smem.window.staged;
-  double(&norm)[kExactMaxWindow] = smem.window.norm;
-  double(&key)[kMaxSrcs] = smem.window.key;
-  int(&best_dst)[kMaxSrcs] = smem.window.best_dst;
+  Window& win = smem.window;
+  double(&staged)[kExactSmallPairs] = win.staged;
+  double(&norm)[kExactMaxWindow] = win.norm;
+  double(&key)[kMaxSrcs] = win.key;
+  int(&best_dst)[kMaxSrcs] = win.best_dst;
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  // The srcs below src `end` merged into dst j, from merged_srcs (the window's n_src srcs).
+  const auto merged_below = [&](int j, int end) {
+    int count = 0;
+    for (int word = 0; 32 * word < end; ++word) {
+      const int bits = end - 32 * word;
+      count += __popc(bits >= 32 ? win.merged_srcs[j][word] : win.merged_srcs[j][word] & ((1u << bits) - 1u));
+    }
+    return count;
+  };
   const double* __restrict__ partial = p.exact_partial;
   for (int64_t item = blockIdx.x; item < p.num_windows * p.select_groups; item += gridDim.x) {
     const int64_t w = item / p.select_groups;
@@ -1243,6 +1336,9 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
     const auto split_sums = [&](int64_t s) { return partial + (s * p.total + start) * p.exact_slot; };
     if (r > 0) {
       __syncthreads();  // the previous window's ranks are counted
+      if (p.fused_row_groups) {
+        for (int e = t; e < n_dst * kSrcWords; e += kSelectThreads) win.merged_srcs[e / kSrcWords][e % kSrcWords] = 0u;
+      }
       // Small windows: the pair sums too, by all threads (the loads of few per thread in flight).
       for (int e = (small ? 0 : pairs) + t; e < pairs + n; e += kSelectThreads) {
         // In split order, the loads of 8 splits in flight together (more: 98 registers, half the
@@ -1313,23 +1409,72 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
       }
       __syncthreads();
     }
-    for (int64_t position = t; position < n; position += kSelectThreads) {
-      int64_t into = -1;
-      if (r > 0 && position % 2 == 0) {
-        const int i = static_cast<int>(position / 2);
-        int64_t rank = 0;
-        for (int other = 0; other < n_src; ++other) rank += key[other] > key[i] || (key[other] == key[i] && other < i);
-        if (rank < r && best_dst[i] >= 0) into = p.window_tokens[start + best_dst[i]];
+    if (r == 0) {  // every token kept, a group of its own (n may exceed kExactMaxWindow here)
+      for (int64_t position = t; position < n; position += kSelectThreads) {
+        const int64_t token = p.window_tokens[start + position];
+        p.merged_into[token] = -1;
+        if (p.fused_row_groups) {
+          Group alone{};
+          alone.begin = start + position;
+          alone.end = alone.begin + 1;
+          alone.first[0] = token;
+          p.members[alone.begin] = token;
+          p.token_groups[token] = alone;
+        }
       }
-      p.merged_into[p.window_tokens[start + position]] = into;
+    } else {  // n <= exact_window <= kExactMaxWindow: a thread per position
+      const bool live = t < n;
+      if (live) {
+        win.token[t] = p.window_tokens[start + t];
+        int anchor = t;
+        if (t % 2 == 0) {
+          const int i = t / 2;
+          int rank = 0;
+          for (int other = 0; other < n_src; ++other) rank += key[other] > key[i] || (key[other] == key[i] && other < i);
+          if (rank < r && best_dst[i] >= 0) {
+            anchor = best_dst[i];
+            if (p.fused_row_groups) atomicOr(&win.merged_srcs[anchor / 2][i / 32], 1u << (i % 32));
+          }
+        }
+        win.anchor[t] = static_cast<int16_t>(anchor);
+      }
+      __syncthreads();
+      const int anchor = live ? win.anchor[t] : 0;
+      if (live) p.merged_into[win.token[t]] = anchor == t ? -1 : win.token[anchor];
+      if (p.fused_row_groups) {  // uniform over the block
+        // A kept dst's group: it and the srcs merged into it; a kept src's: itself.
+        const int size = !live || anchor != t ? 0 : t % 2 == 1 ? 1 + merged_below(t / 2, n_src) : 1;
+        int begin = 0;
+        PositionScan(win.scan).ExclusiveSum(size, begin);
+        if (size > 0) win.group_begin[t] = static_cast<int16_t>(begin);
+        __syncthreads();
+        if (live) {
+          // Place in the group: the members at lower positions. A dst at 2 j + 1 follows the srcs
+          // 0..j merged into it; a src at 2 i merged into dst j follows the lower srcs merged into
+          // j, and the dst if j < i.
+          const int i = t / 2, j = anchor / 2;
+          const int place = anchor == t ? (t % 2 == 1 ? merged_below(j, j + 1) : 0) : merged_below(j, i) + (j < i ? 1 : 0);
+          const int at = win.group_begin[anchor] + place;
+          p.members[start + at] = win.token[t];
+          win.member[at] = static_cast<int16_t>(t);
+        }
+        __syncthreads();
+        if (size > 0) {
+          Group group{};
+          group.begin = start + begin;
+          group.end = group.begin + size;
+          for (int m = 0; m < size && m < kStagedMembers; ++m) group.first[m] = win.token[win.member[begin + m]];
+          p.token_groups[win.token[t]] = group;
+        }
+      }
     }
     if (p.fused_row_groups && n > 0) {  // uniform over the block
       const int64_t b = p.window_tokens[start] / p.L;
-      // The ticket's last reads of key and best_dst are done before group_row reuses their memory.
+      // The ticket's barrier: the window's arrays are read before number_row reuses their memory.
       if (b < p.tokens / p.L && detail::last_to_arrive(&p.row_tickets[b], static_cast<unsigned int>(p.L),
                                                        static_cast<unsigned int>(n))) {
-        group_row<kRowItems>(p.merged_into, b, p.L, p.kept, p.row_key_bits, p.index, p.assignment, p.members,
-                             p.groups, smem.row);
+        number_row<kRowItems>(p.merged_into, p.token_groups, b, p.L, p.kept, p.index, p.assignment, p.groups,
+                              smem.row);
       }
     }
   }
@@ -1397,7 +1542,7 @@ struct ValueParams {  // k (tensor 0) and v (tensor 1)
   int64_t out_stride[2][4];
   int64_t H, D, L, kept, slots;
   const Group* groups;     // per slot
-  const int64_t* members;  // token ids sorted by (slot, token)
+  const int64_t* members;  // token ids: each group's at [begin, end) of its record, in token order
   const float* importance;
   const int32_t* sizes;
   int32_t* sizes_out;  // written by the blocks of element chunk 0
@@ -1677,6 +1822,7 @@ struct Workspace {  // the screened mode's arrays are empty in exact mode, the g
   double* exact_partial;
   unsigned int* select_tickets;  // null unless plan.select_groups > 1
   unsigned int* row_tickets;     // null unless plan.fused_row_groups
+  Group* token_groups;           // empty unless plan.fused_row_groups
   int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
   double* norms;
   double* keys;
@@ -1720,6 +1866,7 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   // Null when unneeded (an empty carved array would have the next one's address).
   ws.select_tickets = plan.select_groups > 1 ? carver.take<unsigned int>(plan.windows) : nullptr;
   ws.row_tickets = plan.fused_row_groups ? carver.take<unsigned int>(plan.B) : nullptr;
+  ws.token_groups = carver.take<Group>(plan.fused_row_groups ? plan.tokens : 0);
   ws.offsets = carver.take<int64_t>(screened * 2 * (plan.windows + 1));
   ws.norms = carver.take<double>(screened * plan.tokens);
   ws.keys = carver.take<double>(ranked_in_global * plan.total);
@@ -1925,6 +2072,7 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.prefetch_bytes = prefetch_bytes(a.v);
   p.fused_row_groups = plan.fused_row_groups;
   p.row_tickets = ws.row_tickets;
+  p.token_groups = ws.token_groups;
   p.kept = a.kept;
   p.row_key_bits = plan.row_key_bits;
   p.index = a.index;

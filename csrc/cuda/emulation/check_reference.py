@@ -2,7 +2,8 @@
 
 Run by run.sh: the shape matrix of python_tests/test_cuda.py at small sizes (uneven windows,
 1x1 grid, GQA, masked text, second stage with sizes/positions, ties, explicit metrics, zero-weight
-groups, varlen, strided inputs). Exits non-zero on any mismatch.
+groups, varlen, strided inputs), and exact mode's two ways of grouping, bitwise. Exits non-zero on
+any mismatch.
 """
 import os
 import sys
@@ -93,6 +94,28 @@ for line in found:
     print("     ", line)
 print("FAIL" if found else "ok  ", "varlen")
 failures += bool(found)
+# Exact mode's groups laid out per window in exact_select_kernel == sorted per row by
+# row_groups_kernel (LIGHTKV_FUSED_GROUPS=0), bitwise: random and tied keys (all of a window's
+# merged srcs in one group: 18 of a 36-token window, 162 of a 325-token one, over several words of
+# merged_srcs), nothing merged, a zero-weight group (its members read back from `members`).
+for name, B, grid, win, ratio, tied in (("36-token windows", 2, (24, 24), 4, 0.5, False),
+                                        ("36-token windows, tied", 1, (24, 24), 4, 0.5, True),
+                                        ("325-token windows, tied", 1, (26, 50), 2, 0.5, True),
+                                        ("ratio 0", 1, (8, 8), 2, 0.0, False)):
+    k, v, text = inputs(B, 1, 2, grid[0] * grid[1], 3, 16, torch.bfloat16, 13)
+    if tied:
+        k[:] = k[:, :, :1]
+    importance = torch.rand(B, grid[0] * grid[1], generator=torch.Generator().manual_seed(13))
+    importance[:, :40] = 0
+    kw = dict(ratio=ratio, windows=win, grid=grid, importance=importance)
+    laid_out = lightkv_ext.compress(k, v, text, **kw)
+    os.environ["LIGHTKV_FUSED_GROUPS"] = "0"
+    sorted_rows = lightkv_ext.compress(k, v, text, **kw)
+    del os.environ["LIGHTKV_FUSED_GROUPS"]
+    ok = all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+             for x, y in zip(laid_out, sorted_rows))
+    print("ok  " if ok else "FAIL", f"groups by window == by row, bitwise: {name}"); failures += not ok
+    check(f"groups by window: {name}", laid_out, reference.compress(k, v, text, **kw), torch.bfloat16)
 # strided (token-major) == contiguous, bitwise
 ktm = torch.randn(2, 100, 4, 64).half(); vtm = torch.randn(2, 100, 4, 64).half(); tt = torch.randn(2, 4, 7, 64).half()
 a = lightkv_ext.compress(ktm.transpose(1, 2), vtm.transpose(1, 2), tt, ratio=0.5, windows=2)

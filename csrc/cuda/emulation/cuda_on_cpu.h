@@ -369,6 +369,9 @@ inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_add(value);
 }
+inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
+  return std::atomic_ref<unsigned int>(*address).fetch_or(value);
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
 inline T __ldcg(const T* address) { return *address; }
