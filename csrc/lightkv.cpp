@@ -31,7 +31,7 @@
 //   T_img == 0 gives 1 / vis_len. Tokens of no image get 0. Accumulation in float32.
 //
 // merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
-//       token_major)
+//       token_major, local_bases=None)
 //   -> (k_out, v_out, sizes_out, index, assignment)
 //   k, v:           (B, H_kv, L, D), same shape and dtype (any strides).
 //   metric:         (B, L, G, C) any float dtype, any strides; the similarity vector of token
@@ -55,6 +55,11 @@
 //   token_major:    when true k_out / v_out are allocated (B, M, H, D) contiguous and returned as
 //                   the (B, H, M, D) permuted view (for the packed API); else (B, H, M, D)
 //                   contiguous.
+//   local_bases:    optional (2, B, L) int64, for a row that packs several images: per token, the
+//                   first l of its image (plane 0) and the first output slot of its image (plane
+//                   1), subtracted from the index and assignment entries of the token, so that
+//                   they count from the image's start (the packed API's per-image numbers). The
+//                   caller derives it from the image bounds; the CUDA backend trusts it.
 //   Matching per window (positions p = 0..n-1 in window order): src = even p, dst = odd p;
 //   similarity = <a, b> / (|a| |b| + 1e-8), accumulated in float64 so that every backend takes
 //   bit-identical decisions; each src picks the dst of largest similarity (ties: lowest dst p);
@@ -64,15 +69,17 @@
 //                 accumulation) of a dst and its merged srcs; a token with no merged srcs is
 //                 copied bitwise; a group of total weight 0 uses equal weights.
 //     sizes_out   (B, M) int32: sum of the group's sizes.
-//     index       (B, M) int64: l of each kept token.
-//     assignment  (B, L) int64: output slot m of the group each input token ended in.
+//     index       (B, M) int64: l of each kept token (minus local_bases[0, b, l]).
+//     assignment  (B, L) int64: output slot m of the group each input token ended in (minus
+//                 local_bases[1, b, l]).
 //
 // compress(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets,
-//          ratio, kept, max_window, token_major, text_rows=-1)
+//          ratio, kept, max_window, token_major, text_rows=-1, local_bases=None)
 //   -> (k_out, v_out, sizes_out, index, assignment, importance)
 //   importance = score(k, text, images, text_mask, sizes, scale, text_rows), then
 //   merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
-//   token_major): one call for the common case (the API's compress without a given importance).
+//   token_major, local_bases): one call for the common case (the API's compress without a given
+//   importance).
 //   `sizes` is required and always biases the logits; unit sizes add log 1 = 0, exactly as no
 //   sizes. The CUDA backend runs the merge decisions, which do not depend on the importance, on a
 //   second stream while it scores (LIGHTKV_OVERLAP=0: both on the current stream).
@@ -92,9 +99,9 @@ TORCH_LIBRARY(lightkv, m) {
         "float scale, SymInt text_rows=-1) -> Tensor");
   m.def("merge(Tensor k, Tensor v, Tensor metric, Tensor importance, Tensor sizes, "
         "Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, int max_window, "
-        "bool token_major) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool token_major, Tensor? local_bases=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("compress(Tensor k, Tensor v, Tensor text, Tensor images, Tensor? text_mask, Tensor sizes, "
         "float scale, Tensor metric, Tensor window_tokens, Tensor window_offsets, float ratio, SymInt kept, "
-        "int max_window, bool token_major, SymInt text_rows=-1) "
+        "int max_window, bool token_major, SymInt text_rows=-1, Tensor? local_bases=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

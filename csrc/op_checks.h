@@ -105,7 +105,8 @@ inline void check_score_args(const at::Tensor& k, const at::Tensor& text, const 
 // lightkv::merge (contract in csrc/lightkv.cpp).
 inline void check_merge_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
                              const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
-                             const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window) {
+                             const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window,
+                             const std::optional<at::Tensor>& local_bases) {
   constexpr const char* op = "merge";
   check_same_device(v, k, op, "v");
   check_same_device(metric, k, op, "metric");
@@ -138,6 +139,11 @@ inline void check_merge_args(const at::Tensor& k, const at::Tensor& v, const at:
   LIGHTKV_CHECK(kept >= 0 && kept <= tokens, "lightkv::merge: kept must be in [0, L = ", tokens, "], got ",
                 kept);
   LIGHTKV_CHECK(max_window >= 0, "lightkv::merge: max_window must be >= 0, got ", max_window);
+  if (local_bases) {
+    check_same_device(*local_bases, k, op, "local_bases");
+    check_dtype(*local_bases, at::kLong, op, "local_bases");
+    check_shape(*local_bases, {2, batch, tokens}, op, "local_bases");
+  }
 }
 
 }  // namespace lightkv

@@ -52,17 +52,17 @@ def _dense_images(batch: int, n_tokens: int, n_text: int, device: torch.device) 
 @functools.lru_cache(maxsize=64)
 def _varlen_tables(starts: tuple, text_ranges: tuple, kept: tuple, device: torch.device):
     """Tables of a varlen pack that depend on its shapes only, built on the host and moved to the
-    device once: the image table of ``lightkv::score``, the output offsets, and per output slot
-    and per input token the first row of its image (in the input and in the output)."""
-    counts = [b - a for a, b in zip(starts, starts[1:])]
+    device once: the image table of ``lightkv::score``, the output offsets, and the ops'
+    ``local_bases``: per input token the first row of its image in the input and in the output,
+    which the ops subtract from index and assignment (image-local numbers)."""
+    counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])], dtype=torch.int64)
     images = torch.tensor([[0, start, n, t0, t1 - t0] for start, n, (t0, t1)
-                           in zip(starts, counts, text_ranges)], dtype=torch.int64).reshape(-1, 5)
-    kept = torch.tensor(kept, dtype=torch.int64)
+                           in zip(starts, counts.tolist(), text_ranges)], dtype=torch.int64).reshape(-1, 5)
     cu_out = torch.zeros(len(kept) + 1, dtype=torch.int32)
-    torch.cumsum(kept, 0, out=cu_out[1:])
-    slot_base = torch.tensor(starts[:-1], dtype=torch.int64).repeat_interleave(kept)
-    token_base = cu_out[:-1].long().repeat_interleave(torch.tensor(counts))
-    return tuple(ready_for_any_stream(t.to(device)) for t in (images, cu_out, slot_base, token_base))
+    torch.cumsum(torch.tensor(kept, dtype=torch.int64), 0, out=cu_out[1:])
+    local_bases = torch.stack([torch.tensor(starts[:-1], dtype=torch.int64).repeat_interleave(counts),
+                               cu_out[:-1].long().repeat_interleave(counts)])[:, None]
+    return tuple(ready_for_any_stream(t.to(device)) for t in (images, cu_out, local_bases))
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,25 +137,25 @@ def compress_varlen(k, v, text_emb, cu_seqlens, grids, *, cu_seqlens_text=None, 
     metric = k[None] if metric is None else metric[None, :, None, :]
     token_sizes = (args.sizes if args.sizes is not None else _unit_sizes((k.shape[0],), device))[None]
     merge_args = (layout.tokens, layout.offsets, args.ratio, sum(layout.kept), layout.max_window, True)
-    images, cu_out, slot_base, token_base = _varlen_tables(
+    images, cu_out, local_bases = _varlen_tables(
         tuple(args.starts), tuple((int(t0), int(t1)) for t0, t1 in args.text_ranges), tuple(layout.kept), device)
     if args.importance is None:
         # The text rows the images score, summed on the host: the CUDA op sizes its softmax
         # statistics by them without reading the image table back.
         text_rows = sum(t1 - t0 for t0, t1 in args.text_ranges)
         *merged, importance = ops.compress(keys, values, text_emb.permute(1, 0, 2)[None], images, None,
-                                           token_sizes, args.scale, metric, *merge_args, text_rows)
+                                           token_sizes, args.scale, metric, *merge_args, text_rows, local_bases)
         importance = importance[0]
     else:
         importance = args.importance
-        merged = ops.merge(keys, values, metric, importance[None], token_sizes, *merge_args)
+        merged = ops.merge(keys, values, metric, importance[None], token_sizes, *merge_args, local_bases)
     k_out, v_out, sizes_out, index, assignment = merged
     return CompressedVarlen(
         k=k_out[0].transpose(0, 1),
         v=v_out[0].transpose(0, 1),
         cu_seqlens=cu_out.clone(),
         sizes=sizes_out[0],
-        index=index[0] - slot_base,
-        assignment=assignment[0] - token_base,
+        index=index[0],
+        assignment=assignment[0],
         importance=importance,
     )

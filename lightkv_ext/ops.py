@@ -20,7 +20,7 @@ def _score_fake(k, text, images, text_mask, sizes, scale, text_rows=-1):
 
 @torch.library.register_fake("lightkv::merge")
 def _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
-                token_major):
+                token_major, local_bases=None):
     B, H, L, D = k.shape
     if token_major:
         k_out = k.new_empty((B, kept, H, D)).permute(0, 2, 1, 3)
@@ -35,7 +35,7 @@ def _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, 
 
 @torch.library.register_fake("lightkv::compress")
 def _compress_fake(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets, ratio,
-                   kept, max_window, token_major, text_rows=-1):
+                   kept, max_window, token_major, text_rows=-1, local_bases=None):
     importance = _score_fake(k, text, images, text_mask, sizes, scale)
     merged = _merge_fake(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
                          token_major)

@@ -591,6 +591,31 @@ def test_opcheck():
         torch.library.opcheck(compress_op.default, (k, v, text, dense_images(2, 12, 3), mask, sizes, 0.5,
                                                     k.permute(0, 2, 1, 3), tokens, offsets, 0.5, kept[0],
                                                     max_window, token_major, 6))
+    bases = torch.zeros(2, 2, 12, dtype=torch.int64)
+    torch.library.opcheck(merge_op.default, (k, v, k.permute(0, 2, 1, 3), torch.rand(2, 12), sizes, tokens, offsets,
+                                             0.5, kept[0], max_window, True, bases))
+    torch.library.opcheck(compress_op.default, (k, v, text, dense_images(2, 12, 3), mask, sizes, 0.5,
+                                                k.permute(0, 2, 1, 3), tokens, offsets, 0.5, kept[0], max_window,
+                                                True, 6, bases))
+
+
+def test_merge_local_bases_number_from_each_image():
+    """local_bases (the packed API's): each index entry minus plane 0 at its kept token, each
+    assignment minus plane 1 at its token; everything else as without them."""
+    k, v, _ = make_inputs(B=2, N=12, T=3)
+    sizes = torch.ones(2, 12, dtype=torch.int32)
+    tokens, offsets, kept, max_window = window_csr(torch.arange(12).expand(2, 12), (3, 4), (1, 2), 0.5)
+    args = (k, v, k.permute(0, 2, 1, 3), torch.rand(2, 12), sizes, tokens, offsets, 0.5, kept[0], max_window, False)
+    bases = torch.randint(-5, 5, (2, 2, 12))
+    plain, local = merge_op(*args), merge_op(*args, bases)
+    for a, b in zip(plain[:3], local[:3]):
+        assert torch.equal(a, b)
+    assert torch.equal(local[3], plain[3] - bases[0].gather(1, plain[3]))
+    assert torch.equal(local[4], plain[4] - bases[1])
+    for bad, message in ((bases[:, :1], r"local_bases must have shape \[2, 2, 12\]"),
+                         (bases.int(), "local_bases must be Long")):
+        with pytest.raises(RuntimeError, match=message):
+            merge_op(*args, bad)
 
 
 @pytest.mark.parametrize("unit_sizes", [True, False], ids=["unit-sizes", "sizes"])

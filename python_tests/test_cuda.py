@@ -706,3 +706,6 @@ def test_opcheck():
     text_rows = images[:, 4].sum().item()  # the exact bound, which the API passes
     torch.library.opcheck(torch.ops.lightkv.score.default, score_args + (text_rows,))
     torch.library.opcheck(torch.ops.lightkv.compress.default, compress_args + (text_rows,))
+    bases = torch.zeros((2,) + tuple(merge_args[3].shape), dtype=torch.int64, device="cuda")
+    torch.library.opcheck(torch.ops.lightkv.merge.default, token_major + (bases,))
+    torch.library.opcheck(torch.ops.lightkv.compress.default, compress_args + (text_rows, bases))

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& text, const at::Tensor& images,
     const std::optional<at::Tensor>& text_mask, const at::Tensor& sizes, double scale, const at::Tensor& metric,
     const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio, int64_t kept,
-    int64_t max_window, bool token_major, int64_t text_rows) {
+    int64_t max_window, bool token_major, int64_t text_rows, const std::optional<at::Tensor>& local_bases) {
   static const auto score =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lightkv::score", "")
@@ -25,10 +25,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lightkv::merge", "")
           .typed<Merged(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, bool)>();
+                        const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, bool,
+                        const std::optional<at::Tensor>&)>();
   at::Tensor importance = score.call(k, text, images, text_mask, sizes, scale, text_rows);
   auto [k_out, v_out, sizes_out, index, assignment] = merge.call(
-      k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window, token_major);
+      k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window, token_major,
+      local_bases);
   return {k_out, v_out, sizes_out, index, assignment, importance};
 }
 

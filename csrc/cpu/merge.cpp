@@ -448,10 +448,11 @@ void average_groups(const at::Tensor& input, const at::Tensor& importance, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
     const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
-    const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window, bool token_major) {
+    const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window, bool token_major,
+    const std::optional<at::Tensor>& local_bases) {
   LIGHTKV_CHECK(k.device().is_cpu(), "lightkv::merge: k must be a CPU tensor, got ", k.device());
   lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept,
-                            max_window);
+                            max_window, local_bases);
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
 
   const auto weight_rows = importance.accessor<float, 2>();
@@ -496,6 +497,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu
     average_groups<scalar_t>(k, importance, groups, kept, k_out);
     average_groups<scalar_t>(v, importance, groups, kept, v_out);
   });
+  if (local_bases) {  // image-local numbers (the groups above were built from the row's)
+    index.sub_(local_bases->select(0, 0).gather(1, index));
+    assignment.sub_(local_bases->select(0, 1));
+  }
   return {k_out, v_out, sizes_out, index, assignment};
 }
 

@@ -90,6 +90,10 @@ struct MergeArgs {
   int32_t* sizes_out = nullptr;   // (B, M) contiguous
   int64_t* index = nullptr;       // (B, M) contiguous
   int64_t* assignment = nullptr;  // (B, L) contiguous
+  // Optional (2, B, L) contiguous: per token, subtracted from the index entry of a kept token
+  // (plane 0) and from the token's assignment (plane 1): image-local numbers for a row that packs
+  // several images (`local_bases` of the merge op in csrc/lightkv.cpp).
+  const int64_t* local_bases = nullptr;
 };
 
 size_t merge_workspace_size(const MergeArgs& args);

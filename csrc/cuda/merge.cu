@@ -150,6 +150,15 @@ struct alignas(16) Group {
   int64_t first[kStagedMembers];  // members[begin + i] where the group has them
 };
 
+// MergeArgs::local_bases as two per-token tables: what a kept token's index entry (l) and a
+// token's assignment (slot) count from; both 0 without it.
+struct LocalBases {
+  const int64_t* l = nullptr;
+  const int64_t* slot = nullptr;
+  __device__ __forceinline__ int64_t l_of(int64_t g) const { return l != nullptr ? l[g] : 0; }
+  __device__ __forceinline__ int64_t slot_of(int64_t g) const { return slot != nullptr ? slot[g] : 0; }
+};
+
 struct Params {
   const void* metric;
   int64_t metric_stride[4];
@@ -198,6 +207,7 @@ struct Params {
   int row_key_bits;
   int64_t* index;
   int64_t* assignment;
+  LocalBases bases;
   int64_t* members;
   Group* groups;
   Group* token_groups;  // fused_row_groups: per kept token, its group's record, for number_row
@@ -1079,7 +1089,7 @@ __global__ void kept_flags_kernel(const int64_t* __restrict__ merged_into, int64
 // Slots at or past M (only if the caller's `kept` is wrong) are dropped instead of written.
 __global__ void slots_kernel(const int64_t* __restrict__ merged_into, const int64_t* __restrict__ kept_before,
                              int64_t tokens, int64_t L, int64_t kept, int64_t* __restrict__ index,
-                             int64_t* __restrict__ assignment, uint64_t* __restrict__ slot_key,
+                             int64_t* __restrict__ assignment, LocalBases bases, uint64_t* __restrict__ slot_key,
                              int64_t* __restrict__ token_id) {
   detail::await_previous_kernel();
   const int64_t rows = tokens / L;
@@ -1089,8 +1099,8 @@ __global__ void slots_kernel(const int64_t* __restrict__ merged_into, const int6
     const int64_t anchor = merged_into[g] < 0 ? g : merged_into[g];
     const int64_t m = kept_before[anchor] - kept_before[b * L];
     const bool valid = m >= 0 && m < kept;
-    assignment[g] = m;
-    if (valid && anchor == g) index[b * kept + m] = g - b * L;
+    assignment[g] = m - bases.slot_of(g);
+    if (valid && anchor == g) index[b * kept + m] = g - b * L - bases.l_of(g);
     slot_key[g] = static_cast<uint64_t>(valid ? b * kept + m : rows * kept);
     token_id[g] = g;
   }
@@ -1155,7 +1165,7 @@ __device__ int32_t number_kept_tokens(const int64_t* __restrict__ merged_into, i
 // with the block done with `smem`.
 template <int kRowItems>
 __device__ void group_row(const int64_t* __restrict__ merged_into, int64_t b, int64_t L, int64_t kept, int key_bits,
-                          int64_t* __restrict__ index, int64_t* __restrict__ assignment,
+                          int64_t* __restrict__ index, int64_t* __restrict__ assignment, LocalBases bases,
                           int64_t* __restrict__ members, Group* __restrict__ groups, RowGroupsSmem<kRowItems>& smem) {
   using Smem = RowGroupsSmem<kRowItems>;
   const uint32_t none = static_cast<uint32_t>(kept);  // slot key of padding and of slots >= kept
@@ -1174,10 +1184,10 @@ __device__ void group_row(const int64_t* __restrict__ merged_into, int64_t b, in
     key[i] = none;
     if (l >= L) continue;
     const uint32_t m = smem.slot_of[anchor[i]];
-    assignment[row + l] = m;
+    assignment[row + l] = m - bases.slot_of(row + l);
     if (m < none) {
       key[i] = m;
-      if (anchor[i] == l) index[b * kept + m] = l;
+      if (anchor[i] == l) index[b * kept + m] = l - bases.l_of(row + l);
     }
   }
   __syncthreads();  // slot_of is read before it holds the sorted slots
@@ -1203,12 +1213,12 @@ __device__ void group_row(const int64_t* __restrict__ merged_into, int64_t b, in
 template <int kRowItems>
 __global__ void __launch_bounds__(kRowThreads)
     row_groups_kernel(const int64_t* __restrict__ merged_into, int64_t rows, int64_t L, int64_t kept, int key_bits,
-                      int64_t* __restrict__ index, int64_t* __restrict__ assignment, int64_t* __restrict__ members,
-                      Group* __restrict__ groups) {
+                      int64_t* __restrict__ index, int64_t* __restrict__ assignment, LocalBases bases,
+                      int64_t* __restrict__ members, Group* __restrict__ groups) {
   detail::await_previous_kernel();
   __shared__ RowGroupsSmem<kRowItems> smem;
   for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {
-    group_row<kRowItems>(merged_into, b, L, kept, key_bits, index, assignment, members, groups, smem);
+    group_row<kRowItems>(merged_into, b, L, kept, key_bits, index, assignment, bases, members, groups, smem);
   }
 }
 
@@ -1237,7 +1247,7 @@ struct RowSlotsSmem {
 template <int kRowItems>
 __device__ void number_row(const int64_t* __restrict__ merged_into, const Group* __restrict__ token_groups, int64_t b,
                            int64_t L, int64_t kept, int64_t* __restrict__ index, int64_t* __restrict__ assignment,
-                           Group* __restrict__ groups, RowSlotsSmem<kRowItems>& smem) {
+                           LocalBases bases, Group* __restrict__ groups, RowSlotsSmem<kRowItems>& smem) {
   const int64_t row = b * L;
   int32_t anchor[kRowItems];
   const int32_t row_kept = number_kept_tokens<kRowItems>(merged_into, row, L, smem.scan, smem.slot_of, anchor);
@@ -1247,9 +1257,9 @@ __device__ void number_row(const int64_t* __restrict__ merged_into, const Group*
     const int l = kRowItems * static_cast<int>(threadIdx.x) + i;
     if (l >= L) continue;
     const uint32_t m = smem.slot_of[anchor[i]];
-    assignment[row + l] = m;
+    assignment[row + l] = m - bases.slot_of(row + l);
     if (anchor[i] == l && m < kept) {  // slots past `kept` (only a wrong one) are dropped
-      index[b * kept + m] = l;
+      index[b * kept + m] = l - bases.l_of(row + l);
       groups[b * kept + m] = load_group(token_groups + row + l);
     }
   }
@@ -1473,8 +1483,8 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
       // The ticket's barrier: the window's arrays are read before number_row reuses their memory.
       if (b < p.tokens / p.L && detail::last_to_arrive(&p.row_tickets[b], static_cast<unsigned int>(p.L),
                                                        static_cast<unsigned int>(n))) {
-        number_row<kRowItems>(p.merged_into, p.token_groups, b, p.L, p.kept, p.index, p.assignment, p.groups,
-                              smem.row);
+        number_row<kRowItems>(p.merged_into, p.token_groups, b, p.L, p.kept, p.index, p.assignment, p.bases,
+                              p.groups, smem.row);
       }
     }
   }
@@ -1888,6 +1898,10 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   return ws;
 }
 
+LocalBases local_bases(const MergeArgs& a, int64_t tokens) {
+  return a.local_bases != nullptr ? LocalBases{a.local_bases, a.local_bases + tokens} : LocalBases{};
+}
+
 unsigned int flat_grid(int64_t items) { return detail::grid_for(ceil_div(items, 256), kMaxGrid); }
 
 // Worst-case |screened cosine - exact cosine|: a sum of `features` products whose magnitudes add
@@ -1919,7 +1933,8 @@ cudaError_t launch_general_groups(const Plan& plan, const Workspace& ws, const M
   LIGHTKV_RETURN_IF_ERROR(
       cub::DeviceScan::ExclusiveSum(ws.cub_temp, temp_bytes, ws.kept_flags, ws.kept_before, plan.tokens, stream));
   LIGHTKV_RETURN_IF_ERROR(launch(slots_kernel, flat_grid(plan.tokens), 256, ws.merged_into, ws.kept_before,
-                                 plan.tokens, plan.L, a.kept, a.index, a.assignment, ws.slot_key, ws.token_id));
+                                 plan.tokens, plan.L, a.kept, a.index, a.assignment, local_bases(a, plan.tokens),
+                                 ws.slot_key, ws.token_id));
   if (plan.slots == 0) return cudaSuccess;
   temp_bytes = ws.cub_bytes;
   LIGHTKV_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(ws.cub_temp, temp_bytes, ws.slot_key, ws.sorted_slot_key,
@@ -2077,6 +2092,7 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.row_key_bits = plan.row_key_bits;
   p.index = a.index;
   p.assignment = a.assignment;
+  p.bases = local_bases(a, plan.tokens);
   p.members = ws.sorted_token_id;
   p.groups = ws.groups;
 
@@ -2104,7 +2120,8 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
                             : items == 4 ? row_groups_kernel<4>
                                          : row_groups_kernel<kRowItemsMax>;
     return launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into, plan.B, plan.L, a.kept,
-                  plan.row_key_bits, a.index, a.assignment, ws.sorted_token_id, ws.groups);
+                  plan.row_key_bits, a.index, a.assignment, local_bases(a, plan.tokens), ws.sorted_token_id,
+                  ws.groups);
   }
   return launch_general_groups(plan, ws, a, launch, m.stream);
 }

@@ -118,7 +118,7 @@ ScoreCall prepare_score(const at::Tensor& k, const at::Tensor& text, const at::T
 // A merge call, as ScoreCall.
 struct MergeCall {
   at::Tensor k_out, v_out, sizes_out, index, assignment;
-  at::Tensor weights, token_sizes, tokens_list, offsets_list;
+  at::Tensor weights, token_sizes, tokens_list, offsets_list, bases;
   lightkv_cuda::MergeArgs args;
   size_t workspace_bytes = 0;  // 0: no token, nothing to launch
 };
@@ -126,10 +126,10 @@ struct MergeCall {
 MergeCall prepare_merge(const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric,
                         const at::Tensor& importance, const at::Tensor& sizes, const at::Tensor& window_tokens,
                         const at::Tensor& window_offsets, double ratio, int64_t kept, int64_t max_window,
-                        bool token_major) {
+                        bool token_major, const std::optional<at::Tensor>& local_bases) {
   LIGHTKV_CHECK(k.is_cuda(), "lightkv::merge: k must be a CUDA tensor, got device ", k.device());
   lightkv::check_merge_args(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept,
-                            max_window);
+                            max_window, local_bases);
   const lightkv_cuda::DType dtype = kernel_dtype(k, false, "merge", "k");
   const lightkv_cuda::DType metric_dtype = kernel_dtype(metric, true, "merge", "metric");
   const int64_t batch = k.size(0), heads = k.size(1), tokens = k.size(2), dim = k.size(3);
@@ -152,6 +152,7 @@ MergeCall prepare_merge(const at::Tensor& k, const at::Tensor& v, const at::Tens
   call.token_sizes = sizes.contiguous();
   call.tokens_list = window_tokens.contiguous();
   call.offsets_list = window_offsets.contiguous();
+  if (local_bases) call.bases = local_bases->contiguous();
 
   lightkv_cuda::MergeArgs& args = call.args;
   args.k = describe(k, dtype);
@@ -171,6 +172,7 @@ MergeCall prepare_merge(const at::Tensor& k, const at::Tensor& v, const at::Tens
   args.sizes_out = call.sizes_out.data_ptr<int32_t>();
   args.index = call.index.data_ptr<int64_t>();
   args.assignment = call.assignment.data_ptr<int64_t>();
+  args.local_bases = call.bases.defined() ? call.bases.const_data_ptr<int64_t>() : nullptr;
   if (batch * tokens > 0) {
     call.workspace_bytes = lightkv_cuda::merge_workspace_size(args);
     LIGHTKV_CHECK(call.workspace_bytes > 0, "lightkv::merge: could not size the CUDA workspace");
@@ -192,10 +194,10 @@ at::Tensor score_cuda(const at::Tensor& k, const at::Tensor& text, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& metric, const at::Tensor& importance,
     const at::Tensor& sizes, const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio,
-    int64_t kept, int64_t max_window, bool token_major) {
+    int64_t kept, int64_t max_window, bool token_major, const std::optional<at::Tensor>& local_bases) {
   const c10::cuda::CUDAGuard device_guard(k.device());
   MergeCall call = prepare_merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept,
-                                 max_window, token_major);
+                                 max_window, token_major, local_bases);
   if (call.workspace_bytes > 0) {
     at::Tensor scratch = workspace(call.workspace_bytes, k);
     C10_CUDA_CHECK(lightkv_cuda::launch_merge(call.args, scratch.data_ptr(), call.workspace_bytes,
@@ -224,11 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& text, const at::Tensor& images,
     const std::optional<at::Tensor>& text_mask, const at::Tensor& sizes, double scale, const at::Tensor& metric,
     const at::Tensor& window_tokens, const at::Tensor& window_offsets, double ratio, int64_t kept,
-    int64_t max_window, bool token_major, int64_t text_rows) {
+    int64_t max_window, bool token_major, int64_t text_rows, const std::optional<at::Tensor>& local_bases) {
   const c10::cuda::CUDAGuard device_guard(k.device());
   ScoreCall score = prepare_score(k, text, images, text_mask, sizes, scale, text_rows);
   MergeCall merge = prepare_merge(k, v, metric, score.importance, sizes, window_tokens, window_offsets, ratio, kept,
-                                  max_window, token_major);
+                                  max_window, token_major, local_bases);
   const size_t score_bytes = (score.workspace_bytes + 255) & ~size_t{255};
   at::Tensor scratch = workspace(score_bytes + merge.workspace_bytes, k);
   char* score_workspace = static_cast<char*>(scratch.data_ptr());

@@ -31,7 +31,7 @@ extern "C" int emu_merge(const void* k, const void* v, int dtype, const int64_t*
                          const int64_t* tokens, int64_t total, const int64_t* offsets, int64_t windows, double ratio,
                          int64_t kept, int64_t max_window, void* k_out, void* v_out, const int64_t* os,
                          const int64_t* kost, const int64_t* vost, int32_t* sizes_out, int64_t* index,
-                         int64_t* assignment) {
+                         int64_t* assignment, const int64_t* local_bases) {
   MergeArgs a;
   a.k = t4(k, dtype, ks, kst); a.v = t4(v, dtype, ks, vst); a.metric = t4(metric, metric_dtype, ms, mst);
   a.importance = importance; a.sizes = sizes; a.window_tokens = tokens; a.total_tokens = total;
@@ -39,7 +39,7 @@ extern "C" int emu_merge(const void* k, const void* v, int dtype, const int64_t*
   a.max_window = max_window;
   a.k_out.data = k_out; a.v_out.data = v_out;
   for (int i = 0; i < 4; ++i) { a.k_out.size[i] = a.v_out.size[i] = os[i]; a.k_out.stride[i] = kost[i]; a.v_out.stride[i] = vost[i]; }
-  a.sizes_out = sizes_out; a.index = index; a.assignment = assignment;
+  a.sizes_out = sizes_out; a.index = index; a.assignment = assignment; a.local_bases = local_bases;
   size_t bytes = merge_workspace_size(a);
   void* ws = std::malloc(bytes); std::memset(ws, 0xCD, bytes);
   int rc = launch_merge(a, ws, bytes, nullptr);

@@ -35,7 +35,8 @@ def score(k, text, images, text_mask, sizes, scale, text_rows=-1):
     return out
 
 
-def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window, token_major):
+def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window, token_major,
+          local_bases=None):
     B, H, L, D = k.shape
     if token_major:
         k_out = torch.empty(B, kept, H, D, dtype=k.dtype).permute(0, 2, 1, 3)
@@ -48,21 +49,22 @@ def merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio,
     assignment = torch.empty(B, L, dtype=torch.int64)
     importance, sizes = importance.contiguous(), sizes.contiguous()
     window_tokens, window_offsets = window_tokens.contiguous(), window_offsets.contiguous()
+    local_bases = local_bases.contiguous() if local_bases is not None else None
     rc = lib.emu_merge(ptr(k), ptr(v), DT[k.dtype], arr(k.shape), arr(k.stride()), arr(v.stride()), ptr(metric),
                        DT[metric.dtype], arr(metric.shape), arr(metric.stride()), ptr(importance), ptr(sizes),
                        ptr(window_tokens), ctypes.c_int64(window_tokens.numel()), ptr(window_offsets),
                        ctypes.c_int64(window_offsets.numel() - 1), ctypes.c_double(ratio), ctypes.c_int64(kept),
                        ctypes.c_int64(max_window), ptr(k_out), ptr(v_out), arr(k_out.shape), arr(k_out.stride()),
-                       arr(v_out.stride()), ptr(sizes_out), ptr(index), ptr(assignment))
+                       arr(v_out.stride()), ptr(sizes_out), ptr(index), ptr(assignment), ptr(local_bases))
     assert rc == 0, rc
     return k_out, v_out, sizes_out, index, assignment
 
 
 def compress(k, v, text, images, text_mask, sizes, scale, metric, window_tokens, window_offsets, ratio, kept,
-             max_window, token_major, text_rows=-1):
+             max_window, token_major, text_rows=-1, local_bases=None):
     importance = score(k, text, images, text_mask, sizes, scale, text_rows)
     merged = merge(k, v, metric, importance, sizes, window_tokens, window_offsets, ratio, kept, max_window,
-                   token_major)
+                   token_major, local_bases)
     return (*merged, importance)
 
 
