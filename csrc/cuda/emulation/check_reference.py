@@ -2,8 +2,8 @@
 
 Run by run.sh: the shape matrix of python_tests/test_cuda.py at small sizes (uneven windows,
 1x1 grid, GQA, masked text, second stage with sizes/positions, ties, explicit metrics, zero-weight
-groups, varlen, strided inputs), and exact mode's two ways of grouping, bitwise. Exits non-zero on
-any mismatch.
+groups, varlen on each path that writes index and assignment, strided inputs), and exact mode's two
+ways of grouping, bitwise. Exits non-zero on any mismatch.
 """
 import os
 import sys
@@ -78,22 +78,31 @@ k, v, text = inputs(2, 2, 2, 30, 4, 32, torch.float16, 6)
 imp = torch.rand(2, 30); imp[0, :12] = 0
 kw = dict(ratio=0.5, windows=(2, 2), grid=(5, 6), importance=imp)
 check("zero weights", lightkv_ext.compress(k, v, text, **kw), reference.compress(k, v, text, **kw), torch.float16)
-# varlen vs per image
-grids = [(6, 6), (4, 9), (2, 3), (10, 7)]
-counts = [h * w for h, w in grids]
-g = torch.Generator().manual_seed(12)
-kp = torch.randn(sum(counts), 2, 32, generator=g); vp = torch.randn(sum(counts), 2, 32, generator=g)
-tp = torch.randn(9, 4, 32, generator=g)
-cu = [0]
-for n in counts: cu.append(cu[-1] + n)
-cut = [0, 3, 3, 5, 9]
-call = dict(cu_seqlens=torch.tensor(cu, dtype=torch.int32), grids=grids, ratio=0.5, windows=2)
-out = lightkv_ext.compress_varlen(kp, vp, tp, cu_seqlens_text=torch.tensor(cut, dtype=torch.int32), **call)
-found = varlen_mismatches(out, (kp, vp, tp), list(zip(cut[:-1], cut[1:])), torch.float32, call)
-for line in found:
-    print("     ", line)
-print("FAIL" if found else "ok  ", "varlen")
-failures += bool(found)
+# varlen vs per image; the image-local index and assignment (the ops' local_bases) on each path
+# that writes them: exact mode's row numbering, row_groups_kernel (exact mode with
+# LIGHTKV_FUSED_GROUPS=0, and screened windows) and, past 4096 tokens, slots_kernel
+for name, grids, heads, dim, windows, knob in (
+        ("exact", [(6, 6), (4, 9), (2, 3), (10, 7)], 2, 32, 2, None),
+        ("exact, row_groups_kernel", [(6, 6), (4, 9), (2, 3), (10, 7)], 2, 32, 2, "0"),
+        ("screened, row_groups_kernel", [(24, 24), (20, 30)], 1, 8, 1, None),
+        ("past 4096 tokens", [(46, 46), (46, 46)], 1, 8, 4, None)):
+    counts = [h * w for h, w in grids]
+    g = torch.Generator().manual_seed(12)
+    kp = torch.randn(sum(counts), heads, dim, generator=g); vp = torch.randn(sum(counts), heads, dim, generator=g)
+    cut = [0, 3, 3, 5, 9][:len(grids)] + [9]
+    tp = torch.randn(9, 2 * heads, dim, generator=g)
+    cu = [0]
+    for n in counts: cu.append(cu[-1] + n)
+    call = dict(cu_seqlens=torch.tensor(cu, dtype=torch.int32), grids=grids, ratio=0.5, windows=windows)
+    if knob:
+        os.environ["LIGHTKV_FUSED_GROUPS"] = knob
+    out = lightkv_ext.compress_varlen(kp, vp, tp, cu_seqlens_text=torch.tensor(cut, dtype=torch.int32), **call)
+    os.environ.pop("LIGHTKV_FUSED_GROUPS", None)
+    found = varlen_mismatches(out, (kp, vp, tp), list(zip(cut[:-1], cut[1:])), torch.float32, call)
+    for line in found:
+        print("     ", line)
+    print("FAIL" if found else "ok  ", f"varlen, {name}")
+    failures += bool(found)
 # Exact mode's groups laid out per window in exact_select_kernel == sorted per row by
 # row_groups_kernel (LIGHTKV_FUSED_GROUPS=0), bitwise: random and tied keys (all of a window's
 # merged srcs in one group: 18 of a 36-token window, 162 of a 325-token one, over several words of
