@@ -1303,6 +1303,7 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
     double norm[kExactMaxWindow];     // by window position
     double key[kMaxSrcs];
     int best_dst[kMaxSrcs];  // window position, -1 if none
+    unsigned int rank[kMaxSrcs];  // srcs that beat each src
     // From the ranking on, by window position (group_begin and the scan: fused_row_groups only):
     int64_t token[kExactMaxWindow];
     int16_t anchor[kExactMaxWindow];       // the kept position the token ends in (itself if kept)
@@ -1346,6 +1347,7 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
     const auto split_sums = [&](int64_t s) { return partial + (s * p.total + start) * p.exact_slot; };
     if (r > 0) {
       __syncthreads();  // the previous window's ranks are counted
+      if (t < n_src) win.rank[t] = 0u;
       if (p.fused_row_groups) {
         for (int e = t; e < n_dst * kSrcWords; e += kSelectThreads) win.merged_srcs[e / kSrcWords][e % kSrcWords] = 0u;
       }
@@ -1434,14 +1436,25 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
       }
     } else {  // n <= exact_window <= kExactMaxWindow: a thread per position
       const bool live = t < n;
+      const int64_t token = live ? p.window_tokens[start + t] : 0;
+      {  // Each src's rank (the srcs that beat it), counted by all threads: `parts` threads per src
+        // (at least 2: n_src <= kSelectThreads / 2), each over every parts-th other src.
+        const int parts = kSelectThreads / n_src, i = t % n_src, part = t / n_src;
+        if (part < parts) {
+          unsigned int beaten = 0;
+          for (int other = part; other < n_src; other += parts) {
+            beaten += key[other] > key[i] || (key[other] == key[i] && other < i);
+          }
+          atomicAdd(&win.rank[i], beaten);  // integer sums: the same in any order
+        }
+      }
+      __syncthreads();
       if (live) {
-        win.token[t] = p.window_tokens[start + t];
+        win.token[t] = token;
         int anchor = t;
         if (t % 2 == 0) {
           const int i = t / 2;
-          int rank = 0;
-          for (int other = 0; other < n_src; ++other) rank += key[other] > key[i] || (key[other] == key[i] && other < i);
-          if (rank < r && best_dst[i] >= 0) {
+          if (win.rank[i] < r && best_dst[i] >= 0) {
             anchor = best_dst[i];
             if (p.fused_row_groups) atomicOr(&win.merged_srcs[anchor / 2][i / 32], 1u << (i % 32));
           }
