@@ -15,9 +15,9 @@ cost a host sync each, and a call that syncs cannot be captured (such a backend 
 skipped, with the reason);
 `lightkv_ext_chained` and `lightkv_ext_graph_chained` are the eager call and the graph with
 kernel chaining (programmatic dependent launch, opt-in) turned on (LIGHTKV_PDL=1), which shows
-what chaining saves or costs, `lightkv_ext_graph_one_stream` the graph with the merge decisions on the current
-stream instead of overlapping the scoring on a second one (LIGHTKV_OVERLAP=0), which shows what
-the overlap saves, `lightkv_ext_graph_one_pass` and `lightkv_ext_graph_two_passes` with the scoring
+what chaining saves or costs, `lightkv_ext_graph_one_stream` the graph with the merge decisions
+on the current stream instead of overlapping the scoring on a second one (LIGHTKV_OVERLAP=0),
+which shows what the overlap saves, `lightkv_ext_graph_one_pass` and `lightkv_ext_graph_two_passes` with the scoring
 forced to the one-pass kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1) or
 to the two passes (=2; by default the shape picks), and `lightkv_ext_graph_unfused_groups` with
 exact mode's rows grouped by their own kernel (a block radix sort per row) after the selection

@@ -7,8 +7,8 @@ Each case (a bench_kernels.py preset and a batch size) runs the extension's comp
 varlen) `--calls` times under the profiler after one warm-up call. On CUDA every kernel of the
 call is listed, the extension's and torch's (allocations, copies); kernel chaining stays off
 (LIGHTKV_PDL=0, the default), since a chained kernel's span would include its wait for the one
-before it, and so is compress's second stream (LIGHTKV_OVERLAP=0), since kernels that share the GPU take longer
-each. The sum is then the one-stream time; bench_kernels.py times the overlap.
+before it, and so is compress's second stream (LIGHTKV_OVERLAP=0), since kernels that share the
+GPU take longer each. The sum is then the one-stream time; bench_kernels.py times the overlap.
 On CPU the rows are the extension's ops. Times are sums over the calls divided by their number;
 share = a row's time / the case's total. `--merge-mode screened` passes the merge op a loose
 max_window, so that CUDA runs its screened matching where it would run the exact one (an A/B of
@@ -20,10 +20,10 @@ profiler range, for Nsight Compute's hardware counters (gpu_check.sh's `ncu` ste
 
 `--timeline` (CUDA) shows instead when each kernel of a call runs: the compress (or
 compress_varlen, with host offsets) captured in a CUDA graph as bench_kernels.py's
-lightkv_ext_graph (the defaults: second stream on, chaining off), replayed `--calls` times under the profiler;
-for the last replay, per kernel its stream, start and end (µs after the replay's first kernel
-starts) and the idle time on its stream before it, then the span against the summed kernel times
-(how much the two streams overlap).
+lightkv_ext_graph (the defaults: second stream on, chaining off), replayed `--calls` times under
+the profiler; for the last replay, per kernel its stream, start and end (µs after the replay's
+first kernel starts) and the idle time on its stream before it, then the span against the summed
+kernel times (how much the two streams overlap).
 """
 from __future__ import annotations
 

@@ -38,9 +38,8 @@
 //      group contiguous in token order: for rows of at most kRowTokens tokens, in exact mode
 //      exact_select_kernel (the groups window by window, then number_row: a block scan per row),
 //      in screened mode row_groups_kernel (group_row: a block scan and a block radix sort per
-//      row); longer rows:
-//      kept flags -> cub::DeviceScan -> slots_kernel -> cub::DeviceRadixSort on (slot, token) ->
-//      group_bounds_kernel.
+//      row); longer rows: kept flags -> cub::DeviceScan -> slots_kernel -> cub::DeviceRadixSort
+//      on (slot, token) -> group_bounds_kernel.
 //   5. merge_values_kernel: one block per (output slot, element chunk) of both k and v (the
 //      group's record and weights read once for both): float32 weighted sum of the members in
 //      that fixed order; single-member groups are copied bitwise. The values of up to 3 members
@@ -1304,7 +1303,7 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
     double key[kMaxSrcs];
     int best_dst[kMaxSrcs];  // window position, -1 if none
     unsigned int rank[kMaxSrcs];  // srcs that beat each src
-    // From the ranking on, by window position (group_begin and the scan: fused_row_groups only):
+    // From the ranking on, by window position (all but token and anchor: fused_row_groups only):
     int64_t token[kExactMaxWindow];
     int16_t anchor[kExactMaxWindow];       // the kept position the token ends in (itself if kept)
     int16_t group_begin[kExactMaxWindow];  // of a kept position: where its group's members start
@@ -2133,8 +2132,7 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
                             : items == 4 ? row_groups_kernel<4>
                                          : row_groups_kernel<kRowItemsMax>;
     return launch(row_groups, detail::grid_for(plan.B, kMaxGrid), kRowThreads, ws.merged_into, plan.B, plan.L, a.kept,
-                  plan.row_key_bits, a.index, a.assignment, local_bases(a, plan.tokens), ws.sorted_token_id,
-                  ws.groups);
+                  plan.row_key_bits, a.index, a.assignment, p.bases, ws.sorted_token_id, ws.groups);
   }
   return launch_general_groups(plan, ws, a, launch, m.stream);
 }
