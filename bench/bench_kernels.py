@@ -21,7 +21,9 @@ which shows what the overlap saves, `lightkv_ext_graph_one_pass` and `lightkv_ex
 forced to the one-pass kernel (thread block clusters) where it applies (LIGHTKV_SCORE_PASSES=1) or
 to the two passes (=2; by default the shape picks), and `lightkv_ext_graph_unfused_groups` with
 exact mode's rows grouped by their own kernel (a block radix sort per row) after the selection
-instead of window by window inside it (LIGHTKV_FUSED_GROUPS=0).
+instead of window by window inside it (LIGHTKV_FUSED_GROUPS=0), and `lightkv_ext_graph_float64_dots`
+with exact mode's dot products all on the float64 tensor cores (LIGHTKV_EXACT_DOTS=float64), where
+by default many windows (LLaVA-1.5 at batch 32) take 16-bit tensor-core sums rechecked in float64.
 """
 from __future__ import annotations
 
@@ -214,7 +216,8 @@ def benchmark_case(case: Case, device: torch.device, dtype: torch.dtype, quick: 
                        ("lightkv_ext_graph_one_stream", graph_call(one_stream(extension_fn), device), ""),
                        ("lightkv_ext_graph_one_pass", graph_call(score_passes(extension_fn, 1), device), ""),
                        ("lightkv_ext_graph_two_passes", graph_call(score_passes(extension_fn, 2), device), ""),
-                       ("lightkv_ext_graph_unfused_groups", graph_call(unfused_groups(extension_fn), device), "")]
+                       ("lightkv_ext_graph_unfused_groups", graph_call(unfused_groups(extension_fn), device), ""),
+                       ("lightkv_ext_graph_float64_dots", graph_call(float64_dots(extension_fn), device), "")]
         candidates.append(("copy_roofline", copy_roofline_call(kv_bytes, device), ""))
 
     rows = []
@@ -330,6 +333,12 @@ def score_passes(fn: Callable, passes: int) -> Callable:
 def unfused_groups(fn: Callable) -> Callable:
     """fn with exact mode's rows grouped by row_groups_kernel (LIGHTKV_FUSED_GROUPS=0)."""
     return with_environment(fn, LIGHTKV_FUSED_GROUPS="0")
+
+
+def float64_dots(fn: Callable) -> Callable:
+    """fn with exact mode's dot products on the float64 tensor cores wherever it runs
+    (LIGHTKV_EXACT_DOTS=float64), where block groups screen them on the 16-bit ones by default."""
+    return with_environment(fn, LIGHTKV_EXACT_DOTS="float64")
 
 
 def copy_roofline_call(kv_bytes: int, device: torch.device) -> Callable:

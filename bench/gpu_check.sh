@@ -101,6 +101,10 @@ step kernel_breakdown_exact_pairs 15 "{ echo; echo '## Exact mode by block pairs
 # A/B of exact_dots_kernel's tensor-core instruction for block groups (LLaVA-1.5 at batch 32): one
 # mma.m8n8k4 per src block instead of two blocks stacked in a float64 mma.m16n8k4 (markdown only).
 step kernel_breakdown_exact_mma 15 "{ echo; echo '## Exact mode with src blocks one by one (LIGHTKV_EXACT_MMA=8)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_MMA=8 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'"
+# A/B of exact_dots_kernel's sums: the float64 tensor cores where block groups take the screened
+# 16-bit sums by default (LLaVA-1.5 at batch 32), and the screened sums where block pairs take the
+# float64 ones (batch 1); the recheck's cost shows in exact_select_kernel (markdown only).
+step kernel_breakdown_exact_dots 25 "{ echo; echo '## Exact mode on the float64 tensor cores (LIGHTKV_EXACT_DOTS=float64)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_DOTS=float64 $PYTHON bench/kernel_breakdown.py --cases llava15:32 | tee -a '$OUT/kernel_breakdown.md'; { echo; echo '## Exact mode on screened sums (LIGHTKV_EXACT_DOTS=screened)'; } >> '$OUT/kernel_breakdown.md'; LIGHTKV_EXACT_DOTS=screened $PYTHON bench/kernel_breakdown.py --cases llava15:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 # A/B of the merge modes where exact mode runs: the same cases in screened mode, batch 32 included
 # (markdown only).
 step kernel_breakdown_screened 25 "$PYTHON bench/kernel_breakdown.py --merge-mode screened --cases llava15:1 llava15:32 qwen25vl:1 video:1 | tee -a '$OUT/kernel_breakdown.md'"

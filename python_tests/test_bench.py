@@ -132,7 +132,8 @@ def test_kernel_bench_cuda(bench_modules, tmp_path):
     check_kernel_rows(data, ["reference", "reference_compiled", "lightkv_ext", "lightkv_ext_chained", "lightkv_ext_graph",
                              "lightkv_ext_graph_chained", "lightkv_ext_graph_one_stream",
                              "lightkv_ext_graph_one_pass", "lightkv_ext_graph_two_passes",
-                             "lightkv_ext_graph_unfused_groups", "copy_roofline"])
+                             "lightkv_ext_graph_unfused_groups", "lightkv_ext_graph_float64_dots",
+                             "copy_roofline"])
     for row in data["rows"]:
         assert row["dtype"] == "float16"
         if row["status"] == "ok":

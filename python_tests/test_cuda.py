@@ -379,6 +379,7 @@ def test_exact_block_groups_match_block_pairs(B, monkeypatch):
     36-token window's 3 x 3 block pairs) give every lane the same features in the same order: with
     the same feature split (one here: 2 heads x 64 dims make a single step) the whole result is
     bitwise the same, and the reference's."""
+    monkeypatch.setenv("LIGHTKV_EXACT_DOTS", "float64")  # the float64 sums (batch 32 screens by default)
     k, v, text = make_inputs(B, 2, 4, 576, 8, 64, torch.bfloat16, seed=27)
     kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
     by_shape = lightkv_ext.compress(k, v, text, **kwargs)
@@ -394,6 +395,7 @@ def test_exact_stacked_src_blocks_decide_as_the_reference(monkeypatch):
     last bits could round otherwise (on an H200 they did not); the decisions are the reference's,
     and where they are the same the whole result is bitwise the same (the values depend on the
     decisions only)."""
+    monkeypatch.setenv("LIGHTKV_EXACT_DOTS", "float64")  # the float64 sums (batch 32 screens by default)
     k, v, text = make_inputs(32, 4, 8, 576, 8, 64, torch.bfloat16, seed=29)
     kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
     stacked = lightkv_ext.compress(k, v, text, **kwargs)
@@ -401,6 +403,57 @@ def test_exact_stacked_src_blocks_decide_as_the_reference(monkeypatch):
     one_by_one = lightkv_ext.compress(k, v, text, **kwargs)
     assert_same_compression(stacked, reference.compress(k, v, text, **kwargs), torch.bfloat16)
     assert_bitwise_equal(stacked, one_by_one)
+
+
+def cancelling_keys(k):
+    """k with a large first and last feature per head, the last one's sign flipped on the dsts (odd
+    window positions of 2 x 12-token windows): each src-dst product cancels two terms that the
+    float32 sums of 16-bit tensor cores round, so their screened cosines are far off and near-tied,
+    and only the float64 recheck decides as the reference does."""
+    big = 2.0**14 if k.dtype == torch.bfloat16 else 2.0**7
+    keys = 6 * k.float()
+    keys[..., 0] = big
+    keys[:, :, 0::2, -1] = big
+    keys[:, :, 1::2, -1] = -big
+    return keys.to(k.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("keys", ["random", "tied", "cancelling"])
+@pytest.mark.parametrize("group", ["1", "3"], ids=["block-pairs", "block-groups"])
+def test_exact_screened_sums_decide_as_float64(group, keys, dtype, monkeypatch):
+    """Exact mode's screened sums (16-bit tensor cores, float32 over 32 features; the default where
+    exact_dots_kernel takes block groups), rechecked in float64 where they leave a src's best dst
+    or the window's first r open, decide as the float64 sums do, and as the reference: bitwise the
+    same result for LIGHTKV_EXACT_DOTS=float64, screened and recheck (every window rechecked), in
+    both item shapes, on random keys, tied keys (every screened value tied) and keys whose screened
+    cosines are off by far more than the gaps between them."""
+    monkeypatch.setenv("LIGHTKV_EXACT_GROUP", group)
+    k, v, text = make_inputs(4, 2, 4, 72, 4, 32, dtype, seed=31)
+    if keys == "tied":
+        k = k[:, :, :1].expand_as(k).contiguous()
+    if keys == "cancelling":
+        k = cancelling_keys(k)
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    kwargs = dict(ratio=0.3, windows=(3, 1), grid=(6, 12), importance=torch.rand(4, 72, device="cuda", generator=gen))
+    results = {}
+    for dots in ("float64", "screened", "recheck"):
+        monkeypatch.setenv("LIGHTKV_EXACT_DOTS", dots)
+        results[dots] = lightkv_ext.compress(k, v, text, **kwargs)
+    assert_same_compression(results["screened"], reference.compress(k, v, text, **kwargs), dtype)
+    assert_bitwise_equal(results["screened"], results["float64"])
+    assert_bitwise_equal(results["recheck"], results["float64"])
+
+
+def test_exact_screened_sums_by_default_at_batch_32(monkeypatch):
+    """LLaVA-1.5's shape at batch 32 (block groups) takes the screened sums by default: the
+    reference's decisions, and bitwise the float64 sums' result."""
+    k, v, text = make_inputs(32, 4, 8, 576, 8, 64, torch.bfloat16, seed=32)
+    kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
+    screened = lightkv_ext.compress(k, v, text, **kwargs)
+    assert_same_compression(screened, reference.compress(k, v, text, **kwargs), torch.bfloat16)
+    monkeypatch.setenv("LIGHTKV_EXACT_DOTS", "float64")
+    assert_bitwise_equal(lightkv_ext.compress(k, v, text, **kwargs), screened)
 
 
 @pytest.mark.parametrize("grid", [(24, 24), (65, 64)], ids=["row-groups", "general-groups"])

@@ -15,8 +15,8 @@ from emulation import EMULATION, load_build
 # Self-test case names (--only), picked for a few minutes on 2 cores that reach every kernel:
 # both scoring walks and the one pass, image tables, fp32/fp16/bf16 with head-dim tails, the
 # pipelined column-mass items and the rows combined between the passes, exact and screened merge
-# decisions, feature splits, block groups with stacked and single src blocks, ties, rows grouped inside the
-# selection and token-major output.
+# decisions, feature splits, block groups with stacked and single src blocks, exact mode's screened
+# sums and their recheck, ties, rows grouped inside the selection and token-major output.
 CASES = [
     "gqa masked sizes",
     "ten images",
@@ -30,6 +30,7 @@ CASES = [
     "one window 300",
     "feature splits",
     "src blocks",
+    "screened sums",
     "tied keys",
     "rows of 2000",
 ]

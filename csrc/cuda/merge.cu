@@ -8,10 +8,14 @@
 //      group of 3 x 3 such block pairs where there are many windows of at most 3 blocks (LLaVA-1.5
 //      at large batch: its 36-token windows are 3 x 3 block pairs): float64 dot products of the
 //      (src, dst) pairs on the float64 tensor cores, and squared norms, the metric rows copied
-//      ahead of the products into a ring of shared memory per lane.
+//      ahead of the products into a ring of shared memory per lane. Block groups of a 16-bit
+//      metric take screened sums instead: the 16-bit tensor cores, float32 over 32 features,
+//      added in float64, within exact_screen_eps of the exact cosines.
 //   exact_select_kernel: per window (a block per 16 srcs for windows over 64 tokens, the last to
 //      finish ranking), the splits summed in order, each src's best dst, the srcs ranked, the
-//      first r merged; then step 4 for rows of at most kRowTokens: the window's block lays out
+//      first r merged (on screened sums, a float64 recheck of what they leave open: the best
+//      of a src's dsts within 2 eps, the order of srcs whose keys are within 2 eps around the
+//      r-th); then step 4 for rows of at most kRowTokens: the window's block lays out
 //      its groups' members (a window's tokens are all of its groups' members), and the block
 //      that finishes a row's last window numbers the row's kept tokens.
 // Screened mode (larger windows, or many mid-sized ones):
@@ -95,6 +99,8 @@ constexpr int kExactSmallPairs = (kExactWindow / 2) * (kExactWindow / 2);  // pa
 constexpr int64_t kExactMaxWindow = 512;
 constexpr int64_t kExactMaxWork = int64_t{1} << 28;  // float64 FMAs of all pairs, windows > 64
 constexpr int64_t kExactMaxSums = int64_t{1} << 22;  // float64 sums of all splits, windows > 64 (32 MiB)
+// Exact mode's screened sums: features per float32 sum (a 16-byte vector of 8 per lane of a quad).
+constexpr int64_t kScreenedRun = 32;
 constexpr int kExactBlock = 8;  // srcs (and dsts) per exact_dots item: one 8 x 8 float64 mma tile
 // 4 warps, an item each; 4 blocks per SM (at 5, float16 spills), 2 for block groups (210 registers)
 constexpr int kExactThreads = 128;
@@ -250,14 +256,14 @@ __device__ __forceinline__ int64_t token_base(const Params& p, int64_t token) {
 
 // This lane's share of the float64 dot product of two tokens' metric rows, in a fixed order:
 // 16-byte vectors v = lane, lane + 32, ... when p.vector_rows, else features f = lane, lane + 32, ...
-template <typename M>
+// kInFlight: steps whose loads are issued before their FMAs (the same sums for any).
+template <typename M, int kInFlight = 4>
 __device__ double lane_dot(const Params& p, int64_t a_base, int64_t b_base, int lane) {
   const M* __restrict__ metric = static_cast<const M*>(p.metric);
   double dot = 0.0;
   if (p.vector_rows) {
     constexpr int kPerVector = 16 / sizeof(M);
     constexpr int64_t kStep = 32 * kPerVector;  // features per warp-wide step
-    constexpr int kInFlight = 4;                // steps whose loads are issued before their FMAs
     FeatureCursor feature(p, kPerVector * lane);
     for (int64_t f0 = kPerVector * lane; f0 < p.features; f0 += kInFlight * kStep) {
       uint4 a_raw[kInFlight], b_raw[kInFlight];
@@ -834,6 +840,11 @@ __device__ __forceinline__ S vector_element(const uint4& raw, int e) {
   return value;
 }
 
+// 32-bit word w of the 16 bytes `raw` (w a compile-time constant after unrolling).
+__device__ __forceinline__ uint32_t vector_word(const uint4& raw, int w) {
+  return w == 0 ? raw.x : w == 1 ? raw.y : w == 2 ? raw.z : raw.w;
+}
+
 // Features a warp of exact_dots_kernel covers per step: each lane loads kExactVectors 16-byte
 // vectors of each of its two rows.
 template <typename M>
@@ -863,7 +874,14 @@ __host__ __device__ constexpr int64_t exact_step_features() {
 // block in one mma.m16n8k4 (sm_90 on) instead of two mma.m8n8k4: 6 float64 tensor-core
 // instructions per k-step of a 3 x 3 group instead of 9, the same lanes holding the same values
 // (H200, LLaVA-1.5 batch 32: 117 -> 93 µs, the same bits).
-template <typename M, int kGroup, bool kStackedSrcs = false>
+// kScreened (16-bit metrics, windows of at most kExactWindow tokens): the same lanes, rows and
+// vectors, but each vector's 8 values per row are two k-steps of the 16-bit tensor cores
+// (mma.m16n8k16, src blocks 2 i and 2 i + 1 stacked as rows 0-7 and 8-15, whose accumulators are
+// laid out as the float64 ones), float32 sums over the vector's 32 features added into the
+// float64 accumulators, and the squared norms likewise: screened sums, within
+// exact_screen_eps of the exact cosines, that exact_select_kernel rechecks in float64 where they
+// leave a decision open. No conversion to float64 per value (a quarter of the float64 rate).
+template <typename M, int kGroup, bool kStackedSrcs = false, bool kScreened = false>
 __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm : kExactGroupBlocksPerSm)
     exact_dots_kernel(const Params p) {
   detail::await_previous_kernel();
@@ -922,6 +940,57 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
     // src group 0: the dsts'): the float64 pipe does no other item's norms (LLaVA-1.5's block
     // pairs: 4 of 9 do none). Compile-time flags, so the other items' loops hold no norm FMA.
     const auto steps = [&](auto with_src_norms, auto with_dst_norms) {
+      // kScreened: one vector of each row (rows[2 g]: src block g's, rows[2 g + 1]: dst block g's).
+      const auto screen_vector = [&](const uint4(&rows)[2 * kGroup]) {
+        if constexpr (kScreened) {
+          static_assert(4 * 16 / sizeof(S) == kScreenedRun, "exact_screen_eps bounds float32 sums of kScreenedRun features");
+          constexpr int kStacks = (kGroup + 1) / 2;  // src blocks 2 s and 2 s + 1 (zeros past kGroup)
+          float dots[kStacks][kGroup][4] = {};
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // k-step: words 2 half (k = 2 quad, +1) and 2 half + 1 (k + 8)
+#pragma unroll
+            for (int s = 0; s < kStacks; ++s) {
+              const bool bottom = 2 * s + 1 < kGroup;
+              const uint32_t a[4] = {vector_word(rows[4 * s], 2 * half),
+                                     bottom ? vector_word(rows[4 * s + 2], 2 * half) : 0u,
+                                     vector_word(rows[4 * s], 2 * half + 1),
+                                     bottom ? vector_word(rows[4 * s + 2], 2 * half + 1) : 0u};
+#pragma unroll
+              for (int db = 0; db < kGroup; ++db) {
+                const uint32_t b[2] = {vector_word(rows[2 * db + 1], 2 * half), vector_word(rows[2 * db + 1], 2 * half + 1)};
+                detail::mma_m16n8k16<M>(dots[s][db], a, b);
+              }
+            }
+          }
+#pragma unroll
+          for (int s = 0; s < kStacks; ++s)
+#pragma unroll
+            for (int db = 0; db < kGroup; ++db)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                acc[2 * s][db][e] += static_cast<double>(dots[s][db][e]);
+                if (2 * s + 1 < kGroup) acc[2 * s + 1][db][e] += static_cast<double>(dots[s][db][2 + e]);
+              }
+          constexpr int kPerVector = 16 / sizeof(S);
+#pragma unroll
+          for (int g = 0; g < kGroup; ++g) {
+            float src_square = 0.f, dst_square = 0.f;
+#pragma unroll
+            for (int e = 0; e < kPerVector; ++e) {
+              if constexpr (decltype(with_src_norms)::value) {
+                const float x = detail::bits_to_float(vector_element<S>(rows[2 * g], e), M());
+                src_square = fmaf(x, x, src_square);
+              }
+              if constexpr (decltype(with_dst_norms)::value) {
+                const float y = detail::bits_to_float(vector_element<S>(rows[2 * g + 1], e), M());
+                dst_square = fmaf(y, y, dst_square);
+              }
+            }
+            if constexpr (decltype(with_src_norms)::value) src_norm[g] += static_cast<double>(src_square);
+            if constexpr (decltype(with_dst_norms)::value) dst_norm[g] += static_cast<double>(dst_square);
+          }
+        }
+      };
       // The next held value of each row: a[g], b[g] of the src and dst rows of block g.
       const auto add = [&](const S (&a)[kGroup], const S (&b)[kGroup]) {
         double x[kGroup], y[kGroup];
@@ -985,15 +1054,22 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
           read_stage = read_stage + 1 == kExactStages ? 0 : read_stage + 1;
 #pragma unroll
           for (int v = 0; v < kBatch; ++v) {
+            if constexpr (kScreened) {
+              uint4 rows[2 * kGroup];
 #pragma unroll
-            for (int e = 0; e < kPerVector; ++e) {
-              S a[kGroup], b[kGroup];
+              for (int q = 0; q < 2 * kGroup; ++q) rows[q] = raw[2 * kGroup * v + q];
+              screen_vector(rows);
+            } else {
 #pragma unroll
-              for (int g = 0; g < kGroup; ++g) {
-                a[g] = vector_element<S>(raw[2 * (kGroup * v + g)], e);
-                b[g] = vector_element<S>(raw[2 * (kGroup * v + g) + 1], e);
+              for (int e = 0; e < kPerVector; ++e) {
+                S a[kGroup], b[kGroup];
+#pragma unroll
+                for (int g = 0; g < kGroup; ++g) {
+                  a[g] = vector_element<S>(raw[2 * (kGroup * v + g)], e);
+                  b[g] = vector_element<S>(raw[2 * (kGroup * v + g) + 1], e);
+                }
+                add(a, b);
               }
-              add(a, b);
             }
           }
         }
@@ -1003,6 +1079,7 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
           for (int v = 0; v < kExactVectors; ++v) {
             const int64_t first = f0 + kPerVector * (quad + 4 * v);
             FeatureCursor at = feature;
+            S vectors[2 * kGroup][kPerVector];  // kScreened: the vectors' values, as the vector path holds them
 #pragma unroll
             for (int e = 0; e < kPerVector; ++e) {
               const bool in_range = first + e < f_end;
@@ -1011,9 +1088,17 @@ __global__ void __launch_bounds__(kExactThreads, kGroup == 1 ? kExactBlocksPerSm
               for (int g = 0; g < kGroup; ++g) {
                 a[g] = in_range && src_live[g] ? stage_value<M>(p, src_base[g] + at.offset()) : S(0);
                 b[g] = in_range && dst_live[g] ? stage_value<M>(p, dst_base[g] + at.offset()) : S(0);
+                vectors[2 * g][e] = a[g];
+                vectors[2 * g + 1][e] = b[g];
               }
-              add(a, b);
+              if constexpr (!kScreened) add(a, b);
               at.advance(1);
+            }
+            if constexpr (kScreened) {
+              uint4 rows[2 * kGroup];
+#pragma unroll
+              for (int q = 0; q < 2 * kGroup; ++q) memcpy(&rows[q], vectors[q], sizeof(uint4));
+              screen_vector(rows);
             }
             feature.advance(4 * kPerVector);
           }
@@ -1266,6 +1351,101 @@ __device__ void number_row(const int64_t* __restrict__ merged_into, const Group*
   __syncthreads();  // slot_of and the scan storage are free for the next row
 }
 
+// exact_select_kernel on screened sums (p.eps > 0): decides in float64 what they leave open, after
+// the window's srcs are ranked by screened key. Each screened key (a src's best screened cosine)
+// is within eps of the exact one, so where the keys of ranks r - 1 and r are more than 2 eps
+// apart, the first r are those of the exact keys. Otherwise ranks r - 1 and r and every rank
+// joined to them by gaps of at most 2 eps form a cluster: a src ranked above it beats every src
+// in it, and those every src below it, so only the cluster's own order is open. Its srcs get
+// exact keys and are ranked among themselves, after the srcs above it. A src with more than one
+// dst within 2 eps of its best gets its exact best among those (its candidates), wherever it
+// ranks; a window with a non-finite screened value ranks all its srcs by exact keys. Exact means
+// float64 dot products and norms summed in a fixed order (lane_dot), the same for equal tokens:
+// ties stay ties, broken as the contract says. Ends with a barrier.
+template <typename M, typename Window>
+__device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_t r, Window& win, int t) {
+  constexpr int kWarps = kSelectThreads / 32;
+  const int n_src = static_cast<int>((n + 1) / 2), warp = t / 32, lane = t % 32;
+  const double gap = 2.0 * p.eps;
+  if (t < n_src) win.by_rank[win.rank[t]] = win.key[t];
+  __syncthreads();
+  if (t == 0) {
+    int first = static_cast<int>(r), last = first - 1;  // no cluster
+    if (win.any_non_finite) {
+      first = 0;
+      last = n_src - 1;
+    } else if (r < n_src && win.by_rank[r - 1] - win.by_rank[r] <= gap) {
+      first = static_cast<int>(r) - 1;
+      last = first + 1;
+      while (first > 0 && win.by_rank[first - 1] - win.by_rank[first] <= gap) --first;
+      while (last + 1 < n_src && win.by_rank[last] - win.by_rank[last + 1] <= gap) ++last;
+    }
+    int any = first <= last;
+    for (int i = 0; i < n_src; ++i) any |= win.needs_recheck[i];
+    win.recheck_first = first;
+    win.recheck_last = last;
+    win.any_recheck = any;
+  }
+  __syncthreads();
+  if (!win.any_recheck) return;  // uniform over the block
+  const int first = win.recheck_first, last = win.recheck_last;
+  const auto in_cluster = [&](unsigned int rank) { return static_cast<int>(rank) >= first && static_cast<int>(rank) <= last; };
+  const auto rechecks = [&](int i) { return win.needs_recheck[i] || in_cluster(win.rank[i]); };
+  const int n_dst = static_cast<int>(n / 2), pairs = n_src * n_dst;
+  // The float64 values it needs, a warp each: the norms of the rechecked srcs and their candidates
+  // (by position, into norm: the screened ones have chosen the candidates), then their dot
+  // products (into staged).
+  for (int e = warp; e < n + pairs; e += kWarps) {  // uniform over the warp
+    int64_t a = 0, b = 0;
+    if (e < n) {
+      const bool needed = e % 2 == 0 ? rechecks(e / 2) : [&] {
+        for (int i = 0; i < n_src; ++i) {
+          if (rechecks(i) && (win.candidates[i] >> (e / 2) & 1u) != 0) return true;
+        }
+        return false;
+      }();
+      if (!needed) continue;
+      a = b = token_base(p, p.window_tokens[start + e]);
+    } else {
+      const int i = (e - n) / n_dst, j = (e - n) % n_dst;
+      if (!rechecks(i) || (win.candidates[i] >> j & 1u) == 0) continue;
+      a = token_base(p, p.window_tokens[start + 2 * i]);
+      b = token_base(p, p.window_tokens[start + 2 * j + 1]);
+    }
+    const double sum = warp_sum(lane_dot<M, 2>(p, a, b, lane));  // 4 in flight: spills in 64 registers
+    if (lane == 0 && e < n) win.norm[e] = sqrt(sum);
+    if (lane == 0 && e >= n) win.staged[e - n] = sum;
+  }
+  __syncthreads();
+  if (t < n_src && rechecks(t)) {
+    double best = -INFINITY;
+    int best_at = -1;
+    for (uint32_t left = win.candidates[t]; left != 0; left &= left - 1) {  // increasing dst, strict >
+      const int j = __ffs(left) - 1;
+      const double value = cosine(win.staged[t * n_dst + j], win.norm[2 * t], win.norm[2 * j + 1]);
+      if (value > best) {
+        best = value;
+        best_at = j;
+      }
+    }
+    win.key[t] = best;
+    win.best_dst[t] = best_at >= 0 ? 2 * best_at + 1 : -1;
+  }
+  __syncthreads();
+  // The cluster's srcs in exact key order (ties: lower position), after the first - 1 above them.
+  const unsigned int old_rank = t < n_src ? win.rank[t] : 0u;
+  const bool ranked_here = t < n_src && in_cluster(old_rank);
+  unsigned int new_rank = static_cast<unsigned int>(first);
+  if (ranked_here) {
+    for (int q = 0; q < n_src; ++q) {
+      new_rank += in_cluster(win.rank[q]) && (win.key[q] > win.key[t] || (win.key[q] == win.key[t] && q < t));
+    }
+  }
+  __syncthreads();
+  if (ranked_here) win.rank[t] = new_rank;
+  __syncthreads();
+}
+
 // Exact mode: what choose_kernel and rank_select_kernel do for screened windows, from the float64
 // sums of exact_dots_kernel, each added over the feature splits in split order. Each src's best
 // dst (largest cosine, ties: lowest dst; NaN never wins), a warp per src; the srcs ranked by that
@@ -1274,7 +1454,10 @@ __device__ void number_row(const int64_t* __restrict__ merged_into, const Group*
 // (select_groups per window at most), each warp reading its src's dsts' sums where they are (the
 // loads of all of a lane's dsts, of 4 splits, in flight together) and writing the src's score and
 // dst to keys / best_dst; the last of the window's blocks to finish (a ticket per window) ranks
-// it. Writes merged_into of every token of every window (-1: kept; all of a window larger than
+// it. On screened sums (p.eps > 0: windows of at most 64 tokens) each warp also records its src's
+// candidates, the dsts within 2 eps of its best screened cosine, and recheck_window settles in
+// float64 what the screened values leave open, after the ranking.
+// Writes merged_into of every token of every window (-1: kept; all of a window larger than
 // exact_window, which only a wrong max_window lets through). With p.fused_row_groups, the block
 // that ranks a window also lays out its groups (group members and records, below), and the block
 // whose window completes a row's merged_into (a ticket per row: its windows' tokens, L in all,
@@ -1289,8 +1472,8 @@ __device__ void number_row(const int64_t* __restrict__ merged_into, const Group*
 // place in its group are bit counts, and a block scan over the group sizes gives where each
 // group starts. The slot of each group is left to number_row: each record goes to token_groups
 // at its kept token, and number_row copies it to the slot.
-template <int kRowItems>
-__global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Params p) {
+template <typename M, int kRowItems>
+__global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
   constexpr int kDstsPerLane = kMaxSrcs / 32, kSrcWords = kMaxSrcs / 32;
@@ -1303,6 +1486,13 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
     double key[kMaxSrcs];
     int best_dst[kMaxSrcs];  // window position, -1 if none
     unsigned int rank[kMaxSrcs];  // srcs that beat each src
+    // Screened sums (p.eps > 0, windows of at most kExactWindow tokens): per src, the dsts its
+    // float64 recheck compares and whether it needs one; the screened keys by rank; the window's
+    // flags and the rank range [recheck_first, recheck_last] whose order the recheck decides.
+    uint32_t candidates[kExactWindow / 2];
+    uint8_t needs_recheck[kExactWindow / 2];
+    double by_rank[kExactWindow / 2];
+    int any_non_finite, any_recheck, recheck_first, recheck_last;
     // From the ranking on, by window position (all but token and anchor: fused_row_groups only):
     int64_t token[kExactMaxWindow];
     int16_t anchor[kExactMaxWindow];       // the kept position the token ends in (itself if kept)
@@ -1344,9 +1534,11 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
     if (group >= groups) continue;
     // The sums of window element e (pair or norm) of split s.
     const auto split_sums = [&](int64_t s) { return partial + (s * p.total + start) * p.exact_slot; };
+    const bool screened = p.eps > 0.0;  // (then small: see Plan::exact_screened)
     if (r > 0) {
       __syncthreads();  // the previous window's ranks are counted
       if (t < n_src) win.rank[t] = 0u;
+      if (t == 0) win.any_non_finite = 0;
       if (p.fused_row_groups) {
         for (int e = t; e < n_dst * kSrcWords; e += kSelectThreads) win.merged_srcs[e / kSrcWords][e % kSrcWords] = 0u;
       }
@@ -1379,13 +1571,14 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
             }
           }
         }
-        double best = -INFINITY;
+        double best = -INFINITY, own_value = -INFINITY;  // own_value: the lane's first dst's (small: its only one)
         int best_at = -1;
 #pragma unroll
         for (int u = 0; u < kDstsPerLane; ++u) {  // increasing dst, strict >: the lowest dst wins ties
           const int j = lane + 32 * u;
           if (j >= n_dst) break;
           const double value = cosine(dot[u], norm[2 * i], norm[2 * j + 1]);
+          if (u == 0) own_value = value;
           if (value > best) {
             best = value;
             best_at = j;
@@ -1398,6 +1591,18 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
           if (beats(other, other_at, best, best_at)) {
             best = other;
             best_at = other_at;
+          }
+        }
+        if (screened) {
+          // Within eps of the exact cosines: the exact best is among the dsts within 2 eps of the
+          // screened best, and is it when that is one dst. A non-finite value (an overflow of the
+          // float32 sums, or a NaN metric) proves nothing: all dsts, and exact keys for the window.
+          const bool finite = __ballot_sync(0xffffffffu, lane < n_dst && !isfinite(own_value)) == 0u;
+          const uint32_t near = __ballot_sync(0xffffffffu, lane < n_dst && own_value >= best - 2.0 * p.eps);
+          if (lane == 0) {
+            win.candidates[i] = finite ? near : (n_dst == 32 ? ~0u : (1u << n_dst) - 1u);
+            win.needs_recheck[i] = !finite || __popc(near) > 1;
+            if (!finite) win.any_non_finite = 1;
           }
         }
         // best: -inf without a comparable dst (NaN metric), never merged.
@@ -1448,6 +1653,7 @@ __global__ void __launch_bounds__(kSelectThreads) exact_select_kernel(const Para
         }
       }
       __syncthreads();
+      if (screened) recheck_window<M>(p, start, n, r, win, t);
       if (live) {
         win.token[t] = token;
         int anchor = t;
@@ -1732,6 +1938,8 @@ struct Plan {
   int64_t exact_split;       // exact mode: feature splits per item (shape-only)
   int exact_group;           // exact mode: blocks per side of an exact_dots_kernel item, 1 or kExactGroup
   bool exact_stacked;        // exact mode, groups: src blocks stacked in mma.m16n8k4 (LIGHTKV_EXACT_MMA=8: not)
+  bool exact_screened;       // exact mode: 16-bit tensor-core sums, rechecked in float64 (exact_screen_eps)
+  bool exact_recheck_all;    // ... every window rechecked (LIGHTKV_EXACT_DOTS=recheck: a test of the recheck)
   int64_t select_groups;     // exact mode: exact_select_kernel's blocks per window, at most
   bool row_groups;           // rows short enough for group_row (row_groups_kernel)
   bool fused_row_groups;     // exact mode with such rows: exact_select_kernel groups them
@@ -1807,6 +2015,17 @@ Plan make_plan(const MergeArgs& a) {
     plan.exact_group = plan.exact_blocks <= kExactGroup && block_pairs >= kExactGroupMinPairs ? kExactGroup : 1;
   }
   plan.exact_stacked = plan.exact_group == kExactGroup && !knob_is("LIGHTKV_EXACT_MMA", "8");
+  // Screened sums: for windows of at most kExactWindow tokens (a block ranks each) of a 16-bit
+  // metric, by default where the items are block groups (many windows: throughput, where the
+  // float64 products are the kernel's limit; at small batch a recheck would add its round trips
+  // to the call's critical path). LIGHTKV_EXACT_DOTS=float64 | screened | recheck (screened, and
+  // every window rechecked) forces a choice.
+  const bool sixteen_bit = a.metric.dtype == DType::Float16 || a.metric.dtype == DType::BFloat16;
+  const bool screened_knob = knob_is("LIGHTKV_EXACT_DOTS", "screened") || knob_is("LIGHTKV_EXACT_DOTS", "recheck");
+  plan.exact_screened = plan.exact && a.max_window <= kExactWindow && sixteen_bit &&
+                        !knob_is("LIGHTKV_EXACT_DOTS", "float64") &&
+                        (plan.exact_group == kExactGroup || screened_knob);
+  plan.exact_recheck_all = plan.exact_screened && knob_is("LIGHTKV_EXACT_DOTS", "recheck");
   const int64_t items = std::max<int64_t>(plan.windows, 1) * exact_group_pairs(plan);
   const int64_t most_splits = std::max<int64_t>(
       1, std::min({ceil_div(plan.exact_group == 1 ? kExactTargetWarps : kExactGroupTargetWarps, items),
@@ -1985,10 +2204,23 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
   return launch(rank_select_kernel, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, p);
 }
 
+// Bound on |screened - exact cosine| of exact_dots_kernel's screened sums. A float32 sum of
+// kScreenedRun bf16 / fp16 products (exact in float32), accumulated by the tensor cores from 0
+// (they align to the largest term and truncate), is within kScreenedRun 2^-22 of the sum of the
+// products' magnitudes, which is at most |a| |b| (the same unit per feature as screen_eps), and
+// the squared norms, float32 sums of 8 exact squares, are within that of theirs: so the dot
+// product is within kScreenedRun 2^-22 |a| |b| and the norms' product within about as much, each
+// adding that to the cosine (|a| |b| + 1e-8 >= |a| |b|). Twice that, with slack for the float64
+// sums, square roots and division; a tiny absolute term covers products flushed below float32's
+// normal range (at most 2^-126 each, over a denominator of at least 1e-8).
+double exact_screen_eps() { return static_cast<double>(2 * kScreenedRun + 16) * std::ldexp(1.0, -22) + 1e-12; }
+
 // Steps 1-3 in exact mode: two launches whatever the window count.
 template <typename M>
 cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLauncher& launch) {
   p.vector_stage = vector_staging<M>(p);
+  p.vector_rows = vector_rows<M>(p);
+  p.eps = !plan.exact_screened ? 0.0 : plan.exact_recheck_all ? INFINITY : exact_screen_eps();
   p.exact_blocks = plan.exact_blocks;
   p.exact_split = plan.exact_split;
   p.exact_steps = plan.exact_steps;
@@ -1996,13 +2228,22 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
   p.select_groups = plan.select_groups;
   const int64_t items = plan.windows * plan.exact_split * exact_group_pairs(plan);
   const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
-  LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
-                          : plan.exact_stacked  ? launch(exact_dots_kernel<M, kExactGroup, true>, grid, kExactThreads, p)
-                                                : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
+  if constexpr (sizeof(typename Screen<M>::Stage) == 2) {
+    if (plan.exact_screened) {
+      LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1
+                                  ? launch(exact_dots_kernel<M, 1, false, true>, grid, kExactThreads, p)
+                                  : launch(exact_dots_kernel<M, kExactGroup, true, true>, grid, kExactThreads, p));
+    }
+  }
+  if (!plan.exact_screened) {
+    LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
+                            : plan.exact_stacked  ? launch(exact_dots_kernel<M, kExactGroup, true>, grid, kExactThreads, p)
+                                                  : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
+  }
   const int group_row_items = plan.fused_row_groups ? row_items(plan) : 2;  // 2: the least shared memory
-  const auto exact_select = group_row_items == 2   ? exact_select_kernel<2>
-                            : group_row_items == 4 ? exact_select_kernel<4>
-                                                   : exact_select_kernel<kRowItemsMax>;
+  const auto exact_select = group_row_items == 2   ? exact_select_kernel<M, 2>
+                            : group_row_items == 4 ? exact_select_kernel<M, 4>
+                                                   : exact_select_kernel<M, kRowItemsMax>;
   return launch(exact_select, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
 }
 

@@ -2,8 +2,9 @@
 
 Run by run.sh: the shape matrix of python_tests/test_cuda.py at small sizes (uneven windows,
 1x1 grid, GQA, masked text, second stage with sizes/positions, ties, explicit metrics, zero-weight
-groups, varlen on each path that writes index and assignment, strided inputs), and exact mode's two
-ways of grouping, bitwise. Exits non-zero on any mismatch.
+groups, varlen on each path that writes index and assignment, strided inputs), exact mode's two
+ways of grouping, bitwise, and its screened sums against its float64 ones, bitwise. Exits non-zero
+on any mismatch.
 """
 import os
 import sys
@@ -125,6 +126,37 @@ for name, B, grid, win, ratio, tied in (("36-token windows", 2, (24, 24), 4, 0.5
              for x, y in zip(laid_out, sorted_rows))
     print("ok  " if ok else "FAIL", f"groups by window == by row, bitwise: {name}"); failures += not ok
     check(f"groups by window: {name}", laid_out, reference.compress(k, v, text, **kw), torch.bfloat16)
+# Exact mode's screened sums (16-bit tensor cores, float32 over 32 features) rechecked in float64
+# == the float64 sums, bitwise, and the reference's decisions: both item shapes, random, tied and
+# cancelling keys (a large first and last feature, the last one's sign flipped on the dsts: the
+# float32 sums round the cancelled terms, so screened cosines are far off and near-tied; without
+# the recheck's rank cluster, or with a tiny eps, these cases fail).
+for dtype in (torch.bfloat16, torch.float16):
+    for keys in ("random", "tied", "cancelling"):
+        for group in ("1", "3"):
+            k, v, text = inputs(4, 2, 4, 72, 4, 32, dtype, 31)
+            if keys == "tied":
+                k[:] = k[:, :, :1]
+            if keys == "cancelling":
+                big = 2.0 ** 14 if dtype == torch.bfloat16 else 2.0 ** 7
+                k = 6 * k.float()
+                k[..., 0] = big
+                k[:, :, 0::2, -1] = big
+                k[:, :, 1::2, -1] = -big
+                k = k.to(dtype)
+            kw = dict(ratio=0.3, windows=(3, 1), grid=(6, 12),
+                      importance=torch.rand(4, 72, generator=torch.Generator().manual_seed(31)))
+            os.environ["LIGHTKV_EXACT_GROUP"] = group
+            results = {}
+            for dots in ("float64", "screened", "recheck"):
+                os.environ["LIGHTKV_EXACT_DOTS"] = dots
+                results[dots] = lightkv_ext.compress(k, v, text, **kw)
+            del os.environ["LIGHTKV_EXACT_GROUP"], os.environ["LIGHTKV_EXACT_DOTS"]
+            name = f"screened sums == float64, {dtype}, {keys} keys, exact group {group}"
+            ok = all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+                     for other in ("screened", "recheck") for x, y in zip(results[other], results["float64"]))
+            print("ok  " if ok else "FAIL", f"{name}, bitwise"); failures += not ok
+            check(name, results["screened"], reference.compress(k, v, text, **kw), dtype)
 # strided (token-major) == contiguous, bitwise
 ktm = torch.randn(2, 100, 4, 64).half(); vtm = torch.randn(2, 100, 4, 64).half(); tt = torch.randn(2, 4, 7, 64).half()
 a = lightkv_ext.compress(ktm.transpose(1, 2), vtm.transpose(1, 2), tt, ratio=0.5, windows=2)

@@ -8,7 +8,7 @@ rows and the selection's 4096-token grouping), uneven windows, masked and empty 
 stage (sizes, positions), exactly tied keys, token-major strides, explicit importance / metric /
 sizes / scale, varlen packs of up to 12 images with disjoint, shared or empty text spans (a second
 stage too), and the kernels' A/B knobs (LIGHTKV_SCORE_PASSES=1|2, LIGHTKV_EXACT_GROUP,
-LIGHTKV_EXACT_MMA=8, LIGHTKV_FUSED_GROUPS=0). Each case checks that index, assignment and sizes
+LIGHTKV_EXACT_MMA=8, LIGHTKV_FUSED_GROUPS=0, LIGHTKV_EXACT_DOTS=float64|screened|recheck). Each case checks that index, assignment and sizes
 equal the reference's, importance and values are within tolerance, ratio 0 returns k and v
 bitwise, a second call gives the same bits and the inputs are unchanged. Every case has its own
 seed: a failure prints it, and --case SEED reruns that case alone. Exits non-zero on any failure.
@@ -34,7 +34,8 @@ from lightkv_ext import reference  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-KNOBS = ("LIGHTKV_SCORE_PASSES", "LIGHTKV_EXACT_GROUP", "LIGHTKV_EXACT_MMA", "LIGHTKV_FUSED_GROUPS")
+KNOBS = ("LIGHTKV_SCORE_PASSES", "LIGHTKV_EXACT_GROUP", "LIGHTKV_EXACT_MMA", "LIGHTKV_FUSED_GROUPS",
+         "LIGHTKV_EXACT_DOTS")
 
 
 def mismatches(got, want, dtype, layout=lambda x: x):
@@ -72,6 +73,8 @@ def set_knobs(rng):
         os.environ["LIGHTKV_EXACT_MMA"] = "8"
     if rng.random() < 0.2:
         os.environ["LIGHTKV_FUSED_GROUPS"] = "0"
+    if rng.random() < 0.5:
+        os.environ["LIGHTKV_EXACT_DOTS"] = rng.choice(["float64", "screened", "recheck"])
     return {knob: os.environ[knob] for knob in KNOBS if knob in os.environ}
 
 

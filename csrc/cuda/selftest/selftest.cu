@@ -637,16 +637,30 @@ int main(int argc, char** argv) {
   run_merge_case<__nv_bfloat16>({"bf16 dst ranges", 1, 1, 300, 32, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 17);
   run_merge_case<__nv_bfloat16>({"bf16 feature splits", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6},
                                 18);
-  // The same windows as 3 x 3 block groups (forced: too few windows to pick them), src blocks
-  // stacked in mma.m16n8k4, and one by one (LIGHTKV_EXACT_MMA=8).
+  // The same windows as 3 x 3 block groups (forced: too few windows to pick them), on the float64
+  // tensor cores with src blocks stacked in mma.m16n8k4 and one by one (LIGHTKV_EXACT_MMA=8), then
+  // on the 16-bit ones (the groups' default: screened sums), rechecked where they leave a decision
+  // open and everywhere (LIGHTKV_EXACT_DOTS=recheck), and as block pairs; tied keys rechecked.
   setenv("LIGHTKV_EXACT_GROUP", "3", 1);
+  setenv("LIGHTKV_EXACT_DOTS", "float64", 1);
   run_merge_case<__nv_bfloat16>(
       {"bf16 stacked src blocks", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
   setenv("LIGHTKV_EXACT_MMA", "8", 1);
   run_merge_case<__nv_bfloat16>(
       {"bf16 src blocks one by one", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
-  unsetenv("LIGHTKV_EXACT_GROUP");
   unsetenv("LIGHTKV_EXACT_MMA");
+  unsetenv("LIGHTKV_EXACT_DOTS");
+  run_merge_case<__nv_bfloat16>(
+      {"bf16 screened sums, groups", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  setenv("LIGHTKV_EXACT_DOTS", "recheck", 1);
+  run_merge_case<__nv_bfloat16>(
+      {"bf16 screened sums, all rechecked", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  unsetenv("LIGHTKV_EXACT_GROUP");
+  setenv("LIGHTKV_EXACT_DOTS", "screened", 1);
+  run_merge_case<__half>({"fp16 screened sums, pairs, tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3},
+                          4000},
+                         19);
+  unsetenv("LIGHTKV_EXACT_DOTS");
   run_merge_case<__half>({"fp16 tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3}, 4000}, 19);
   run_merge_case<float>({"fp32 vector staging", 2, 2, 100, 32, {50, 50}, 0.5, false, {0, 1, 2, 3}, 4}, 20);
   // Slots and groups: more rows than blocks (row_groups_kernel loops), rows of group_row's three
