@@ -450,6 +450,9 @@ def test_exact_screened_sums_by_default_at_batch_32(monkeypatch):
     reference's decisions, and bitwise the float64 sums' result."""
     k, v, text = make_inputs(32, 4, 8, 576, 8, 64, torch.bfloat16, seed=32)
     kwargs = dict(ratio=0.5, windows=4, grid=(24, 24))
+    kernels = launched_kernels(lambda: lightkv_ext.compress(k, v, text, **kwargs))
+    # exact_dots_kernel<bfloat16, 3 (block groups), true (stacked), true (screened)>
+    assert any("exact_dots_kernel" in name and "3, true, true>" in name for name in kernels), kernels
     screened = lightkv_ext.compress(k, v, text, **kwargs)
     assert_same_compression(screened, reference.compress(k, v, text, **kwargs), torch.bfloat16)
     monkeypatch.setenv("LIGHTKV_EXACT_DOTS", "float64")
