@@ -1454,7 +1454,7 @@ __device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_
 // (select_groups per window at most), each warp reading its src's dsts' sums where they are (the
 // loads of all of a lane's dsts, of 4 splits, in flight together) and writing the src's score and
 // dst to keys / best_dst; the last of the window's blocks to finish (a ticket per window) ranks
-// it. On screened sums (p.eps > 0: windows of at most 64 tokens) each warp also records its src's
+// it. On screened sums (kScreened: windows of at most 64 tokens) each warp also records its src's
 // candidates, the dsts within 2 eps of its best screened cosine, and recheck_window settles in
 // float64 what the screened values leave open, after the ranking.
 // Writes merged_into of every token of every window (-1: kept; all of a window larger than
@@ -1472,7 +1472,7 @@ __device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_
 // place in its group are bit counts, and a block scan over the group sizes gives where each
 // group starts. The slot of each group is left to number_row: each record goes to token_groups
 // at its kept token, and number_row copies it to the slot.
-template <typename M, int kRowItems>
+template <typename M, int kRowItems, bool kScreened = false>
 __global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
@@ -1534,7 +1534,6 @@ __global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_
     if (group >= groups) continue;
     // The sums of window element e (pair or norm) of split s.
     const auto split_sums = [&](int64_t s) { return partial + (s * p.total + start) * p.exact_slot; };
-    const bool screened = p.eps > 0.0;  // (then small: see Plan::exact_screened)
     if (r > 0) {
       __syncthreads();  // the previous window's ranks are counted
       if (t < n_src) win.rank[t] = 0u;
@@ -1593,7 +1592,7 @@ __global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_
             best_at = other_at;
           }
         }
-        if (screened) {
+        if constexpr (kScreened) {  // (windows of at most kExactWindow tokens: see Plan::exact_screened)
           // Within eps of the exact cosines: the exact best is among the dsts within 2 eps of the
           // screened best, and is it when that is one dst. A non-finite value (an overflow of the
           // float32 sums, or a NaN metric) proves nothing: all dsts, and exact keys for the window.
@@ -1653,7 +1652,7 @@ __global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_
         }
       }
       __syncthreads();
-      if (screened) recheck_window<M>(p, start, n, r, win, t);
+      if constexpr (kScreened) recheck_window<M>(p, start, n, r, win, t);
       if (live) {
         win.token[t] = token;
         int anchor = t;
@@ -2241,10 +2240,19 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
                                                   : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
   }
   const int group_row_items = plan.fused_row_groups ? row_items(plan) : 2;  // 2: the least shared memory
+  const unsigned int select_grid = detail::grid_for(plan.windows * plan.select_groups, kMaxGrid);
+  if constexpr (sizeof(typename Screen<M>::Stage) == 2) {
+    if (plan.exact_screened) {
+      const auto exact_select = group_row_items == 2   ? exact_select_kernel<M, 2, true>
+                                : group_row_items == 4 ? exact_select_kernel<M, 4, true>
+                                                       : exact_select_kernel<M, kRowItemsMax, true>;
+      return launch(exact_select, select_grid, kSelectThreads, p);
+    }
+  }
   const auto exact_select = group_row_items == 2   ? exact_select_kernel<M, 2>
                             : group_row_items == 4 ? exact_select_kernel<M, 4>
                                                    : exact_select_kernel<M, kRowItemsMax>;
-  return launch(exact_select, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
+  return launch(exact_select, select_grid, kSelectThreads, p);
 }
 
 // Steps 1-3: merged_into of every token.
