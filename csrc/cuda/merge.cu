@@ -1367,6 +1367,9 @@ __device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_
   constexpr int kWarps = kSelectThreads / 32;
   const int n_src = static_cast<int>((n + 1) / 2), warp = t / 32, lane = t % 32;
   const double gap = 2.0 * p.eps;
+  const auto ranked_in = [](unsigned int rank, int first, int last) {
+    return static_cast<int>(rank) >= first && static_cast<int>(rank) <= last;
+  };
   if (t < n_src) win.by_rank[win.rank[t]] = win.key[t];
   __syncthreads();
   if (t == 0) {
@@ -1380,16 +1383,18 @@ __device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_
       while (first > 0 && win.by_rank[first - 1] - win.by_rank[first] <= gap) --first;
       while (last + 1 < n_src && win.by_rank[last] - win.by_rank[last + 1] <= gap) ++last;
     }
-    int any = first <= last;
-    for (int i = 0; i < n_src; ++i) any |= win.needs_recheck[i];
+    uint32_t dsts = 0u;  // the rechecked srcs' candidates (each has at least one)
+    for (int i = 0; i < n_src; ++i) {
+      if (win.needs_recheck[i] || ranked_in(win.rank[i], first, last)) dsts |= win.candidates[i];
+    }
     win.recheck_first = first;
     win.recheck_last = last;
-    win.any_recheck = any;
+    win.recheck_dsts = dsts;
   }
   __syncthreads();
-  if (!win.any_recheck) return;  // uniform over the block
+  if (win.recheck_dsts == 0u) return;  // nothing to recheck (uniform over the block)
   const int first = win.recheck_first, last = win.recheck_last;
-  const auto in_cluster = [&](unsigned int rank) { return static_cast<int>(rank) >= first && static_cast<int>(rank) <= last; };
+  const auto in_cluster = [&](unsigned int rank) { return ranked_in(rank, first, last); };
   const auto rechecks = [&](int i) { return win.needs_recheck[i] || in_cluster(win.rank[i]); };
   const int n_dst = static_cast<int>(n / 2), pairs = n_src * n_dst;
   // The float64 values it needs, a warp each: the norms of the rechecked srcs and their candidates
@@ -1398,13 +1403,7 @@ __device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_
   for (int e = warp; e < n + pairs; e += kWarps) {  // uniform over the warp
     int64_t a = 0, b = 0;
     if (e < n) {
-      const bool needed = e % 2 == 0 ? rechecks(e / 2) : [&] {
-        for (int i = 0; i < n_src; ++i) {
-          if (rechecks(i) && (win.candidates[i] >> (e / 2) & 1u) != 0) return true;
-        }
-        return false;
-      }();
-      if (!needed) continue;
+      if (e % 2 == 0 ? !rechecks(e / 2) : (win.recheck_dsts >> (e / 2) & 1u) == 0) continue;
       a = b = token_base(p, p.window_tokens[start + e]);
     } else {
       const int i = (e - n) / n_dst, j = (e - n) % n_dst;
@@ -1454,7 +1453,7 @@ __device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_
 // (select_groups per window at most), each warp reading its src's dsts' sums where they are (the
 // loads of all of a lane's dsts, of 4 splits, in flight together) and writing the src's score and
 // dst to keys / best_dst; the last of the window's blocks to finish (a ticket per window) ranks
-// it. On screened sums (kScreened: windows of at most 64 tokens) each warp also records its src's
+// it. On screened sums (RecheckM not void: windows of at most 64 tokens) each warp also records its src's
 // candidates, the dsts within 2 eps of its best screened cosine, and recheck_window settles in
 // float64 what the screened values leave open, after the ranking.
 // Writes merged_into of every token of every window (-1: kept; all of a window larger than
@@ -1472,9 +1471,10 @@ __device__ void recheck_window(const Params& p, int64_t start, int64_t n, int64_
 // place in its group are bit counts, and a block scan over the group sizes gives where each
 // group starts. The slot of each group is left to number_row: each record goes to token_groups
 // at its kept token, and number_row copies it to the slot.
-template <typename M, int kRowItems, bool kScreened = false>
+template <typename RecheckM, int kRowItems>  // RecheckM: the metric type on screened sums, void on float64 ones
 __global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_select_kernel(const Params p) {
   detail::await_previous_kernel();
+  constexpr bool kScreened = !std::is_void<RecheckM>::value;
   constexpr int kMaxSrcs = static_cast<int>(kExactMaxWindow / 2), kWarps = kSelectThreads / 32;
   constexpr int kDstsPerLane = kMaxSrcs / 32, kSrcWords = kMaxSrcs / 32;
   static_assert(kSelectThreads == kRowThreads, "a block numbers a row's kept tokens as row_groups_kernel's do");
@@ -1492,7 +1492,8 @@ __global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_
     uint32_t candidates[kExactWindow / 2];
     uint8_t needs_recheck[kExactWindow / 2];
     double by_rank[kExactWindow / 2];
-    int any_non_finite, any_recheck, recheck_first, recheck_last;
+    int any_non_finite, recheck_first, recheck_last;
+    uint32_t recheck_dsts;  // the dsts that are some rechecked src's candidates, 0: no recheck
     // From the ranking on, by window position (all but token and anchor: fused_row_groups only):
     int64_t token[kExactMaxWindow];
     int16_t anchor[kExactMaxWindow];       // the kept position the token ends in (itself if kept)
@@ -1652,7 +1653,7 @@ __global__ void __launch_bounds__(kSelectThreads, kRowItems == 2 ? 2 : 1) exact_
         }
       }
       __syncthreads();
-      if constexpr (kScreened) recheck_window<M>(p, start, n, r, win, t);
+      if constexpr (kScreened) recheck_window<RecheckM>(p, start, n, r, win, t);
       if (live) {
         win.token[t] = token;
         int anchor = t;
@@ -2214,6 +2215,25 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
 // normal range (at most 2^-126 each, over a denominator of at least 1e-8).
 double exact_screen_eps() { return static_cast<double>(2 * kScreenedRun + 16) * std::ldexp(1.0, -22) + 1e-12; }
 
+// exact_dots_kernel and exact_select_kernel on screened sums (kScreened) or float64 ones.
+template <typename M, bool kScreened>
+cudaError_t launch_exact_kernels(const Params& p, const Plan& plan, const detail::KernelLauncher& launch) {
+  const int64_t items = plan.windows * plan.exact_split * exact_group_pairs(plan);
+  const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
+  // Screened groups always stack their src blocks (LIGHTKV_EXACT_MMA is a float64 knob): their
+  // unstacked branch is the stacked kernel, not a third one.
+  LIGHTKV_RETURN_IF_ERROR(
+      plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1, false, kScreened>, grid, kExactThreads, p)
+      : plan.exact_stacked  ? launch(exact_dots_kernel<M, kExactGroup, true, kScreened>, grid, kExactThreads, p)
+                            : launch(exact_dots_kernel<M, kExactGroup, kScreened, kScreened>, grid, kExactThreads, p));
+  using RecheckM = typename std::conditional<kScreened, M, void>::type;
+  const int group_row_items = plan.fused_row_groups ? row_items(plan) : 2;  // 2: the least shared memory
+  const auto exact_select = group_row_items == 2   ? exact_select_kernel<RecheckM, 2>
+                            : group_row_items == 4 ? exact_select_kernel<RecheckM, 4>
+                                                   : exact_select_kernel<RecheckM, kRowItemsMax>;
+  return launch(exact_select, detail::grid_for(plan.windows * plan.select_groups, kMaxGrid), kSelectThreads, p);
+}
+
 // Steps 1-3 in exact mode: two launches whatever the window count.
 template <typename M>
 cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLauncher& launch) {
@@ -2225,34 +2245,10 @@ cudaError_t launch_exact(Params p, const Plan& plan, const detail::KernelLaunche
   p.exact_steps = plan.exact_steps;
   p.exact_slot = plan.exact_slot;
   p.select_groups = plan.select_groups;
-  const int64_t items = plan.windows * plan.exact_split * exact_group_pairs(plan);
-  const unsigned int grid = detail::grid_for(ceil_div(items, kExactThreads / 32), kMaxGrid);
-  if constexpr (sizeof(typename Screen<M>::Stage) == 2) {
-    if (plan.exact_screened) {
-      LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1
-                                  ? launch(exact_dots_kernel<M, 1, false, true>, grid, kExactThreads, p)
-                                  : launch(exact_dots_kernel<M, kExactGroup, true, true>, grid, kExactThreads, p));
-    }
+  if constexpr (sizeof(typename Screen<M>::Stage) == 2) {  // (plan.exact_screened only for 16-bit metrics)
+    if (plan.exact_screened) return launch_exact_kernels<M, true>(p, plan, launch);
   }
-  if (!plan.exact_screened) {
-    LIGHTKV_RETURN_IF_ERROR(plan.exact_group == 1 ? launch(exact_dots_kernel<M, 1>, grid, kExactThreads, p)
-                            : plan.exact_stacked  ? launch(exact_dots_kernel<M, kExactGroup, true>, grid, kExactThreads, p)
-                                                  : launch(exact_dots_kernel<M, kExactGroup>, grid, kExactThreads, p));
-  }
-  const int group_row_items = plan.fused_row_groups ? row_items(plan) : 2;  // 2: the least shared memory
-  const unsigned int select_grid = detail::grid_for(plan.windows * plan.select_groups, kMaxGrid);
-  if constexpr (sizeof(typename Screen<M>::Stage) == 2) {
-    if (plan.exact_screened) {
-      const auto exact_select = group_row_items == 2   ? exact_select_kernel<M, 2, true>
-                                : group_row_items == 4 ? exact_select_kernel<M, 4, true>
-                                                       : exact_select_kernel<M, kRowItemsMax, true>;
-      return launch(exact_select, select_grid, kSelectThreads, p);
-    }
-  }
-  const auto exact_select = group_row_items == 2   ? exact_select_kernel<M, 2>
-                            : group_row_items == 4 ? exact_select_kernel<M, 4>
-                                                   : exact_select_kernel<M, kRowItemsMax>;
-  return launch(exact_select, select_grid, kSelectThreads, p);
+  return launch_exact_kernels<M, false>(p, plan, launch);
 }
 
 // Steps 1-3: merged_into of every token.

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import emulated_ops  # noqa: E402
 import lightkv_ext  # noqa: E402
 from lightkv_ext import reference  # noqa: E402
-from random_cases import mismatches, varlen_mismatches  # noqa: E402
+from random_cases import mismatches, same_bits, varlen_mismatches  # noqa: E402
 
 emulated_ops.install()
 failures = 0
@@ -122,8 +122,7 @@ for name, B, grid, win, ratio, tied in (("36-token windows", 2, (24, 24), 4, 0.5
     os.environ["LIGHTKV_FUSED_GROUPS"] = "0"
     sorted_rows = lightkv_ext.compress(k, v, text, **kw)
     del os.environ["LIGHTKV_FUSED_GROUPS"]
-    ok = all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
-             for x, y in zip(laid_out, sorted_rows))
+    ok = not same_bits(laid_out, sorted_rows)
     print("ok  " if ok else "FAIL", f"groups by window == by row, bitwise: {name}"); failures += not ok
     check(f"groups by window: {name}", laid_out, reference.compress(k, v, text, **kw), torch.bfloat16)
 # Exact mode's screened sums (16-bit tensor cores, float32 over 32 features) rechecked in float64
@@ -153,15 +152,14 @@ for dtype in (torch.bfloat16, torch.float16):
                 results[dots] = lightkv_ext.compress(k, v, text, **kw)
             del os.environ["LIGHTKV_EXACT_GROUP"], os.environ["LIGHTKV_EXACT_DOTS"]
             name = f"screened sums == float64, {dtype}, {keys} keys, exact group {group}"
-            ok = all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
-                     for other in ("screened", "recheck") for x, y in zip(results[other], results["float64"]))
+            ok = not any(same_bits(results[other], results["float64"]) for other in ("screened", "recheck"))
             print("ok  " if ok else "FAIL", f"{name}, bitwise"); failures += not ok
             check(name, results["screened"], reference.compress(k, v, text, **kw), dtype)
 # strided (token-major) == contiguous, bitwise
 ktm = torch.randn(2, 100, 4, 64).half(); vtm = torch.randn(2, 100, 4, 64).half(); tt = torch.randn(2, 4, 7, 64).half()
 a = lightkv_ext.compress(ktm.transpose(1, 2), vtm.transpose(1, 2), tt, ratio=0.5, windows=2)
 b = lightkv_ext.compress(ktm.transpose(1, 2).contiguous(), vtm.transpose(1, 2).contiguous(), tt, ratio=0.5, windows=2)
-ok = all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)) for x, y in zip(a, b))
+ok = not same_bits(a, b)
 print("ok  " if ok else "FAIL", "strided == contiguous bitwise"); failures += not ok
 print("failures:", failures)
 sys.exit(1 if failures else 0)
