@@ -389,18 +389,28 @@ __device__ __forceinline__ V ordered_sum(const V* at, int64_t stride, int64_t co
 // this (uniformly over the block) with the group's counter, which must start at 0, each adding
 // its `share` (1 by default) of the group's `total`: true in the block whose share completes the
 // total only, which may then read every contributor's partial, with __ldcg (from L2, never a
-// stale L1 line). The writes are fenced before the ticket is taken and the reads after it (the
-// programming guide's "last block" pattern). The order in which blocks arrive decides only which
-// one goes on, never the order of a sum.
+// stale L1 line). The order in which blocks arrive decides only which one goes on, never the
+// order of a sum.
+// The ordering is CUTLASS's and cooperative groups' pattern between blocks: the barrier orders the
+// block's writes before thread 0's ticket, a release at GPU scope (cumulative: it publishes what
+// the barrier ordered before it), and in the last block thread 0's acquire fence comes before the
+// second barrier and so before every thread's reads. (One thread's release, not every thread's
+// __threadfence: a sequentially consistent fence per warp that also dropped the SM's L1.)
 __device__ __forceinline__ bool last_to_arrive(unsigned int* counter, unsigned int total, unsigned int share = 1) {
   __shared__ bool last;
-  __threadfence();  // this thread's partial writes are visible device-wide before the ticket
+  __syncthreads();  // every thread's partial writes come before thread 0's release
+  if (threadIdx.x == 0) {
+#if defined(__CUDA_ARCH__)
+    unsigned int before;
+    asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(before) : "l"(counter), "r"(share) : "memory");
+    last = before + share == total;
+    if (last) asm volatile("fence.acq_rel.gpu;\n" ::: "memory");  // the partials are read after the ticket
+#elif defined(LIGHTKV_CUDA_EMULATION)
+    last = std::atomic_ref<unsigned int>(*counter).fetch_add(share, std::memory_order_acq_rel) + share == total;
+#endif
+  }
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, share) + share == total;
-  __syncthreads();
-  const bool is_last = last;
-  if (is_last) __threadfence();  // the partials are read after the ticket
-  return is_last;
+  return last;
 }
 
 // Thread block clusters (compute capability 9.0 on; KernelLauncher::cluster launches them, the
