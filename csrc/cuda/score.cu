@@ -56,7 +56,7 @@ constexpr int kChunkMma = 128;  // head-dim slice staged in shared memory (tenso
 // Work splits depend on shapes only (never on the device), so that the results do not either.
 constexpr int64_t kTargetBlocks = 512;  // row_stats_kernel's splits aim at this many work items
 constexpr int64_t kMaxGrid = 16384;
-constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see Plan::column_run)
+constexpr int64_t kColumnBlocks = 2048;  // column_mass_kernel's grid, at most (see column_run)
 // row_stats_kernel's column ranges, at most: column_mass_kernel loads a row's statistics of all of
 // them at once.
 constexpr int kSplitsInFlight = 16;
@@ -1290,11 +1290,31 @@ bool vector_staging(const ScoreArgs& a) {
          detail::rows_16_byte_aligned(a.text.data, a.text.stride, 8);
 }
 
-// Upper bound on the column tiles of all images: each image adds at most one partial tile.
-int64_t column_tile_bound(const Plan& plan) { return ceil_div(plan.tokens, kTileCols) + plan.num_images; }
+// Upper bound on the column tiles of all images: each image adds at most one partial tile, and
+// has at most the tiles of a whole row (dense batches: exact).
+int64_t column_tile_bound(const Plan& plan) {
+  return std::min(ceil_div(plan.tokens, kTileCols) + plan.num_images, plan.num_images * ceil_div(plan.L, kTileCols));
+}
 
 // Upper bound on column_mass_kernel's items.
 int64_t column_items(const Plan& plan) { return column_tile_bound(plan) * plan.H_kv * plan.rsplit; }
+
+// Consecutive items per column_mass_kernel block: one while that makes at most kColumnBlocks
+// blocks, else of the runs up to twice the shortest such, the shortest whose blocks take the fewest
+// run lengths of whole waves (detail::kWaveSms SMs, `blocks_per_sm`): an item is a chain of round
+// trips, so a wave's last blocks take as long as a full wave's (LLaVA-1.5 batch 32: 9216 items,
+// runs of 5 in 1844 blocks are 3.5 waves of 528 and take 4 x 5 item times, runs of 6 take 3 x 6).
+// Which block takes an item never changes a sum.
+int64_t column_run(int64_t items, int64_t blocks_per_sm) {
+  const int64_t wave = detail::kWaveSms * blocks_per_sm;
+  const int64_t shortest = std::max<int64_t>(1, ceil_div(items, kColumnBlocks));
+  if (shortest == 1) return 1;
+  int64_t best = shortest;
+  for (int64_t run = shortest + 1; run <= 2 * shortest; ++run) {
+    if (ceil_div(ceil_div(items, run), wave) * run < ceil_div(ceil_div(items, best), wave) * best) best = run;
+  }
+  return best;
+}
 
 // Upper bound on the row tiles of all images, from shapes alone (the image table is on the
 // device): each image has at most the tiles of all S text tokens, and together at most one
@@ -1382,8 +1402,8 @@ Plan make_plan(const ScoreArgs& a) {
   plan.rsplit = std::max<int64_t>(1, std::min({column_wave / column_tile_items,
                                                ceil_div(std::max<int64_t>(plan.group * plan.S, 1), kTileRows),
                                                kMaxRowRanges}));
-  // One item per column_mass_kernel block while that makes at most kColumnBlocks blocks.
-  plan.column_run = std::max<int64_t>(1, ceil_div(column_items(plan), kColumnBlocks));
+  plan.column_run = column_run(column_items(plan), sixteen_bit(a.k.dtype) ? TileLayout<__half>::kPassBlocksPerSm
+                                                                          : TileLayout<float>::kPassBlocksPerSm);
   // One pass: a cluster covers the column tiles of a whole row (an image's are at most those),
   // kOnePassTiles per block at most; partial keeps an image's row tiles apart.
   plan.row_tile_capacity = std::max<int64_t>(1, ceil_div(plan.group * plan.S, kTileRows));

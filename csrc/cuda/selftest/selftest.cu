@@ -587,6 +587,11 @@ int main(int argc, char** argv) {
   run_score_case<__nv_bfloat16>({"bf16 runs of column items", 1, 2, 2, 140000, 14, 16,
                                  {{0, 0, 130, 0, 9}, {0, 130, 170, 9, 5}}, true, true, {0, 1, 2, 3}},
                                 26);
+  // A row of 131200 tokens bounds them at 4104: runs of 4 (the shortest would be 3), fitted to whole
+  // waves (column_run).
+  run_score_case<__nv_bfloat16>({"bf16 runs of column items fitted to waves", 1, 2, 2, 131200, 14, 16,
+                                 {{0, 0, 130, 0, 9}, {0, 130, 170, 9, 5}}, true, true, {0, 1, 2, 3}},
+                                31);
   // 17 row tiles in at most 16 row ranges (some of 2 row tiles) over 9 column ranges: the rows'
   // statistics are combined once, between the passes (row_finals_kernel).
   ScoreCase rows_combined{"bf16 rows combined between passes", 1, 1, 17, 520, 64, 32, {{0, 0, 520, 0, 64}},
