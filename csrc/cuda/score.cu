@@ -1309,9 +1309,13 @@ int64_t column_run(int64_t items, int64_t blocks_per_sm) {
   const int64_t wave = detail::kWaveSms * blocks_per_sm;
   const int64_t shortest = std::max<int64_t>(1, ceil_div(items, kColumnBlocks));
   if (shortest == 1) return 1;
+  const auto cost = [&](int64_t run) { return ceil_div(ceil_div(items, run), wave) * run; };
   int64_t best = shortest;
-  for (int64_t run = shortest + 1; run <= 2 * shortest; ++run) {
-    if (ceil_div(ceil_div(items, run), wave) * run < ceil_div(ceil_div(items, best), wave) * best) best = run;
+  // The cheapest run of each wave count is the shortest that fits in it: fewer waves, longer runs.
+  for (int64_t waves = ceil_div(ceil_div(items, shortest), wave) - 1; waves >= 1; --waves) {
+    const int64_t run = ceil_div(items, waves * wave);
+    if (run > 2 * shortest) break;
+    if (cost(run) < cost(best)) best = run;
   }
   return best;
 }
