@@ -402,10 +402,13 @@ __device__ __forceinline__ bool last_to_arrive(unsigned int* counter, unsigned i
   if (threadIdx.x == 0) {
 #if defined(__CUDA_ARCH__)
     unsigned int before;
-    asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(before) : "l"(counter), "r"(share) : "memory");
+    asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;\n"
+                 : "=r"(before)
+                 : "l"(counter), "r"(share)
+                 : "memory");
     last = before + share == total;
     if (last) asm volatile("fence.acq_rel.gpu;\n" ::: "memory");  // the partials are read after the ticket
-#elif defined(LIGHTKV_CUDA_EMULATION)
+#elif defined(LIGHTKV_CUDA_EMULATION)  // acquire in the ticket itself: ThreadSanitizer ignores standalone fences
     last = std::atomic_ref<unsigned int>(*counter).fetch_add(share, std::memory_order_acq_rel) + share == total;
 #endif
   }
