@@ -282,6 +282,9 @@ __device__ __forceinline__ void mma_m16n8k4(double (&top)[2], double (&bottom)[2
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// float16 or bfloat16: the types the 16-bit tensor cores take.
+inline bool sixteen_bit(DType dtype) { return dtype == DType::Float16 || dtype == DType::BFloat16; }
+
 // Rows of a strided 4-D tensor can be read 16 bytes (`per_vector` elements) at a time: aligned
 // base, contiguous last dim, every other stride a multiple of `per_vector`.
 inline bool rows_16_byte_aligned(const void* data, const int64_t* stride, int64_t per_vector) {

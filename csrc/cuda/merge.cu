@@ -2020,9 +2020,8 @@ Plan make_plan(const MergeArgs& a) {
   // float64 products are the kernel's limit; at small batch a recheck would add its round trips
   // to the call's critical path). LIGHTKV_EXACT_DOTS=float64 | screened | recheck (screened, and
   // every window rechecked) forces a choice.
-  const bool sixteen_bit = a.metric.dtype == DType::Float16 || a.metric.dtype == DType::BFloat16;
   const bool screened_knob = knob_is("LIGHTKV_EXACT_DOTS", "screened") || knob_is("LIGHTKV_EXACT_DOTS", "recheck");
-  plan.exact_screened = plan.exact && a.max_window <= kExactWindow && sixteen_bit &&
+  plan.exact_screened = plan.exact && a.max_window <= kExactWindow && detail::sixteen_bit(a.metric.dtype) &&
                         !knob_is("LIGHTKV_EXACT_DOTS", "float64") &&
                         (plan.exact_group == kExactGroup || screened_knob);
   plan.exact_recheck_all = plan.exact_screened && knob_is("LIGHTKV_EXACT_DOTS", "recheck");

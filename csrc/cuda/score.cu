@@ -47,6 +47,7 @@ namespace {
 
 using detail::ceil_div;
 using detail::find_segment;
+using detail::sixteen_bit;
 using detail::to_float;
 
 constexpr int kTileRows = 64;  // (query head, text token) rows per tile
@@ -1280,8 +1281,6 @@ struct Plan {
   int64_t tiles_per_block, cluster_blocks, one_pass_grid, row_tile_capacity;
   bool finals;  // row_finals_kernel runs between the passes
 };
-
-bool sixteen_bit(DType dtype) { return dtype == DType::Float16 || dtype == DType::BFloat16; }
 
 // 16-byte staging loads (16-bit types only) need contiguous head dims, a multiple of 8 of them,
 // with every row of k and text starting 16-byte aligned.
