@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lightkv_ext
+from inputs import cancelling_keys
 from lightkv_ext import api, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -403,19 +404,6 @@ def test_exact_stacked_src_blocks_decide_as_the_reference(monkeypatch):
     one_by_one = lightkv_ext.compress(k, v, text, **kwargs)
     assert_same_compression(stacked, reference.compress(k, v, text, **kwargs), torch.bfloat16)
     assert_bitwise_equal(stacked, one_by_one)
-
-
-def cancelling_keys(k):
-    """k with a large first and last feature per head, the last one's sign flipped on the dsts (odd
-    window positions of 2 x 12-token windows): each src-dst product cancels two terms that the
-    float32 sums of 16-bit tensor cores round, so their screened cosines are far off and near-tied,
-    and only the float64 recheck decides as the reference does."""
-    big = 2.0**14 if k.dtype == torch.bfloat16 else 2.0**7
-    keys = 6 * k.float()
-    keys[..., 0] = big
-    keys[:, :, 0::2, -1] = big
-    keys[:, :, 1::2, -1] = -big
-    return keys.to(k.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

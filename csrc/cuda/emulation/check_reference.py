@@ -11,9 +11,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "python_tests"))
 import emulated_ops  # noqa: E402
 import lightkv_ext  # noqa: E402
+from inputs import cancelling_keys  # noqa: E402
 from lightkv_ext import reference  # noqa: E402
 from random_cases import mismatches, same_bits, varlen_mismatches  # noqa: E402
 
@@ -137,12 +140,7 @@ for dtype in (torch.bfloat16, torch.float16):
             if keys == "tied":
                 k[:] = k[:, :, :1]
             if keys == "cancelling":
-                big = 2.0 ** 14 if dtype == torch.bfloat16 else 2.0 ** 7
-                k = 6 * k.float()
-                k[..., 0] = big
-                k[:, :, 0::2, -1] = big
-                k[:, :, 1::2, -1] = -big
-                k = k.to(dtype)
+                k = cancelling_keys(k)
             kw = dict(ratio=0.3, windows=(3, 1), grid=(6, 12),
                       importance=torch.rand(4, 72, generator=torch.Generator().manual_seed(31)))
             os.environ["LIGHTKV_EXACT_GROUP"] = group

@@ -640,26 +640,25 @@ int main(int argc, char** argv) {
   // many features (partial sums over feature splits), exact ties everywhere (every src falls
   // back to the exact scan of all its dsts), and 16-byte staging of a float32 metric.
   run_merge_case<__nv_bfloat16>({"bf16 dst ranges", 1, 1, 300, 32, {300}, 0.5, false, {0, 1, 2, 3}, 8}, 17);
-  run_merge_case<__nv_bfloat16>({"bf16 feature splits", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6},
-                                18);
+  // Four 36-token windows per row over 16 x 64 features, in feature splits (and the knobs below).
+  const auto feature_split_case = [](const char* name) {
+    run_merge_case<__nv_bfloat16>({name, 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  };
+  feature_split_case("bf16 feature splits");
   // The same windows as 3 x 3 block groups (forced: too few windows to pick them), on the float64
   // tensor cores with src blocks stacked in mma.m16n8k4 and one by one (LIGHTKV_EXACT_MMA=8), then
   // on the 16-bit ones (the groups' default: screened sums), rechecked where they leave a decision
   // open and everywhere (LIGHTKV_EXACT_DOTS=recheck), and as block pairs; tied keys rechecked.
   setenv("LIGHTKV_EXACT_GROUP", "3", 1);
   setenv("LIGHTKV_EXACT_DOTS", "float64", 1);
-  run_merge_case<__nv_bfloat16>(
-      {"bf16 stacked src blocks", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  feature_split_case("bf16 stacked src blocks");
   setenv("LIGHTKV_EXACT_MMA", "8", 1);
-  run_merge_case<__nv_bfloat16>(
-      {"bf16 src blocks one by one", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  feature_split_case("bf16 src blocks one by one");
   unsetenv("LIGHTKV_EXACT_MMA");
   unsetenv("LIGHTKV_EXACT_DOTS");
-  run_merge_case<__nv_bfloat16>(
-      {"bf16 screened sums, groups", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  feature_split_case("bf16 screened sums, groups");
   setenv("LIGHTKV_EXACT_DOTS", "recheck", 1);
-  run_merge_case<__nv_bfloat16>(
-      {"bf16 screened sums, all rechecked", 2, 16, 144, 64, {36, 36, 36, 36}, 0.5, false, {0, 1, 2, 3}, 6}, 18);
+  feature_split_case("bf16 screened sums, all rechecked");
   unsetenv("LIGHTKV_EXACT_GROUP");
   setenv("LIGHTKV_EXACT_DOTS", "screened", 1);
   run_merge_case<__half>({"fp16 screened sums, pairs, tied keys", 1, 2, 128, 16, {64, 64}, 0.5, false, {0, 1, 2, 3},
