@@ -45,7 +45,8 @@
 //      row); longer rows: kept flags -> cub::DeviceScan -> slots_kernel -> cub::DeviceRadixSort
 //      on (slot, token) -> group_bounds_kernel.
 //   5. merge_values_kernel: one block per (output slot, element chunk) of both k and v (the
-//      group's record and weights read once for both): float32 weighted sum of the members in
+//      group's record and weights read once for both), or whole warps per slot where a slot's
+//      vectors fill at most half a block (few KV heads): float32 weighted sum of the members in
 //      that fixed order; single-member groups are copied bitwise. The values of up to 3 members
 //      are loaded at once (copied asynchronously to shared memory), one round trip after the
 //      group's record, which holds their ids. 16-byte vectors where the layout allows.
@@ -1769,6 +1770,7 @@ struct ValueParams {  // k (tensor 0) and v (tensor 1)
   void* out[2];
   int64_t out_stride[2][4];
   int64_t H, D, L, kept, slots;
+  int slot_threads;        // threads per slot, a multiple of 32 dividing kMergeThreads (launch_values)
   const Group* groups;     // per slot
   const int64_t* members;  // token ids: each group's at [begin, end) of its record, in token order
   const float* importance;
@@ -1778,18 +1780,23 @@ struct ValueParams {  // k (tensor 0) and v (tensor 1)
 
 // One block per (output slot, element chunk): the chunk is kMergeVectors vectors of VEC elements
 // per thread, of k and of v alike, so a group's record and weights are read once for
-// 2 kMergeVectors vectors per thread. Each output element is the members' weighted sum in member
-// order, divided by the weights' sum, also in member order (as the CPU op sums them). The loads
-// hang on a chain (group record -> members' values and weights), so all of a group's are issued
-// together one round trip after the record, which holds the ids of its first kStagedMembers
-// members: their values are copied to shared memory asynchronously (16-byte vectors; registers
-// would hold one member's), each thread its own, so no barrier is needed. Larger groups take
-// further rounds of kStagedMembers members.
+// 2 kMergeVectors vectors per thread. A slot whose vectors fill at most half the block (few KV
+// heads: Qwen2.5-VL's 4 x 128 elements are 64 vectors, a warp's) shares the block with others,
+// p.slot_threads threads (whole warps) each, so that its idle threads serve slots of their own
+// instead of a wave of blocks serving as many slots as blocks. Each output element is the
+// members' weighted sum in member order, divided by the weights' sum, also in member order (as
+// the CPU op sums them). The loads hang on a chain (group record -> members' values and
+// weights), so all of a group's are issued together one round trip after the record, which
+// holds the ids of its first kStagedMembers members: their values are copied to shared memory
+// asynchronously (16-byte vectors; registers would hold one member's), each thread its own, so
+// no barrier is needed. Larger groups take further rounds of kStagedMembers members.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values_kernel(const ValueParams p) {
   detail::await_previous_kernel();
   __shared__ Vec<T, VEC> staged[kStagedMembers][2][kMergeVectors][kMergeThreads];
-  const bool writes_sizes = blockIdx.y == 0 && threadIdx.x == 0;
+  const int thread = static_cast<int>(threadIdx.x) % p.slot_threads;  // among its slot's threads
+  const int64_t block_slots = kMergeThreads / p.slot_threads;
+  const bool writes_sizes = blockIdx.y == 0 && thread == 0;
   const int vectors_per_head = static_cast<int>(p.D / VEC);
   const int head_vectors = static_cast<int>(p.H) * vectors_per_head;  // < 2^24 (launch_values)
   // Vector u of this thread: head and first element, in both tensors (the offsets from a token's
@@ -1798,7 +1805,7 @@ __global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values
   int head[kMergeVectors], elem[kMergeVectors];
 #pragma unroll
   for (int u = 0; u < kMergeVectors; ++u) {
-    const int e = (static_cast<int>(blockIdx.y) * kMergeVectors + u) * kMergeThreads + static_cast<int>(threadIdx.x);
+    const int e = (static_cast<int>(blockIdx.y) * kMergeVectors + u) * p.slot_threads + thread;
     live[u] = e < head_vectors;
     head[u] = live[u] ? e / vectors_per_head : 0;
     elem[u] = live[u] ? (e % vectors_per_head) * VEC : 0;
@@ -1817,7 +1824,11 @@ __global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values
   };
   const auto mine = [&](int i, int t, int u) -> Vec<T, VEC>& { return staged[i][t][u][threadIdx.x]; };
 
-  for (int64_t slot = blockIdx.x; slot < p.slots; slot += gridDim.x) {
+  // No barrier below: a block's slots go their own ways. A warp's lanes share their slot; taken
+  // from lane 0, it is known to be shared, so ptxas keeps the slot's values in uniform registers
+  // (computed per lane, the 16-bit kernels spill 464 bytes instead of 44).
+  const int64_t block_slot = __shfl_sync(0xffffffffu, threadIdx.x / p.slot_threads, 0);
+  for (int64_t slot = blockIdx.x * block_slots + block_slot; slot < p.slots; slot += gridDim.x * block_slots) {
     const Group group = p.groups[slot];
     if (group.end <= group.begin) continue;  // no member (only with a wrong `kept`): leave the slot alone
     const int64_t b = slot / p.kept, m = slot % p.kept;
@@ -1910,16 +1921,18 @@ __global__ void __launch_bounds__(kMergeThreads, kMergeBlocksPerSm) merge_values
 }
 
 template <typename T>
-cudaError_t launch_values(const ValueParams& vp, int64_t slots, const detail::KernelLauncher& launch) {
+cudaError_t launch_values(ValueParams vp, int64_t slots, const detail::KernelLauncher& launch) {
   constexpr int kVec = static_cast<int>(16 / sizeof(T));
   bool vectorised = vp.D % kVec == 0;
   for (int tensor = 0; tensor < 2; ++tensor) {
     vectorised = vectorised && detail::rows_16_byte_aligned(vp.x[tensor], vp.x_stride[tensor], kVec) &&
                  detail::rows_16_byte_aligned(vp.out[tensor], vp.out_stride[tensor], kVec);
   }
-  const int vec = vectorised ? kVec : 1;
-  const dim3 grid(detail::grid_for(slots, kMaxGrid),
-                  static_cast<unsigned int>(ceil_div(vp.H * (vp.D / vec), kMergeThreads * kMergeVectors)));
+  const int64_t head_vectors = vp.H * (vp.D / (vectorised ? kVec : 1));
+  vp.slot_threads = kMergeThreads;  // the fewest warps (a power of 2) that hold a slot's vectors
+  while (vp.slot_threads > 32 && vp.slot_threads / 2 * kMergeVectors >= head_vectors) vp.slot_threads /= 2;
+  const dim3 grid(detail::grid_for(ceil_div(slots, int64_t{kMergeThreads / vp.slot_threads}), kMaxGrid),
+                  static_cast<unsigned int>(ceil_div(head_vectors, int64_t{vp.slot_threads} * kMergeVectors)));
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   return vectorised ? launch(merge_values_kernel<T, kVec>, grid, kMergeThreads, vp)
                     : launch(merge_values_kernel<T, 1>, grid, kMergeThreads, vp);
