@@ -81,6 +81,10 @@ constexpr int kMergeVectors = 2;  // vectors of each of k and v per merge_values
 constexpr int kStagedMembers = 3;  // group members whose values merge_values_kernel loads at once
 constexpr int kMergeBlocksPerSm = 8;  // merge_values_kernel: at most 64 registers
 constexpr int kChooseThreads = 256;  // one warp per src
+// choose_kernel: a row pair of at most this many warp-wide steps (Qwen2.5-VL's 4 x 128 16-bit
+// features: 2) is read in one round trip at 4 blocks per SM (64 registers); longer rows
+// (LLaVA-NeXT's 4096 features: 16 steps) keep 4 steps in flight at 3 blocks per SM.
+constexpr int kChooseShortRow = 2;
 constexpr int kPrepareThreads = 256;
 constexpr int kRankThreads = 256;
 constexpr int kRowThreads = 512;
@@ -179,6 +183,7 @@ struct Params {
   double ratio;
   int64_t* tile_offsets;  // per window: 64-src tiles, exclusive offsets (num_windows + 1)
   int64_t* pair_offsets;  // per window: (src tile, dst tile) pairs, exclusive offsets
+  int64_t* src_offsets;   // per window: srcs, exclusive offsets
   double* norms;
   int64_t dst_split;
   int64_t feature_chunks;      // staged feature chunks of the whole metric
@@ -301,23 +306,23 @@ __device__ __forceinline__ double warp_sum(double x) {
   return x;
 }
 
-// Blocks 0 and 1 first write the exclusive offsets of every window's 64-src tiles (block 0) and
-// of its (src tile, dst tile) pairs (block 1); a window that merges nothing (ratio 0, single
-// tokens) needs no similarities, so it has none. Then every block: |metric| per token in float64,
-// one warp per token, and the token starts kept.
+// Blocks 0, 1 and 2 first write the exclusive offsets of every window's 64-src tiles (block 0),
+// of its (src tile, dst tile) pairs (block 1) and of its srcs (block 2); a window that merges
+// nothing (ratio 0, single tokens) needs no similarities, so it has none. Then every block:
+// |metric| per token in float64, one warp per token, and the token starts kept.
 template <typename M>
 __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(const Params p) {
   detail::await_previous_kernel();
   detail::prefetch_to_l2(p.prefetch_base, p.prefetch_bytes);
-  if (blockIdx.x < 2) {
-    const bool pairs = blockIdx.x == 1;
+  if (blockIdx.x < 3) {
     const auto count = [&](int64_t w) -> int64_t {
       const int64_t n = p.window_offsets[w + 1] - p.window_offsets[w];
       if (merge_count(p.ratio, n) == 0) return 0;
       const int64_t src_tiles = ceil_div((n + 1) / 2, kTile);
-      return pairs ? src_tiles * ceil_div(n / 2, kTile) : src_tiles;
+      return blockIdx.x == 0 ? src_tiles : blockIdx.x == 1 ? src_tiles * ceil_div(n / 2, kTile) : (n + 1) / 2;
     };
-    detail::block_exclusive_offsets<kPrepareThreads>(count, p.num_windows, pairs ? p.pair_offsets : p.tile_offsets);
+    int64_t* const offsets[] = {p.tile_offsets, p.pair_offsets, p.src_offsets};
+    detail::block_exclusive_offsets<kPrepareThreads>(count, p.num_windows, offsets[blockIdx.x]);
   }
   const int lane = threadIdx.x % 32;
   constexpr int64_t kWarps = kPrepareThreads / 32;
@@ -719,9 +724,9 @@ __device__ __forceinline__ double cosine(double dot, double norm_a, double norm_
 }
 
 // Exact float64 cosine of two tokens' metrics, summed in a fixed order; the same in every lane.
-template <typename M>
+template <typename M, int kInFlight>
 __device__ double exact_similarity(const Params& p, int64_t src_token, int64_t dst_token, int lane) {
-  const double dot = warp_sum(lane_dot<M>(p, token_base(p, src_token), token_base(p, dst_token), lane));
+  const double dot = warp_sum(lane_dot<M, kInFlight>(p, token_base(p, src_token), token_base(p, dst_token), lane));
   return cosine(dot, p.norms[src_token], p.norms[dst_token]);
 }
 
@@ -733,18 +738,20 @@ __device__ double exact_similarity(const Params& p, int64_t src_token, int64_t d
 // that value is not finite; else exactly the entries within 2 eps. Neither needs the lists merged
 // or sorted: a warp maximum, a count, and the candidates in any order (the best by `beats` is the
 // same in every order). The lane of entry e loads it: entries lane, lane + 32, ...
-template <typename M>
-__global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) {
+// kInFlight: lane_dot's steps in flight (kChooseShortRow or 4).
+template <typename M, int kInFlight>
+__global__ void __launch_bounds__(kChooseThreads, kInFlight == kChooseShortRow ? 4 : 3) choose_kernel(const Params p) {
   detail::await_previous_kernel();
   constexpr unsigned kAll = 0xffffffffu;
   const int lane = threadIdx.x % 32;
   const int64_t warps = kChooseThreads / 32;
   const bool partial = feature_split(p) > 1;
-  for (int64_t slot = blockIdx.x * warps + threadIdx.x / 32; slot < p.total;
-       slot += static_cast<int64_t>(gridDim.x) * warps) {
-    const int64_t w = find_segment(p.window_offsets, p.num_windows, slot);
+  const int64_t srcs = p.src_offsets[p.num_windows];
+  for (int64_t src = blockIdx.x * warps + threadIdx.x / 32; src < srcs;
+       src += static_cast<int64_t>(gridDim.x) * warps) {
+    const int64_t w = find_segment(p.src_offsets, p.num_windows, src);
     const int64_t start = p.window_offsets[w], n = p.window_offsets[w + 1] - start;
-    if ((slot - start) % 2 != 0 || merge_count(p.ratio, n) == 0) continue;  // dst, or no similarities
+    const int64_t slot = start + 2 * (src - p.src_offsets[w]);
     const int64_t entries = (partial ? 1 : used_dst_ranges(n / 2, p.dst_split)) * kTopK;
     // Entry e: place e % kTopK of the list of dst range e / kTopK.
     const auto entry_at = [&](int64_t e) { return (e / kTopK * p.total + slot) * kTopK + e % kTopK; };
@@ -765,7 +772,7 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
     if (scan_all) {
       // Increasing dst order with a strict >: the lowest dst wins ties; NaN never wins.
       for (int64_t j = 0; j < n / 2; ++j) {
-        const double value = exact_similarity<M>(p, src_token, p.window_tokens[start + 2 * j + 1], lane);
+        const double value = exact_similarity<M, kInFlight>(p, src_token, p.window_tokens[start + 2 * j + 1], lane);
         if (value > best) {
           best = value;
           best_at = static_cast<int>(j);
@@ -777,7 +784,8 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const Params p) 
         const int my_dst = listed ? p.range_dst[entry_at(e0 + lane)] : INT_MAX;
         for (unsigned candidates = __ballot_sync(kAll, listed); candidates != 0; candidates &= candidates - 1) {
           const int dst = __shfl_sync(kAll, my_dst, __ffs(candidates) - 1);
-          const double value = exact_similarity<M>(p, src_token, p.window_tokens[start + 2 * int64_t{dst} + 1], lane);
+          const int64_t dst_token = p.window_tokens[start + 2 * int64_t{dst} + 1];
+          const double value = exact_similarity<M, kInFlight>(p, src_token, dst_token, lane);
           if (beats(value, dst, best, best_at)) {
             best = value;
             best_at = dst;
@@ -2076,7 +2084,7 @@ struct Workspace {  // the screened mode's arrays are empty in exact mode, the g
   unsigned int* select_tickets;  // null unless plan.select_groups > 1
   unsigned int* row_tickets;     // null unless plan.fused_row_groups
   Group* token_groups;           // empty unless plan.fused_row_groups
-  int64_t* offsets;  // tile offsets, then pair offsets (num_windows + 1 each)
+  int64_t* offsets;  // tile, pair and src offsets (num_windows + 1 each)
   double* norms;
   double* keys;
   int32_t* best_dst;
@@ -2120,7 +2128,7 @@ Workspace carve(const Plan& plan, size_t cub_bytes, void* base) {
   ws.select_tickets = plan.select_groups > 1 ? carver.take<unsigned int>(plan.windows) : nullptr;
   ws.row_tickets = plan.fused_row_groups ? carver.take<unsigned int>(plan.B) : nullptr;
   ws.token_groups = carver.take<Group>(plan.fused_row_groups ? plan.tokens : 0);
-  ws.offsets = carver.take<int64_t>(screened * 2 * (plan.windows + 1));
+  ws.offsets = carver.take<int64_t>(screened * 3 * (plan.windows + 1));
   ws.norms = carver.take<double>(screened * plan.tokens);
   ws.keys = carver.take<double>(ranked_in_global * plan.total);
   ws.best_dst = carver.take<int32_t>(ranked_in_global * plan.total);
@@ -2202,8 +2210,8 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
   p.feature_chunks = ceil_div(plan.features, Screen<M>::kChunk);
   p.vector_stage = vector_staging<M>(p);
   p.vector_rows = vector_rows<M>(p);
-  // At least 2 blocks: blocks 0 and 1 write the tile and pair offsets.
-  const int64_t prepare_blocks = std::max<int64_t>(2, ceil_div(plan.tokens, kPrepareThreads / 32));
+  // At least 3 blocks: blocks 0, 1 and 2 write the tile, pair and src offsets.
+  const int64_t prepare_blocks = std::max<int64_t>(3, ceil_div(plan.tokens, kPrepareThreads / 32));
   LIGHTKV_RETURN_IF_ERROR(launch(prepare_kernel<M>, detail::grid_for(prepare_blocks, kMaxGrid), kPrepareThreads, p));
   const int64_t screen_items = std::max(tile_bound(plan) * plan.dst_split, plan.partial_capacity > 0 ? kPartialItems : 0);
   LIGHTKV_RETURN_IF_ERROR(launch(screen_kernel<M>, detail::grid_for(screen_items, kMaxScreenGrid), kScreenThreads, p));
@@ -2211,8 +2219,11 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
     LIGHTKV_RETURN_IF_ERROR(
         launch(reduce_partials_kernel<M>, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kScreenThreads, p));
   }
-  LIGHTKV_RETURN_IF_ERROR(launch(choose_kernel<M>, detail::grid_for(ceil_div(plan.total, kChooseThreads / 32),
-                                                                    kMaxGrid), kChooseThreads, p));
+  const int64_t src_bound = (plan.total + plan.windows) / 2;
+  const unsigned int choose_grid = detail::grid_for(ceil_div(src_bound, kChooseThreads / 32), kMaxGrid);
+  const bool short_rows = !p.vector_rows || plan.features <= kChooseShortRow * 32 * (16 / int64_t{sizeof(M)});
+  LIGHTKV_RETURN_IF_ERROR(short_rows ? launch(choose_kernel<M, kChooseShortRow>, choose_grid, kChooseThreads, p)
+                                     : launch(choose_kernel<M, 4>, choose_grid, kChooseThreads, p));
   return launch(rank_select_kernel, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, p);
 }
 
@@ -2338,6 +2349,7 @@ cudaError_t decide(const MergeArgs& a, const MergeLaunch& m) {
   p.ratio = a.ratio;
   p.tile_offsets = ws.offsets;
   p.pair_offsets = ws.offsets + plan.windows + 1;
+  p.src_offsets = ws.offsets + 2 * (plan.windows + 1);
   p.norms = ws.norms;
   p.dst_split = plan.dst_split;
   p.max_feature_split = plan.max_feature_split;
