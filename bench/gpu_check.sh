@@ -79,12 +79,14 @@ step racecheck 60 "'$SANITIZER' --tool racecheck --error-exitcode 1 ./build-gpu/
 # The issue-3 targets first (LLaVA-1.5 at batch 1 and 32, a 16k-token image), then the packed presets.
 step bench_targets 80 "$BENCH --presets llava15 qwen25vl --batches 1 32 --json '$OUT/bench_gpu.json' | tee '$OUT/bench_gpu.md'"
 step bench_large 50 "$BENCH --presets video16k llava_next video --json '$OUT/bench_gpu_large.json' | tee -a '$OUT/bench_gpu.md'"
-step kernel_breakdown 25 "$PYTHON bench/kernel_breakdown.py --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
+# The same cases for this tree and the baseline's (whose defaults may differ).
+BREAKDOWN_CASES="llava15:1 llava15:32 qwen25vl:1 qwen25vl:32 video:1 llava_next:1 video16k:1"
+step kernel_breakdown 30 "$PYTHON bench/kernel_breakdown.py --cases $BREAKDOWN_CASES --json '$OUT/kernel_breakdown.json' | tee '$OUT/kernel_breakdown.md'"
 # When each kernel of a graph replay runs on which stream: how much the scoring and decision
 # chains overlap at batch 1, and the gaps between chained kernels, dense and packed (markdown only).
 step timeline 25 "{ echo; echo '## Timeline of a CUDA-graph replay (second stream on, chaining off)'; } >> '$OUT/kernel_breakdown.md'; $PYTHON bench/kernel_breakdown.py --timeline --cases llava15:1 qwen25vl:1 llava15:32 video:1 | tee -a '$OUT/kernel_breakdown.md'"
 if [ -n "$BASELINE" ]; then
-  step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases llava15:1 llava15:32 qwen25vl:1 video16k:1 | tee -a '$OUT/kernel_breakdown.md'"
+  step baseline_breakdown 60 "while [ ! -f '$BASELINE_LOG.rc' ]; do sleep 1; done; tail -n 5 '$BASELINE_LOG'; [ \"\$(cat '$BASELINE_LOG.rc')\" = 0 ]; { echo; echo '## Baseline: the source tree in $BASELINE, same GPU'; } >> '$OUT/kernel_breakdown.md'; cd '$BASELINE' && PYTHONPATH=\"\$PWD\" $PYTHON bench/kernel_breakdown.py --cases $BREAKDOWN_CASES | tee -a '$OUT/kernel_breakdown.md'"
   # The same inputs through both builds: bitwise the same outputs, where the change meant no other
   # (exact mode by block pairs, as the baseline: block groups take other feature splits).
   BITS=/tmp/lightkv_bits

@@ -394,20 +394,41 @@ struct ScreenSmem {
   bool dst_ok[kTile];
 };
 
-// Tile `tile` of the srcs (parity 0: window positions 0, 2, ...) or dsts (parity 1) of the window
-// at `start`, of which there are `count`: element offsets of their metric rows, norms, liveness.
-// Returns how many of the tile's kTile slots are live.
-__device__ __forceinline__ int setup_side(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
-                                          int64_t* base, double* norm, bool* ok) {
-  const int64_t live = min(int64_t{kTile}, count - kTile * tile);
-  for (int local = threadIdx.x; local < kTile; local += blockDim.x) {
-    const bool is_live = local < live;
-    const int64_t token = is_live ? p.window_tokens[start + 2 * (kTile * tile + local) + parity] : 0;
-    ok[local] = is_live;
-    base[local] = token_base(p, token);
-    norm[local] = is_live ? p.norms[token] : 0.0;
+// Live slots of tile `tile` of a side of `count` tokens.
+__device__ __forceinline__ int live_slots(int64_t tile, int64_t count) {
+  return static_cast<int>(min(int64_t{kTile}, count - kTile * tile));
+}
+
+// Slot `local` of tile `tile` of the srcs (parity 0: window positions 0, 2, ...) or dsts (parity 1)
+// of the window at `start`, of which there are `count`: the element offset of its metric row, its
+// norm, its liveness.
+__device__ __forceinline__ void setup_slot(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
+                                           int local, int64_t* base, double* norm, bool* ok) {
+  const bool is_live = local < live_slots(tile, count);
+  const int64_t token = is_live ? p.window_tokens[start + 2 * (kTile * tile + local) + parity] : 0;
+  ok[local] = is_live;
+  base[local] = token_base(p, token);
+  norm[local] = is_live ? p.norms[token] : 0.0;
+}
+
+// One side's tile, a thread per slot.
+__device__ __forceinline__ void setup_side(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
+                                           int64_t* base, double* norm, bool* ok) {
+  if (threadIdx.x < kTile) setup_slot(p, start, parity, tile, count, threadIdx.x, base, norm, ok);
+}
+
+// Both sides of a tile pair at once, the srcs by the first kTile threads and the dsts by the
+// others: one chain of round trips (token, then norm) where one side after the other made two.
+template <typename M>
+__device__ __forceinline__ void setup_pair(const Params& p, ScreenSmem<M>& sm, int64_t start, int64_t src_tile,
+                                           int64_t n_src, int64_t dst_tile, int64_t n_dst) {
+  static_assert(kScreenThreads == 2 * kTile, "a thread per slot of both sides");
+  const int local = static_cast<int>(threadIdx.x) % kTile;
+  if (threadIdx.x < kTile) {
+    setup_slot(p, start, 0, src_tile, n_src, local, sm.src_base, sm.src_norm, sm.src_ok);
+  } else {
+    setup_slot(p, start, 1, dst_tile, n_dst, local, sm.dst_base, sm.dst_norm, sm.dst_ok);
   }
-  return static_cast<int>(live);
 }
 
 template <typename M>
@@ -653,8 +674,8 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     if (partial) {
       const int64_t local = unit - p.pair_offsets[w];
       const int64_t src_tile = local / dst_tiles, dst_tile = local % dst_tiles;
-      const int src_live = setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
-      const int dst_live = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+      setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
+      const int src_live = live_slots(src_tile, n_src), dst_live = live_slots(dst_tile, n_dst);
       const int64_t per_split = ceil_div(p.feature_chunks, split) * Screen<M>::kChunk;
       tile_dots<M>(p, sm, part * per_split, min(p.features, (part + 1) * per_split));
       // Only the live corner: small windows fill a few hundred of the tile's 4096 entries.
@@ -666,13 +687,16 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
       continue;
     }
     const int64_t src_tile = unit - p.tile_offsets[w];
-    setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
-    __syncthreads();  // src_ok is visible to keep_best and write_list
-    const int64_t per_range = ceil_div(dst_tiles, p.dst_split);
+    const int64_t per_range = ceil_div(dst_tiles, p.dst_split), first_dst = part * per_range;
     TopList<Acc> top;
-    for (int64_t dst_tile = part * per_range; dst_tile < min(dst_tiles, (part + 1) * per_range); ++dst_tile) {
-      __syncthreads();  // the previous tile's epilogue is done with the dst side data
-      setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+    // The range holds a dst tile (used_dst_ranges); tile_dots' first barrier shows the sides.
+    for (int64_t dst_tile = first_dst; dst_tile < min(dst_tiles, first_dst + per_range); ++dst_tile) {
+      if (dst_tile == first_dst) {
+        setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
+      } else {
+        __syncthreads();  // the previous tile's epilogue is done with the dst side data
+        setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+      }
       tile_dots<M>(p, sm, 0, p.features);
       keep_best<M>(sm, dst_tile, top);
     }
@@ -697,11 +721,16 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
     const int64_t n_src = (n + 1) / 2, n_dst = n / 2, dst_tiles = ceil_div(n_dst, kTile);
     const int64_t src_tile = tile - p.tile_offsets[w];
     __syncthreads();  // the previous item is done with the side data
-    const int src_live = setup_side(p, start, 0, src_tile, n_src, sm.src_base, sm.src_norm, sm.src_ok);
+    const int src_live = live_slots(src_tile, n_src);
     TopList<Acc> top;
     for (int64_t dst_tile = 0; dst_tile < dst_tiles; ++dst_tile) {
-      __syncthreads();  // the previous tile's epilogue is done with the tile and the dst side data
-      const int dst_live = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+      if (dst_tile == 0) {
+        setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
+      } else {
+        __syncthreads();  // the previous tile's epilogue is done with the tile and the dst side data
+        setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+      }
+      const int dst_live = live_slots(dst_tile, n_dst);
       const int64_t pair = p.pair_offsets[w] + src_tile * dst_tiles + dst_tile;
       for (int e = threadIdx.x; e < src_live * dst_live; e += kScreenThreads) {  // the live corner
         const int r = e / dst_live, c = e % dst_live;
