@@ -399,36 +399,45 @@ __device__ __forceinline__ int live_slots(int64_t tile, int64_t count) {
   return static_cast<int>(min(int64_t{kTile}, count - kTile * tile));
 }
 
+// A slot's norm on its way to shared memory: loaded by the slot's setup, stored by store() once
+// the tile's product is done, before keep_best reads it, so that its round trip overlaps the
+// staging instead of preceding it. Partial tiles need no norms: there the load is dead code.
+struct PendingNorm {
+  double* at = nullptr;  // null: no slot set up by this thread
+  double value = 0.0;
+  __device__ __forceinline__ void store() const {
+    if (at != nullptr) *at = value;
+  }
+};
+
 // Slot `local` of tile `tile` of the srcs (parity 0: window positions 0, 2, ...) or dsts (parity 1)
-// of the window at `start`, of which there are `count`: the element offset of its metric row, its
-// norm, its liveness.
-__device__ __forceinline__ void setup_slot(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
-                                           int local, int64_t* base, double* norm, bool* ok) {
+// of the window at `start`, of which there are `count`: the element offset of its metric row and
+// its liveness, and its norm to store.
+__device__ __forceinline__ PendingNorm setup_slot(const Params& p, int64_t start, int parity, int64_t tile,
+                                                  int64_t count, int local, int64_t* base, double* norm, bool* ok) {
   const bool is_live = local < live_slots(tile, count);
   const int64_t token = is_live ? p.window_tokens[start + 2 * (kTile * tile + local) + parity] : 0;
   ok[local] = is_live;
   base[local] = token_base(p, token);
-  norm[local] = is_live ? p.norms[token] : 0.0;
+  return {&norm[local], is_live ? p.norms[token] : 0.0};
 }
 
 // One side's tile, a thread per slot.
-__device__ __forceinline__ void setup_side(const Params& p, int64_t start, int parity, int64_t tile, int64_t count,
-                                           int64_t* base, double* norm, bool* ok) {
-  if (threadIdx.x < kTile) setup_slot(p, start, parity, tile, count, threadIdx.x, base, norm, ok);
+__device__ __forceinline__ PendingNorm setup_side(const Params& p, int64_t start, int parity, int64_t tile,
+                                                  int64_t count, int64_t* base, double* norm, bool* ok) {
+  if (threadIdx.x >= kTile) return {};
+  return setup_slot(p, start, parity, tile, count, threadIdx.x, base, norm, ok);
 }
 
 // Both sides of a tile pair at once, the srcs by the first kTile threads and the dsts by the
-// others: one chain of round trips (token, then norm) where one side after the other made two.
+// others: one round trip for the token ids where one side after the other took two.
 template <typename M>
-__device__ __forceinline__ void setup_pair(const Params& p, ScreenSmem<M>& sm, int64_t start, int64_t src_tile,
-                                           int64_t n_src, int64_t dst_tile, int64_t n_dst) {
+__device__ __forceinline__ PendingNorm setup_pair(const Params& p, ScreenSmem<M>& sm, int64_t start, int64_t src_tile,
+                                                  int64_t n_src, int64_t dst_tile, int64_t n_dst) {
   static_assert(kScreenThreads == 2 * kTile, "a thread per slot of both sides");
   const int local = static_cast<int>(threadIdx.x) % kTile;
-  if (threadIdx.x < kTile) {
-    setup_slot(p, start, 0, src_tile, n_src, local, sm.src_base, sm.src_norm, sm.src_ok);
-  } else {
-    setup_slot(p, start, 1, dst_tile, n_dst, local, sm.dst_base, sm.dst_norm, sm.dst_ok);
-  }
+  if (threadIdx.x < kTile) return setup_slot(p, start, 0, src_tile, n_src, local, sm.src_base, sm.src_norm, sm.src_ok);
+  return setup_slot(p, start, 1, dst_tile, n_dst, local, sm.dst_base, sm.dst_norm, sm.dst_ok);
 }
 
 template <typename M>
@@ -447,7 +456,7 @@ __device__ __forceinline__ double staged_to_double(typename Screen<M>::Stage val
 }
 
 // sm.dot = the (src, dst) dot products of the tile over features [f_begin, f_end), as
-// Screen<M>::Acc. Expects the side setup to be visible; ends with a barrier.
+// Screen<M>::Acc. Expects the sides' row offsets and liveness to be visible; ends with a barrier.
 template <typename M>
 __device__ void tile_dots(const Params& p, ScreenSmem<M>& sm, int64_t f_begin, int64_t f_end) {
   using S = typename Screen<M>::Stage;
@@ -691,13 +700,16 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     TopList<Acc> top;
     // The range holds a dst tile (used_dst_ranges); tile_dots' first barrier shows the sides.
     for (int64_t dst_tile = first_dst; dst_tile < min(dst_tiles, first_dst + per_range); ++dst_tile) {
+      PendingNorm norm;
       if (dst_tile == first_dst) {
-        setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
+        norm = setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
       } else {
         __syncthreads();  // the previous tile's epilogue is done with the dst side data
-        setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+        norm = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
       }
       tile_dots<M>(p, sm, 0, p.features);
+      norm.store();
+      __syncthreads();  // the norms are visible to keep_best
       keep_best<M>(sm, dst_tile, top);
     }
     write_list<M>(p, sm, start, src_tile, part, top);
@@ -724,11 +736,12 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
     const int src_live = live_slots(src_tile, n_src);
     TopList<Acc> top;
     for (int64_t dst_tile = 0; dst_tile < dst_tiles; ++dst_tile) {
+      PendingNorm norm;
       if (dst_tile == 0) {
-        setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
+        norm = setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
       } else {
         __syncthreads();  // the previous tile's epilogue is done with the tile and the dst side data
-        setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
+        norm = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
       }
       const int dst_live = live_slots(dst_tile, n_dst);
       const int64_t pair = p.pair_offsets[w] + src_tile * dst_tiles + dst_tile;
@@ -740,6 +753,7 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
         for (int64_t s = 1; s < split; ++s) sum += at[s * pairs * kTile * kTile];  // loads independent
         sm.dot[r][c] = sum;
       }
+      norm.store();
       __syncthreads();
       keep_best<M>(sm, dst_tile, top);
     }
