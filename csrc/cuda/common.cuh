@@ -481,6 +481,16 @@ __device__ __forceinline__ void prefetch_to_l2(const void* base, int64_t bytes) 
 #endif
 }
 
+// Starts bringing the line at `at` (global memory) into this SM's L1, for a load that follows
+// other work: nothing waits for it.
+__device__ __forceinline__ void prefetch_to_l1(const void* at) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(at));
+#else
+  (void)at;
+#endif
+}
+
 // Every thread of the grid sets its share of a[0, n) to `value`: a memset without a launch.
 template <typename T>
 __device__ __forceinline__ void grid_fill(T* a, int64_t n, T value) {

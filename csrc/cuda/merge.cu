@@ -800,7 +800,10 @@ __global__ void __launch_bounds__(kChooseThreads, kInFlight == kChooseShortRow ?
     const auto entry_at = [&](int64_t e) { return (e / kTopK * p.total + slot) * kTopK + e % kTopK; };
     const int64_t src_token = p.window_tokens[slot];
     double best_screened = -INFINITY;  // padding is -inf, and no screened value is NaN (keep_best)
-    for (int64_t e = lane; e < entries; e += 32) best_screened = fmax(best_screened, p.range_value[entry_at(e)]);
+    for (int64_t e = lane; e < entries; e += 32) {
+      best_screened = fmax(best_screened, p.range_value[entry_at(e)]);
+      detail::prefetch_to_l1(&p.range_dst[entry_at(e)]);  // read by the candidates below
+    }
     for (int offset = 16; offset > 0; offset /= 2) {
       best_screened = fmax(best_screened, __shfl_xor_sync(kAll, best_screened, offset));
     }
