@@ -260,6 +260,12 @@ __device__ __forceinline__ int64_t token_base(const Params& p, int64_t token) {
   return (token / p.L) * p.metric_stride[0] + (token % p.L) * p.metric_stride[1];
 }
 
+// Features of a warp-wide step of lane_dot over 16-byte vectors (p.vector_rows).
+template <typename M>
+__host__ __device__ constexpr int64_t lane_step_features() {
+  return 32 * (16 / sizeof(M));
+}
+
 // This lane's share of the float64 dot product of two tokens' metric rows, in a fixed order:
 // 16-byte vectors v = lane, lane + 32, ... when p.vector_rows, else features f = lane, lane + 32, ...
 // kInFlight: steps whose loads are issued before their FMAs (the same sums for any).
@@ -269,7 +275,7 @@ __device__ double lane_dot(const Params& p, int64_t a_base, int64_t b_base, int 
   double dot = 0.0;
   if (p.vector_rows) {
     constexpr int kPerVector = 16 / sizeof(M);
-    constexpr int64_t kStep = 32 * kPerVector;  // features per warp-wide step
+    constexpr int64_t kStep = lane_step_features<M>();
     FeatureCursor feature(p, kPerVector * lane);
     for (int64_t f0 = kPerVector * lane; f0 < p.features; f0 += kInFlight * kStep) {
       uint4 a_raw[kInFlight], b_raw[kInFlight];
@@ -422,22 +428,25 @@ __device__ __forceinline__ PendingNorm setup_slot(const Params& p, int64_t start
   return {&norm[local], is_live ? p.norms[token] : 0.0};
 }
 
-// One side's tile, a thread per slot.
-__device__ __forceinline__ PendingNorm setup_side(const Params& p, int64_t start, int parity, int64_t tile,
-                                                  int64_t count, int64_t* base, double* norm, bool* ok) {
-  if (threadIdx.x >= kTile) return {};
-  return setup_slot(p, start, parity, tile, count, threadIdx.x, base, norm, ok);
-}
-
-// Both sides of a tile pair at once, the srcs by the first kTile threads and the dsts by the
-// others: one round trip for the token ids where one side after the other took two.
+// The sides of the tile pair (src_tile, dst_tile), a thread per slot, for an item that walks its
+// src tile's dst tiles. At the item's first dst tile (`first`, after the item's barrier) both
+// sides at once, the srcs by the first kTile threads and the dsts by the others: one round trip
+// for the token ids where one side after the other took two. Later dst tiles set up the dst side
+// alone, once the previous tile's epilogue is done with it.
 template <typename M>
-__device__ __forceinline__ PendingNorm setup_pair(const Params& p, ScreenSmem<M>& sm, int64_t start, int64_t src_tile,
-                                                  int64_t n_src, int64_t dst_tile, int64_t n_dst) {
+__device__ __forceinline__ PendingNorm setup_tiles(const Params& p, ScreenSmem<M>& sm, int64_t start,
+                                                   int64_t src_tile, int64_t n_src, int64_t dst_tile, int64_t n_dst,
+                                                   bool first) {
   static_assert(kScreenThreads == 2 * kTile, "a thread per slot of both sides");
+  if (!first) __syncthreads();  // uniform: the previous tile's epilogue is done with the dst side data
   const int local = static_cast<int>(threadIdx.x) % kTile;
-  if (threadIdx.x < kTile) return setup_slot(p, start, 0, src_tile, n_src, local, sm.src_base, sm.src_norm, sm.src_ok);
-  return setup_slot(p, start, 1, dst_tile, n_dst, local, sm.dst_base, sm.dst_norm, sm.dst_ok);
+  if (first && threadIdx.x < kTile) {
+    return setup_slot(p, start, 0, src_tile, n_src, local, sm.src_base, sm.src_norm, sm.src_ok);
+  }
+  if (first || threadIdx.x < kTile) {
+    return setup_slot(p, start, 1, dst_tile, n_dst, local, sm.dst_base, sm.dst_norm, sm.dst_ok);
+  }
+  return {};
 }
 
 template <typename M>
@@ -683,7 +692,7 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     if (partial) {
       const int64_t local = unit - p.pair_offsets[w];
       const int64_t src_tile = local / dst_tiles, dst_tile = local % dst_tiles;
-      setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
+      setup_tiles(p, sm, start, src_tile, n_src, dst_tile, n_dst, true);
       const int src_live = live_slots(src_tile, n_src), dst_live = live_slots(dst_tile, n_dst);
       const int64_t per_split = ceil_div(p.feature_chunks, split) * Screen<M>::kChunk;
       tile_dots<M>(p, sm, part * per_split, min(p.features, (part + 1) * per_split));
@@ -700,13 +709,7 @@ __global__ void __launch_bounds__(kScreenThreads) screen_kernel(const Params p) 
     TopList<Acc> top;
     // The range holds a dst tile (used_dst_ranges); tile_dots' first barrier shows the sides.
     for (int64_t dst_tile = first_dst; dst_tile < min(dst_tiles, first_dst + per_range); ++dst_tile) {
-      PendingNorm norm;
-      if (dst_tile == first_dst) {
-        norm = setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
-      } else {
-        __syncthreads();  // the previous tile's epilogue is done with the dst side data
-        norm = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
-      }
+      const PendingNorm norm = setup_tiles(p, sm, start, src_tile, n_src, dst_tile, n_dst, dst_tile == first_dst);
       tile_dots<M>(p, sm, 0, p.features);
       norm.store();
       __syncthreads();  // the norms are visible to keep_best
@@ -736,13 +739,8 @@ __global__ void __launch_bounds__(kScreenThreads) reduce_partials_kernel(const P
     const int src_live = live_slots(src_tile, n_src);
     TopList<Acc> top;
     for (int64_t dst_tile = 0; dst_tile < dst_tiles; ++dst_tile) {
-      PendingNorm norm;
-      if (dst_tile == 0) {
-        norm = setup_pair(p, sm, start, src_tile, n_src, dst_tile, n_dst);
-      } else {
-        __syncthreads();  // the previous tile's epilogue is done with the tile and the dst side data
-        norm = setup_side(p, start, 1, dst_tile, n_dst, sm.dst_base, sm.dst_norm, sm.dst_ok);
-      }
+      // Later tiles: the previous tile's epilogue is also done with the tile.
+      const PendingNorm norm = setup_tiles(p, sm, start, src_tile, n_src, dst_tile, n_dst, dst_tile == 0);
       const int dst_live = live_slots(dst_tile, n_dst);
       const int64_t pair = p.pair_offsets[w] + src_tile * dst_tiles + dst_tile;
       for (int e = threadIdx.x; e < src_live * dst_live; e += kScreenThreads) {  // the live corner
@@ -2267,7 +2265,7 @@ cudaError_t launch_matching(Params p, const Plan& plan, const detail::KernelLaun
   }
   const int64_t src_bound = (plan.total + plan.windows) / 2;
   const unsigned int choose_grid = detail::grid_for(ceil_div(src_bound, kChooseThreads / 32), kMaxGrid);
-  const bool short_rows = !p.vector_rows || plan.features <= kChooseShortRow * 32 * (16 / int64_t{sizeof(M)});
+  const bool short_rows = !p.vector_rows || plan.features <= kChooseShortRow * lane_step_features<M>();
   LIGHTKV_RETURN_IF_ERROR(short_rows ? launch(choose_kernel<M, kChooseShortRow>, choose_grid, kChooseThreads, p)
                                      : launch(choose_kernel<M, 4>, choose_grid, kChooseThreads, p));
   return launch(rank_select_kernel, detail::grid_for(tile_bound(plan), kMaxScreenGrid), kRankThreads, p);
